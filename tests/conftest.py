@@ -1,0 +1,39 @@
+"""Shared test fixtures. Every test runs offline on CPU with tiny models built from config."""
+import os
+import pathlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LLAMA_TOKENIZER = SHARED / "data" / "llama-tokenizer" / "tokenizer.model"
+VQA_RAD = SHARED / "data" / "vqa_rad"
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_path():
+    """The real LLaMA tokenizer.model from ../shared, or skip when the checkout has no ../shared."""
+    if not LLAMA_TOKENIZER.exists():
+        pytest.skip("../shared/data/llama-tokenizer not present")
+    return LLAMA_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def vqa_rad_dir():
+    if not (VQA_RAD / "testset.json").exists():
+        pytest.skip("../shared/data/vqa_rad not present")
+    return VQA_RAD
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A complete tiny bundle (tower, LLM, tokenizer, LLaVA model) built once per session."""
+    from stllava.model.tiny import build_tiny_bundle
+
+    return build_tiny_bundle(str(tmp_path_factory.mktemp("tiny_bundle")), seed=0)
