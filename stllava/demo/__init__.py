@@ -1,0 +1,1 @@
+"""``make demo``: the embedded, CPU-sized run of the STLLaVA-Med pipeline."""
