@@ -1,0 +1,188 @@
+"""Benchmark the cluster projector's matmul aggregation against the reference [B, N, L, D] form.
+
+    python scripts/bench_projector.py                      # B=1, L=576, D=1024, H=4096, N=256, CPU fp32
+    python scripts/bench_projector.py --batch 1 2 --backward
+    python scripts/bench_projector.py --device cuda --batch 1 2 4 --backward
+    python scripts/bench_projector.py --small              # D=256, H=512: a quick smoke run
+
+Each (batch, mode, form) runs in a fresh subprocess so that one measurement's memory cannot hide
+another's. Modes: ``aggregate`` = steps 5-6 only (SPEC §2; inputs precomputed), ``forward`` = the
+whole projector under no_grad, ``train`` = forward + backward. Forms: ``matmul`` (the model's
+`cluster_aggregate`) and ``direct`` (`cluster_aggregate_direct`, the reference's broadcast).
+
+Time: median of --repeats calls after one warm-up. Peak memory: bytes allocated above what was live
+when the call began — on CUDA `torch.cuda.max_memory_allocated`, on CPU the running sum of the
+torch profiler's allocation/free events (the same quantity); on CPU the process's peak-RSS growth
+(`ru_maxrss`, coarse: the allocator may reuse freed pages) is printed alongside as a cross-check.
+Prints a table and the direct/matmul ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger("bench_projector")
+MODES = ("aggregate", "forward", "train")
+FORMS = ("matmul", "direct")
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes B (default 1)")
+    ap.add_argument("--tokens", type=int, default=576, help="tokens L (default 576)")
+    ap.add_argument("--dim", type=int, default=1024, help="vision width D (default 1024)")
+    ap.add_argument("--hidden", type=int, default=4096, help="LLM width H (default 4096)")
+    ap.add_argument("--centers", type=int, default=256, help="centres N (default 256)")
+    ap.add_argument("--small", action="store_true", help="shrink to D=256, H=512 for a quick run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per row (default 5)")
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                    help="torch CPU threads (default $OMP_NUM_THREADS or 1)")
+    ap.add_argument("--worker", nargs=3, metavar=("BATCH", "MODE", "FORM"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.small:
+        args.dim, args.hidden = 256, 512
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# worker: one measurement in this process
+# ------------------------------------------------------------------------------------------------
+def _cpu_profiled_peak(fn) -> int:
+    """Returns the peak of (bytes allocated - bytes freed) by torch on CPU while fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from stllava.model.projector import ClusterProjector, cluster_aggregate, cluster_aggregate_direct
+
+    torch.set_num_threads(args.threads)
+    batch, mode, form = int(args.worker[0]), args.worker[1], args.worker[2]
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = dev.type == "cuda"
+    torch.manual_seed(0)
+    proj = ClusterProjector(args.dim, args.hidden, num_centers=args.centers).to(dev, dtype)
+    x = torch.randn(batch, args.tokens, args.dim, device=dev, dtype=dtype)
+    agg = cluster_aggregate if form == "matmul" else cluster_aggregate_direct
+
+    if mode == "aggregate":
+        with torch.no_grad():
+            parts = proj.assign(x)
+
+        def call():
+            with torch.no_grad():
+                return agg(x, *parts)
+    elif mode == "forward":
+        def call():
+            with torch.no_grad():
+                return proj.mlp(agg(x, *proj.assign(x)))
+    else:
+        xg = x.clone().requires_grad_(True)
+
+        def call():
+            proj.zero_grad(set_to_none=True)
+            xg.grad = None
+            proj.mlp(agg(xg, *proj.assign(xg))).float().square().mean().backward()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()  # warm-up, also the peak-RSS cross-check
+    sync()
+    rss_delta = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # KiB on Linux
+    if mode == "train":  # grads now exist and persist between calls: count them as baseline
+        call()
+        sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        call()
+        sync()
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = _cpu_profiled_peak(call)
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"batch": batch, "mode": mode, "form": form, "time_s": statistics.median(times),
+            "peak_bytes": peak, "rss_delta_bytes": None if cuda else rss_delta,
+            "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{args.threads} threads"}
+
+
+# ------------------------------------------------------------------------------------------------
+# driver: one subprocess per measurement, then the table
+# ------------------------------------------------------------------------------------------------
+def _run_one(argv: list[str], batch: int, mode: str, form: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", str(batch), mode, form]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH")) if p)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"worker B={batch} {mode}/{form} failed (rc {res.returncode}):\n"
+                           f"{res.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:9.1f}"
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    if args.worker:
+        print(json.dumps(_worker(args)), flush=True)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    modes = MODES if args.backward else MODES[:2]
+    rows = []
+    for batch in args.batch:
+        for mode in modes:
+            for form in FORMS:
+                logger.info("B=%d %s/%s ...", batch, mode, form)
+                rows.append(_run_one(passthrough, batch, mode, form))
+    print(f"\ncluster projector, L={args.tokens} D={args.dim} H={args.hidden} N={args.centers} "
+          f"{args.dtype} on {rows[0]['device']}, median of {args.repeats}")
+    print(f"{'B':>2} {'mode':<9} {'form':<6} {'time ms':>9} {'peak MiB':>9} {'dRSS MiB':>9}")
+    for r in rows:
+        print(f"{r['batch']:>2} {r['mode']:<9} {r['form']:<6} {r['time_s'] * 1e3:9.1f} "
+              f"{_mib(r['peak_bytes'])} {_mib(r['rss_delta_bytes'])}")
+    print("\nratios direct / matmul")
+    by = {(r["batch"], r["mode"], r["form"]): r for r in rows}
+    for batch in args.batch:
+        for mode in modes:
+            m, d = by[(batch, mode, "matmul")], by[(batch, mode, "direct")]
+            print(f"B={batch} {mode:<9} time x{d['time_s'] / m['time_s']:6.1f}   "
+                  f"peak memory x{d['peak_bytes'] / max(m['peak_bytes'], 1):6.1f}")
+
+
+if __name__ == "__main__":
+    main()
