@@ -37,3 +37,11 @@ def tiny_bundle(tmp_path_factory):
     from stllava.model.tiny import build_tiny_bundle
 
     return build_tiny_bundle(str(tmp_path_factory.mktemp("tiny_bundle")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The locally trained LLaMA-like tokenizer (no ../shared needed)."""
+    from stllava.model.tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny_tok")))

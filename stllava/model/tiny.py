@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -76,6 +77,8 @@ def build_tiny_bundle(out_dir: str, seed: int = 0, projector_type: str = "cluste
     model.get_model().vision_tower.clip.load_state_dict(tower.state_dict())
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # transformers 5 writes tokenizer.json only; keep the SentencePiece model next to it too.
+    shutil.copy(os.path.join(paths["llm"], "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
     processor.save_pretrained(out_dir)
     logger.info("tiny bundle written to %s (LLM %d params, tower %d params, projector %s)", out_dir,
                 sum(p.numel() for p in lm.parameters()), sum(p.numel() for p in tower.parameters()),

@@ -1,0 +1,1 @@
+"""Data: conversation rendering and label masking (``preprocess``), datasets, image loading."""

@@ -1,0 +1,138 @@
+"""Multimodal helpers shared by training, generation and evaluation (LLaVA's ``mm_utils``).
+
+- :func:`tokenizer_image_token`: prompt → ids with ``IMAGE_TOKEN_INDEX`` where ``<image>`` was.
+- :func:`expand2square`, :func:`process_images`: the image preprocessing of SPEC §2, identical in
+  training, generation and evaluation.
+- :class:`KeywordsStoppingCriteria`: stop generation at a keyword (e.g. ``</s>``), per sequence.
+- :func:`get_model_name_from_path`: LLaVA's model-name rule.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria
+
+from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX,
+                          return_tensors: str | None = None):
+    """Tokenize ``prompt``, putting ``image_token_index`` in place of every ``<image>``.
+
+    The prompt is split on ``<image>`` and each chunk tokenized on its own without special tokens;
+    the result is exactly one BOS (when the tokenizer has one), then the chunks joined by the image
+    index. This equals LLaVA's version (which keeps the first chunk's BOS and drops the others')
+    for a BOS-adding tokenizer, and also gives the BOS when a tokenizer folder forgot
+    ``add_bos_token``. Returns a list of ints, or a 1-D ``torch.long`` tensor for
+    ``return_tensors="pt"``; any other ``return_tensors`` raises ValueError.
+    """
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"tokenizer_image_token: unsupported return_tensors {return_tensors!r}; use None or 'pt'")
+    input_ids: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    for k, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+        if k > 0:
+            input_ids.append(image_token_index)
+        if chunk:
+            input_ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+    if return_tensors == "pt":
+        return torch.tensor(input_ids, dtype=torch.long)
+    return input_ids
+
+
+def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
+    """Pad ``pil_img`` to a square of side max(w, h), the image centred (offset (side−size)//2),
+    the padding filled with ``background_color``. Returns the image itself when already square."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    side = max(width, height)
+    result = Image.new(pil_img.mode, (side, side), background_color)
+    result.paste(pil_img, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def _aspect_ratio(model_cfg: Any) -> str | None:
+    if isinstance(model_cfg, dict):
+        return model_cfg.get("image_aspect_ratio")
+    return getattr(model_cfg, "image_aspect_ratio", None)
+
+
+def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor:
+    """Preprocess PIL images into a ``[N, 3, H, W]`` float tensor (SPEC §2).
+
+    Every image is converted to RGB. With ``model_cfg.image_aspect_ratio == "pad"`` (attribute or
+    dict key) each is first padded to a square with the processor's mean colour
+    (``int(255 * mean)``, (122, 116, 104) for CLIP); any other value uses the processor alone
+    (which resizes the short side and centre-crops). Refuses an empty list (ValueError).
+    """
+    if len(images) == 0:
+        raise ValueError("process_images: no images given")
+    images = [im.convert("RGB") for im in images]
+    if _aspect_ratio(model_cfg) == "pad":
+        background = tuple(int(x * 255) for x in image_processor.image_mean)
+        images = [expand2square(im, background) for im in images]
+    return image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+class KeywordsStoppingCriteria(StoppingCriteria):
+    """Stop each sequence once its generated text ends with (token ids) or contains (decoded text)
+    one of ``keywords``; ``"</s>"`` is matched by its id since decoding skips special tokens.
+
+    Works for batches: ``__call__`` returns a bool tensor of shape ``[B]`` (transformers ≥ 4.39).
+    ``input_ids`` is the prompt: when the ids given to ``__call__`` start with it, only what follows
+    is searched; when they do not (``generate(inputs_embeds=...)`` passes only new tokens), all of
+    them are. Only the generated part is ever searched, never the prompt.
+    """
+
+    def __init__(self, keywords: Sequence[str], tokenizer, input_ids: torch.Tensor | None = None):
+        if isinstance(keywords, str):
+            keywords = [keywords]
+        if not keywords:
+            raise ValueError("KeywordsStoppingCriteria: no keywords given")
+        self.keywords = list(keywords)
+        self.tokenizer = tokenizer
+        self.keyword_ids = []
+        for kw in self.keywords:
+            ids = tokenizer(kw, add_special_tokens=False).input_ids
+            if ids:
+                self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
+        self.max_keyword_len = max([len(k) for k in self.keyword_ids] + [1])
+        self.prompt = None if input_ids is None else torch.as_tensor(input_ids)
+        if self.prompt is not None and self.prompt.dim() == 1:
+            self.prompt = self.prompt.unsqueeze(0)
+
+    def _generated_start(self, output_ids: torch.Tensor) -> int:
+        if self.prompt is None:
+            return 0
+        n = self.prompt.shape[1]
+        if output_ids.shape[1] < n or self.prompt.shape[0] not in (1, output_ids.shape[0]):
+            return 0
+        prompt = self.prompt.to(output_ids.device).expand(output_ids.shape[0], n)
+        # Prompt ids may hold IMAGE_TOKEN_INDEX, which never appears in generated output.
+        return n if torch.equal(output_ids[:, :n], prompt) else 0
+
+    def _row_stops(self, row: torch.Tensor) -> bool:
+        for kw in self.keyword_ids:
+            if row.shape[0] >= kw.shape[0] and torch.equal(row[-kw.shape[0]:], kw.to(row.device)):
+                return True
+        # Decode a window a little wider than the longest keyword: a keyword's text can tokenize
+        # differently in context than alone.
+        window = row[-(self.max_keyword_len + 3):]
+        text = self.tokenizer.decode(window.tolist(), skip_special_tokens=True)
+        return any(kw in text for kw in self.keywords)
+
+    def __call__(self, output_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        start = self._generated_start(output_ids)
+        done = [bool(output_ids.shape[1] > start and self._row_stops(output_ids[i, start:]))
+                for i in range(output_ids.shape[0])]
+        return torch.tensor(done, dtype=torch.bool, device=output_ids.device)
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    """LLaVA's rule: the last path component, or ``parent_last`` when the last is ``checkpoint-*``."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return parts[-2] + "_" + parts[-1]
+    return parts[-1]

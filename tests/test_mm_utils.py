@@ -1,0 +1,204 @@
+"""tokenizer_image_token, image padding/preprocessing, stopping criteria, model names."""
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, LlamaTokenizer
+
+from stllava.constants import IMAGE_TOKEN_INDEX
+from stllava.mm_utils import (
+    KeywordsStoppingCriteria,
+    expand2square,
+    get_model_name_from_path,
+    process_images,
+    tokenizer_image_token,
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    from stllava.model.tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny_tok")))
+
+
+def llava_reference_tokenizer_image_token(prompt, tokenizer):
+    """LLaVA's algorithm, verbatim in spirit: keep the first chunk's BOS, drop the later ones'."""
+    chunks = [tokenizer(c).input_ids for c in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for k, x in enumerate(chunks):
+        if k > 0:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(x[offset:])
+    return ids
+
+
+# ---------------------------------------------------------------- tokenizer_image_token
+def test_one_image(tiny_tok):
+    ids = tokenizer_image_token("<image>\nIs there a mass?", tiny_tok)
+    assert ids[:2] == [tiny_tok.bos_token_id, IMAGE_TOKEN_INDEX]
+    assert ids[2:] == tiny_tok("\nIs there a mass?", add_special_tokens=False).input_ids
+    assert ids.count(tiny_tok.bos_token_id) == 1 and ids.count(IMAGE_TOKEN_INDEX) == 1
+
+
+def test_two_images_and_bos_once(tiny_tok):
+    prompt = "USER: <image> and <image>\nCompare. ASSISTANT:"
+    ids = tokenizer_image_token(prompt, tiny_tok)
+    a = tiny_tok("USER: ", add_special_tokens=False).input_ids
+    b = tiny_tok(" and ", add_special_tokens=False).input_ids
+    c = tiny_tok("\nCompare. ASSISTANT:", add_special_tokens=False).input_ids
+    assert ids == [1] + a + [IMAGE_TOKEN_INDEX] + b + [IMAGE_TOKEN_INDEX] + c
+    assert [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX] == [1 + len(a), 2 + len(a) + len(b)]
+    assert ids.count(1) == 1
+    assert ids == llava_reference_tokenizer_image_token(prompt, tiny_tok)
+
+
+def test_no_image_equals_plain_tokenization(tiny_tok):
+    prompt = "A chat. USER: Is the liver normal? ASSISTANT: Yes</s>"
+    assert tokenizer_image_token(prompt, tiny_tok) == tiny_tok(prompt).input_ids
+    assert IMAGE_TOKEN_INDEX not in tokenizer_image_token(prompt, tiny_tok)
+
+
+def test_image_at_end_and_only_image(tiny_tok):
+    assert tokenizer_image_token("<image>", tiny_tok) == [1, IMAGE_TOKEN_INDEX]
+    ids = tokenizer_image_token("Look: <image>", tiny_tok)
+    assert ids[-1] == IMAGE_TOKEN_INDEX and ids[0] == 1
+
+
+def test_return_tensors(tiny_tok):
+    t = tokenizer_image_token("<image>\nhi", tiny_tok, return_tensors="pt")
+    assert t.dtype == torch.long and t.dim() == 1
+    assert t.tolist() == tokenizer_image_token("<image>\nhi", tiny_tok)
+    with pytest.raises(ValueError, match="return_tensors"):
+        tokenizer_image_token("<image>\nhi", tiny_tok, return_tensors="np")
+
+
+def test_custom_image_index(tiny_tok):
+    assert tokenizer_image_token("<image>", tiny_tok, image_token_index=-7) == [1, -7]
+
+
+def test_real_llama_golden(llama_tokenizer_path):
+    # Hand-checked pieces: <s> ▁US ER : ▁ <image> ▁ <0x0A> Is ▁this ▁a ▁CT ?  — the "▁" on both sides of
+    # the image is what LLaVA-1.5 was trained with.
+    tok = LlamaTokenizer.from_pretrained(str(llama_tokenizer_path.parent), legacy=False, add_bos_token=True)
+    prompt = "USER: <image>\nIs this a CT?"
+    ids = tokenizer_image_token(prompt, tok)
+    assert ids == [1, 3148, 1001, 29901, 29871, IMAGE_TOKEN_INDEX, 29871, 13, 3624, 445, 263, 26637, 29973]
+    assert ids == llava_reference_tokenizer_image_token(prompt, tok)
+
+
+def test_bos_added_even_when_tokenizer_folder_omits_it(llama_tokenizer_path):
+    # A bare tokenizer.model folder loads with add_bos_token off in transformers 5.
+    tok = LlamaTokenizer.from_pretrained(str(llama_tokenizer_path.parent))
+    assert tok("hi").input_ids[0] != 1  # precondition: this tokenizer adds no BOS itself
+    assert tokenizer_image_token("<image>\nhi", tok)[:2] == [1, IMAGE_TOKEN_INDEX]
+
+
+# ---------------------------------------------------------------- expand2square / process_images
+RED = (200, 10, 20)
+BG = (122, 116, 104)
+
+
+def test_clip_mean_colour():
+    assert tuple(int(x * 255) for x in CLIP_MEAN) == BG
+
+
+def test_expand2square_wide_centres_vertically():
+    img = Image.new("RGB", (60, 30), RED)
+    sq = expand2square(img, BG)
+    assert sq.size == (60, 60)
+    # (60 - 30) // 2 = 15 rows of background above, 15 below.
+    assert [sq.getpixel((30, y)) for y in (0, 14, 15, 44, 45, 59)] == [BG, BG, RED, RED, BG, BG]
+
+
+def test_expand2square_tall_odd_difference():
+    img = Image.new("RGB", (2, 5), RED)
+    sq = expand2square(img, BG)
+    assert sq.size == (5, 5)
+    # offset (5 - 2) // 2 = 1: column 0 background, columns 1-2 image, 3-4 background.
+    assert [sq.getpixel((x, 2)) for x in range(5)] == [BG, RED, RED, BG, BG]
+
+
+def test_expand2square_square_is_unchanged():
+    img = Image.new("RGB", (7, 7), RED)
+    assert expand2square(img, BG) is img
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
+def _rgb255(pixel_values, y, x):
+    return [round(float(pixel_values[c, y, x]) * CLIP_STD[c] * 255 + CLIP_MEAN[c] * 255) for c in range(3)]
+
+
+def test_process_images_pad_uses_mean_colour(processor):
+    white = Image.new("RGB", (112, 56), (255, 255, 255))
+    out = process_images([white], processor, {"image_aspect_ratio": "pad"})
+    assert out.shape == (1, 3, 56, 56)
+    # Padded to 112x112 (28 background rows on top), resized to 56: row 0 is background, the centre white.
+    assert _rgb255(out[0], 0, 28) == list(BG)
+    assert _rgb255(out[0], 28, 28) == [255, 255, 255]
+
+
+def test_process_images_square_crops_without_padding(processor):
+    class Cfg:
+        image_aspect_ratio = "square"
+
+    white = Image.new("RGB", (112, 56), (255, 255, 255))
+    out = process_images([white, white.convert("L")], processor, Cfg())
+    assert out.shape == (2, 3, 56, 56)
+    assert _rgb255(out[0], 0, 28) == [255, 255, 255]  # centre crop: no background anywhere
+    assert torch.allclose(out[0], out[1])  # grey image converted to RGB first
+
+
+def test_process_images_pad_on_grey_and_batch(processor):
+    imgs = [Image.new("L", (40, 80), 255), Image.new("RGB", (56, 56), RED)]
+    out = process_images(imgs, processor, {"image_aspect_ratio": "pad"})
+    assert out.shape == (2, 3, 56, 56)
+    assert _rgb255(out[0], 28, 0) == list(BG)  # left strip of the tall image is the mean colour
+    with pytest.raises(ValueError):
+        process_images([], processor, {"image_aspect_ratio": "pad"})
+
+
+# ---------------------------------------------------------------- stopping criteria
+def test_stopping_criteria_per_sequence(tiny_tok):
+    prompt = torch.tensor([tokenizer_image_token("A chat. USER: hi</s>USER: Is it a CT? ASSISTANT:", tiny_tok)] * 3)
+    yes = tiny_tok(" Yes", add_special_tokens=False).input_ids
+    gen = torch.tensor([yes + [tiny_tok.eos_token_id], yes + yes, [tiny_tok.eos_token_id] + yes])
+    crit = KeywordsStoppingCriteria(["</s>"], tiny_tok, prompt)
+    done = crit(torch.cat([prompt, gen], dim=1), None)
+    assert done.dtype == torch.bool and done.shape == (3,)
+    # Row 0 ends with </s>; row 1 never says it; row 2 said it earlier (caught at that step, not now).
+    assert done.tolist() == [True, False, False]
+    # The prompt itself holds "</s>": with nothing generated yet, nothing stops.
+    assert crit(prompt, None).tolist() == [False, False, False]
+
+
+def test_stopping_criteria_text_keyword_and_new_tokens_only(tiny_tok):
+    prompt = torch.tensor(tokenizer_image_token("USER: hi ASSISTANT:", tiny_tok))
+    crit = KeywordsStoppingCriteria(["###"], tiny_tok, prompt)
+    a = tiny_tok(" The liver ###", add_special_tokens=False).input_ids
+    b = tiny_tok(" The liver is", add_special_tokens=False).input_ids
+    n = max(len(a), len(b))
+    pad = tiny_tok.unk_token_id
+    new_only = torch.tensor([[pad] * (n - len(a)) + a, [pad] * (n - len(b)) + b])  # generate(inputs_embeds=...)
+    assert crit(new_only, None).tolist() == [True, False]
+
+
+# ---------------------------------------------------------------- model names
+@pytest.mark.parametrize("path,name", [
+    ("/ckpt/llava-med-7b", "llava-med-7b"),
+    ("/ckpt/llava-med-7b/", "llava-med-7b"),
+    ("runs/sft-lora/checkpoint-500", "sft-lora_checkpoint-500"),
+    ("stllava-med-7b", "stllava-med-7b"),
+])
+def test_get_model_name_from_path(path, name):
+    assert get_model_name_from_path(path) == name
