@@ -1,0 +1,6 @@
+"""Stage 2 -- the model makes its own preference data (SPEC §5).
+
+questions (VUSER sampling) -> answers (two samples per question) -> ``judge`` (an OpenAI-compatible
+vision model scores both answers; cached, resumable) -> ``build_pairs`` (the DPO training JSON).
+``openai_server`` is a small local OpenAI-compatible server for tests and demos.
+"""
