@@ -29,6 +29,7 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    image_size=112, patch_size=14, projection_dim=64)
 TINY_LLM = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=1024)
+HEAD_INIT_STD = 0.2
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -61,6 +62,11 @@ def build_tiny_bundle(out_dir: str, seed: int = 0, projector_type: str = "cluste
     lcfg = dict(TINY_LLM, **(llm or {}), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     lm = LlamaForCausalLM(LlamaConfig(**lcfg))
+    with torch.no_grad():
+        # A pretrained LM's output head spans a wide logit range; a random one at std 0.02 caps
+        # |logit| near 1.3 after the final RMSNorm, so a LoRA-only run (head frozen, as in the
+        # published recipe) could never predict confidently. std 0.2 restores a usable range.
+        lm.lm_head.weight.normal_(0.0, HEAD_INIT_STD)
     lm.save_pretrained(paths["llm"])
 
     n_patches = (vcfg.image_size // vcfg.patch_size) ** 2

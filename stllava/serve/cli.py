@@ -1,0 +1,208 @@
+"""Chat about one image in the terminal (SPEC §8).
+
+    python -m stllava.serve.cli --model-path CKPT [--model-base BASE] --image-file IMG \\
+        [--conv-mode v1] [--temperature 0.2] [--max-new-tokens 512] [--device cpu|cuda|mps] \\
+        [--load-8bit | --load-4bit] [--allow-url] [--debug]
+
+Loads any checkpoint layout (``stllava.model.builder.load_pretrained_model``), then reads questions
+from the terminal: the answer is printed token by token as it is generated; each question continues
+the same conversation about the same image (the first carries ``<image>``). An empty line or EOF
+(Ctrl-D) ends the chat. ``--image-file`` is a local path; an http(s) URL is fetched only with
+``--allow-url``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import threading
+
+from PIL import Image
+
+from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
+from stllava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
+
+logger = logging.getLogger("stllava.serve.cli")
+
+# Projects whose released checkpoints were trained with the Vicuna v1 template (SQ-LLaVA, STLLaVA-Med).
+V1_NAMES = ("stllava", "sqllava", "sq-llava", "sq_llava", "sophon", "med")
+
+
+def infer_conv_mode(model_path: str) -> str:
+    """The conversation template a checkpoint was trained with.
+
+    ``v1`` for our checkpoints (config ``model_type`` ``llava_llama``) and for released SQ-LLaVA /
+    STLLaVA-Med ones (by name); otherwise LLaVA's name rule: ``llava_v1`` for ``llava*v1*`` names
+    (LLaVA-1.5), ``plain`` for pretraining (projector-only) runs, else ``v1``.
+    """
+    cfg_file = os.path.join(model_path, "config.json")
+    mtype = None
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            mtype = json.load(f).get("model_type")
+    if mtype == "llava_llama":
+        return "v1"
+    name = get_model_name_from_path(model_path).lower()
+    if any(k in name for k in V1_NAMES):
+        return "v1"
+    if "llava" in name and "v1" in name:
+        return "llava_v1"
+    if "pretrain" in name or os.path.isfile(os.path.join(model_path, "mm_projector.bin")):
+        return "plain"
+    return "v1"
+
+
+def load_image(src: str, allow_url: bool = False) -> Image.Image:
+    """The RGB image at local path ``src``, or at an http(s) URL when ``allow_url``.
+
+    Raises ValueError for a URL without ``allow_url`` and FileNotFoundError for a missing file.
+    """
+    if src.startswith(("http://", "https://")):
+        if not allow_url:
+            raise ValueError(f"--image-file {src} is a URL; pass --allow-url to download it, or give a local file")
+        import urllib.request
+
+        with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
+            return Image.open(io.BytesIO(r.read())).convert("RGB")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--image-file {src} does not exist")
+    return Image.open(src).convert("RGB")
+
+
+class ChatSession:
+    """One conversation about one image; :meth:`ask` streams each answer to ``write``."""
+
+    def __init__(self, model, tokenizer, image_processor, image: Image.Image, conv_mode: str = "v1",
+                 temperature: float = 0.2, max_new_tokens: int = 512, debug: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.conv = get_conv_template(conv_mode, "--conv-mode")
+        self.pixels = process_images([image], image_processor, model.config)
+        self.temperature, self.max_new_tokens, self.debug = temperature, max_new_tokens, debug
+        self.first = True
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.conv.roles
+
+    def stop_str(self) -> str:
+        """The text that ends an answer: ``</s>`` for the v1 templates (LLaVA's rule)."""
+        c = self.conv
+        return (c.sep2 if c.sep_style is SeparatorStyle.TWO else c.sep2 or c.sep) or ""
+
+    def ask(self, text: str, write=None) -> str:
+        """Append ``text`` as the user's turn, generate the answer (its pieces go to ``write`` as
+        they come) and return it."""
+        from transformers import TextIteratorStreamer
+
+        if self.first:
+            text = DEFAULT_IMAGE_TOKEN + "\n" + text
+            self.first = False
+        self.conv.append_message(self.roles[0], text)
+        self.conv.append_message(self.roles[1], None)
+        prompt = self.conv.get_prompt()
+        device = self.model.get_input_embeddings().weight.device
+        ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")[None].to(device)
+        pixels = self.pixels.to(device=device, dtype=self.model.dtype)
+        stop = self.stop_str()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        sampling = self.temperature > 0
+        kwargs = dict(images=pixels, max_new_tokens=self.max_new_tokens, do_sample=sampling, streamer=streamer,
+                      use_cache=True, pad_token_id=self.tokenizer.pad_token_id)
+        if stop:
+            kwargs["stopping_criteria"] = [KeywordsStoppingCriteria([stop], self.tokenizer, ids)]
+        if sampling:
+            kwargs["temperature"] = self.temperature
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                self.model.generate(ids, **kwargs)
+            except BaseException as e:  # surfaced in the main thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if write is not None:
+                write(piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+        answer = "".join(pieces).strip()
+        if stop and answer.endswith(stop):
+            answer = answer[: -len(stop)].strip()
+        self.conv.messages[-1][-1] = answer
+        if self.debug:
+            logger.info("prompt: %r\noutput: %r", prompt, answer)
+        return answer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", required=True, help="checkpoint folder (any layout, see docs/Checkpoints.md)")
+    ap.add_argument("--model-base", default=None, help="base folder for LoRA / projector-only checkpoints")
+    ap.add_argument("--image-file", required=True, help="the image to chat about (a local path)")
+    ap.add_argument("--conv-mode", default=None, choices=sorted(conv_templates),
+                    help="conversation template (default: inferred from the checkpoint)")
+    ap.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 = greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda", "mps"],
+                    help="where to run (cuda/mps fall back to cpu, with a warning, when unavailable)")
+    ap.add_argument("--load-8bit", action="store_true", help="8-bit weights (needs bitsandbytes and CUDA)")
+    ap.add_argument("--load-4bit", action="store_true", help="4-bit weights (needs bitsandbytes and CUDA)")
+    ap.add_argument("--allow-url", action="store_true", help="allow --image-file to be an http(s) URL")
+    ap.add_argument("--debug", action="store_true", help="log prompts and outputs")
+    return ap
+
+
+def main(argv=None, read=input, write=None) -> int:
+    """Run the chat; returns the exit status (0, or 1 after an error printed to stderr)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if write is None:
+        def write(s):
+            sys.stdout.write(s)
+            sys.stdout.flush()
+    try:
+        image = load_image(args.image_file, args.allow_url)
+        from stllava.model.builder import load_pretrained_model
+
+        tokenizer, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if processor is None:
+        print(f"error: {args.model_path} has no vision tower (no mm_vision_tower in its config); it cannot chat about "
+              "an image", file=sys.stderr)
+        return 1
+    conv_mode = args.conv_mode or infer_conv_mode(args.model_path)
+    if args.conv_mode is None:
+        logger.info("conversation template %s (inferred; override with --conv-mode)", conv_mode)
+    session = ChatSession(model, tokenizer, processor, image, conv_mode, args.temperature, args.max_new_tokens,
+                          args.debug)
+    write(f"[{args.model_path} | {conv_mode} | {model.device}] empty line or Ctrl-D to quit\n")
+    while True:
+        try:
+            text = read(f"{session.roles[0]}: ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            break
+        if not text.strip():
+            break
+        write(f"{session.roles[1]}: ")
+        session.ask(text.strip(), write)
+        write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
