@@ -1,0 +1,122 @@
+"""The *phantom judge*: a stand-in for GPT-4o that knows each phantom's ground truth.
+
+It is served by :class:`stllava.selftrain.openai_server.ChatCompletionServer`, so the demo drives
+the real judge client (``stllava.selftrain.judge``, the ``openai`` package, HTTP, retries, cache)
+exactly as it would drive GPT-4o. It identifies the image by the SHA-256 of the bytes in the
+request's data URL, works out what the question asks (presence, side, count, size, modality) and
+scores each answer 9 (right) or 2 (wrong). A question it cannot map to a fact gets "5 5" — a tie,
+which the pipeline records and skips. Every reply names itself "phantom judge".
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+
+from stllava.selftrain.judge import split_prompt
+from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
+
+logger = logging.getLogger(__name__)
+
+JUDGE_NAME = "phantom-judge"
+NUMBERS = {"zero": 0, "no": 0, "none": 0, "one": 1, "two": 2, "three": 3, "0": 0, "1": 1, "2": 2, "3": 3}
+MODALITY_WORDS = {"x-ray": "x-ray", "xray": "x-ray", "radiograph": "x-ray", "ct": "ct", "mri": "mri", "mr": "mri"}
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9\-]+", text.lower())
+
+
+def expected_answer(question: str, facts: dict) -> tuple[str, str] | None:
+    """``(kind, answer)`` the phantom's facts give for ``question``, or None if it asks about
+    something the judge does not know. kind is "yesno" or "open"."""
+    q = words(question)
+    sides = {les["side"] for les in facts["lesions"]}
+    count = facts["count"]
+    yesno = bool(q) and q[0] in {"is", "are", "does", "do", "can"}
+    asked_mod = next((MODALITY_WORDS[w] for w in q if w in MODALITY_WORDS), None)
+    if yesno:
+        if asked_mod:
+            return "yesno", "yes" if asked_mod == facts["modality"] else "no"
+        if "more" in q and "one" in q:
+            return "yesno", "yes" if count > 1 else "no"
+        for side in ("left", "right"):
+            if side in q:
+                return "yesno", "yes" if side in sides else "no"
+        if {"lesion", "lesions", "mass", "abnormality"} & set(q):
+            return "yesno", "yes" if count else "no"
+        return None
+    if "modality" in q or ("what" in q and ("scan" in q or "imaging" in q)):
+        return "open", facts["modality"]
+    if "many" in q:
+        return "open", str(count)
+    if "side" in q and count:
+        return "open", "both" if len(sides) == 2 else next(iter(sides))
+    if ("large" in q or "size" in q or "big" in q) and count:
+        return "open", "large" if any(les["size"] == "large" for les in facts["lesions"]) else "small"
+    return None
+
+
+def is_right(answer: str, kind: str, expected: str) -> bool:
+    a = words(answer)
+    if not a:
+        return False
+    if kind == "yesno":
+        return a[0] == expected
+    if expected.isdigit():
+        return any(NUMBERS.get(w) == int(expected) for w in a[:3])
+    return expected in a[:4]
+
+
+class PhantomJudge:
+    """Scorer for :class:`ChatCompletionServer`. ``facts``: image file name → phantom facts;
+    ``image_folder``: where those images are (hashed once to recognise request images)."""
+
+    def __init__(self, facts: dict[str, dict], image_folder: str):
+        self.by_hash = {}
+        for name, f in facts.items():
+            with open(os.path.join(image_folder, name), "rb") as fh:
+                self.by_hash[hashlib.sha256(fh.read()).hexdigest()] = f
+        self.calls = 0
+
+    def __call__(self, body: dict) -> Reply:
+        self.calls += 1
+        images = request_images(body)
+        question, a1, a2, _ = split_prompt(request_text(body))
+        facts = self.by_hash.get(hashlib.sha256(images[0][1]).hexdigest()) if images else None
+        if facts is None:
+            return Reply(f"5 5\nThe {JUDGE_NAME} does not know this image.", model=JUDGE_NAME)
+        exp = expected_answer(question, facts)
+        if exp is None:
+            return Reply(f"5 5\nThe {JUDGE_NAME} cannot map this question to a known fact.", model=JUDGE_NAME)
+        kind, truth = exp
+        s1, s2 = (9 if is_right(a, kind, truth) else 2 for a in (a1, a2))
+        return Reply(f"{s1} {s2}\nThe {JUDGE_NAME} knows the answer is '{truth}'.", model=JUDGE_NAME)
+
+
+def serve(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
+    """Start the phantom judge on 127.0.0.1 in a background thread; returns the server."""
+    with open(facts_file) as f:
+        facts = json.load(f)
+    return ChatCompletionServer(PhantomJudge(facts, image_folder), port=port, model=JUDGE_NAME).start()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", required=True, help="facts.json written with the phantom images")
+    ap.add_argument("--image-folder", required=True)
+    ap.add_argument("--port", type=int, default=8765)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    with open(args.facts) as f:
+        facts = json.load(f)
+    server = ChatCompletionServer(PhantomJudge(facts, args.image_folder), port=args.port, model=JUDGE_NAME)
+    print(f"{JUDGE_NAME} serving on {server.base_url}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
