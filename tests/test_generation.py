@@ -1,0 +1,186 @@
+"""stllava.generation: batched generation whose outputs do not depend on the batch."""
+import hashlib
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from stllava.generation import (GenerationSettings, PerRowSampler, batched, clean_output, derive_seed, generate,
+                                image_prompt_text, left_pad, load_rgb, ImageError, prefetch, prepare_batch,
+                                render_prompt)
+from stllava.mm_utils import process_images
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+def test_derive_seed_is_sha256_of_the_parts_and_stable():
+    blob = "0\x1f'img.jpg'\x1f3".encode()
+    want = int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+    assert derive_seed(0, "img.jpg", 3) == want
+    assert derive_seed(0, "img.jpg", 3) == 1302305825937168011  # golden (sha256sum in a shell): same on every machine
+    assert len({derive_seed(0, "img.jpg", k) for k in range(5)}) == 5
+    assert derive_seed(0, "1") != derive_seed(0, 1)  # types are part of the key
+    assert 0 <= derive_seed("x") < 2 ** 63
+
+
+def test_left_pad_golden():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_and_clean_output():
+    assert list(batched(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        list(batched([1], 0))
+    assert clean_output("  Is it the liver?</s> ") == "Is it the liver?"
+    assert clean_output(" a</s>b ") == "a</s>b"
+
+
+def test_settings_validation():
+    assert not GenerationSettings().do_sample and GenerationSettings(temperature=0.7).do_sample
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
+                dict(min_new_tokens=5, max_new_tokens=4), dict(temperature=1.0, num_beams=2)):
+        with pytest.raises(ValueError):
+            GenerationSettings(**bad)
+
+
+def test_prompts_are_the_llava_templates():
+    assert image_prompt_text(" What is <image>shown? ") == "<image>\nWhat is shown?"
+    p = render_prompt("v1", [(0, image_prompt_text("Q?")), (1, None)])
+    assert p.endswith(" USER: <image>\nQ? ASSISTANT:")
+    sq = render_prompt("v1_sq", [(0, "<image>\nDescribe."), (1, "A liver."), (2, None)])
+    assert sq.endswith(" USER: <image>\nDescribe. ASSISTANT: A liver.</s>VUSER:")
+
+
+def test_per_row_sampler_rows_are_independent_of_the_batch():
+    torch.manual_seed(0)
+    scores = torch.randn(4, 50)
+    seeds = [11, 22, 33, 44]
+    kw = dict(temperature=1.2, top_k=20, top_p=0.95)
+    full = PerRowSampler(seeds, **kw)(None, scores.clone())
+    assert torch.all((full == 0).sum(1) == 1) and torch.isinf(full).sum() == 4 * 49
+    picks = full.argmax(1)
+    for i in range(4):  # each row alone, with only its own seed, draws the same tokens
+        alone = PerRowSampler([seeds[i]], **kw)(None, scores[i:i + 1].clone())
+        assert alone.argmax(1).item() == picks[i].item()
+    # a second step continues each row's own stream; the global RNG plays no part
+    s2 = PerRowSampler(seeds, **kw)
+    s2(None, scores.clone())
+    torch.manual_seed(123)
+    second = s2(None, scores.clone()).argmax(1)
+    r2 = PerRowSampler(seeds[2:3], **kw)
+    r2(None, scores[2:3].clone())
+    assert r2(None, scores[2:3].clone()).argmax(1).item() == second[2].item()
+    # top_k=1 keeps only the arg-max: sampling degenerates to greedy
+    assert PerRowSampler(seeds, temperature=1.0, top_k=1)(None, scores.clone()).argmax(1).tolist() == \
+        scores.argmax(1).tolist()
+    with pytest.raises(ValueError, match="3 seeds"):
+        PerRowSampler(seeds[:3], **kw)(None, scores)
+
+
+def test_prefetch_keeps_order_and_raises_at_the_failing_job():
+    assert [r for _, r in prefetch(range(6), lambda x: x * x, depth=2)] == [0, 1, 4, 9, 16, 25]
+    assert [r for _, r in prefetch(range(3), lambda x: x + 1, depth=0)] == [1, 2, 3]
+    names = set()
+
+    def prep(x):
+        names.add(threading.current_thread().name)
+        if x == 3:
+            raise KeyError("job 3")
+        return x
+
+    got = []
+    with pytest.raises(KeyError, match="job 3"):
+        for job, r in prefetch(range(6), prep):
+            got.append(r)
+    assert got == [0, 1, 2]
+    assert all(n.startswith("stllava-prefetch") for n in names)
+
+
+def test_load_rgb_names_the_problem(tmp_path):
+    with pytest.raises(ImageError, match="missing image"):
+        load_rgb(tmp_path / "nope.jpg")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="unreadable image"):
+        load_rgb(tmp_path / "bad.png")
+    Image.new("L", (5, 3), 7).save(tmp_path / "gray.png")
+    assert load_rgb(tmp_path / "gray.png").mode == "RGB"
+
+
+# --- with the tiny model --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle):
+    from stllava.model.builder import load_pretrained_model
+
+    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
+    return tok, model, proc
+
+
+def _images(n):
+    """n small non-square images, all different (the model's output depends on the image)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        arr = (torch.rand(40 + 7 * i, 60, 3, generator=g) * 255).to(torch.uint8).numpy()
+        out.append(Image.fromarray(arr))
+    return out
+
+
+QUESTIONS = ["Is there a fracture?", "What organ is shown?", "Where is the lesion?",
+             "Is this an MRI or a CT scan of the abdomen and pelvis?", "Is it normal?",
+             "What is the modality?", "Which side?", "How many nodules are there?"]
+
+
+def _prompts():
+    return [render_prompt("v1", [(0, image_prompt_text(q)), (1, None)]) for q in QUESTIONS]
+
+
+def test_prepare_batch_pads_left_and_preprocesses_like_training(loaded):
+    tok, model, proc = loaded
+    ims = _images(3)
+    prompts = [_prompts()[3], _prompts()[0], _prompts()[3]]  # a long, a short, a long prompt
+    b = prepare_batch(tok, proc, model.config, prompts, [ims[0], ims[1], ims[0]])
+    assert b.input_ids.shape[0] == 3 and b.attention_mask[:, -1].all()
+    lengths = b.attention_mask.sum(1).tolist()
+    assert lengths[1] < lengths[0] == lengths[2] == b.input_ids.shape[1]
+    pad = lengths[0] - lengths[1]  # the short prompt is padded on the LEFT with unk, masked
+    assert b.input_ids[1, :pad].tolist() == [tok.unk_token_id] * pad and b.attention_mask[1, :pad].sum() == 0
+    assert b.input_ids[1, pad].item() == tok.bos_token_id
+    assert model.config.image_aspect_ratio == "pad"
+    want = process_images([ims[0], ims[1], ims[0]], proc, model.config)  # pad-to-square path
+    assert torch.equal(b.pixel_values, want)
+    with pytest.raises(ValueError, match="1 <image> token"):
+        prepare_batch(tok, proc, model.config, prompts[:1], [[ims[0], ims[1]]])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        prepare_batch(tok, proc, model.config, prompts[:2], [ims[0]])
+
+
+@pytest.mark.parametrize("settings", [
+    GenerationSettings(max_new_tokens=12, min_new_tokens=12),
+    GenerationSettings(max_new_tokens=12, temperature=1.2, top_k=300, top_p=0.95),
+], ids=["greedy", "sampled"])
+def test_outputs_identical_between_batch_sizes_1_and_8(loaded, settings):
+    tok, model, proc = loaded
+    prompts, ims = _prompts(), _images(8)
+    seeds = [derive_seed(0, i) for i in range(8)]
+    together = generate(model, tok, proc, prompts, ims, settings, seeds)
+    alone = [generate(model, tok, proc, [p], [im], settings, [s])[0] for p, im, s in zip(prompts, ims, seeds)]
+    assert together == alone
+    assert all(together) and len(set(together)) >= 6  # real, mostly distinct outputs: the test can fail
+    rev = generate(model, tok, proc, prompts[::-1], ims[::-1], settings, seeds[::-1])
+    assert rev[::-1] == together  # nor does the position in the batch matter
+
+
+def test_sampling_follows_the_seed_only(loaded):
+    tok, model, proc = loaded
+    prompts, ims = _prompts()[:2] * 2, _images(2) * 2
+    st = GenerationSettings(max_new_tokens=10, temperature=1.2, top_k=300, top_p=0.95)
+    torch.manual_seed(1)
+    a = generate(model, tok, proc, prompts, ims, st, [1, 2, 1, 3])
+    torch.manual_seed(2)  # the global RNG has no say
+    b = generate(model, tok, proc, prompts, ims, st, [1, 2, 1, 3])
+    assert a == b
+    assert a[0] == a[2] and a[0] != generate(model, tok, proc, prompts[:1], ims[:1], st, [5])[0]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(model, tok, proc, prompts, ims, st)

@@ -1,0 +1,183 @@
+"""stllava.eval.model_vqa: batched answering, sharding, resume, missing images, VQA-RAD end to end."""
+import json
+import logging
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from stllava.eval import convert, metrics
+from stllava.eval.model_vqa import ModelVQAError, build_parser, get_chunk, main, run, split_list
+
+logger = logging.getLogger(__name__)
+
+
+def test_split_list_and_get_chunk_follow_llava():
+    ten = list(range(10))
+    assert [len(c) for c in split_list(ten, 4)] == [3, 3, 3, 1]  # ceil(10/4) = 3 per chunk
+    assert sum(split_list(ten, 4), []) == ten
+    assert split_list(list(range(5)), 4) == [[0, 1], [2, 3], [4]]  # only 3 chunks exist
+    assert get_chunk(list(range(5)), 4, 3) == []  # LLaVA raised IndexError here
+    assert get_chunk(ten, 1, 0) == ten
+    with pytest.raises(ValueError):
+        get_chunk(ten, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle):
+    from stllava.model.builder import load_pretrained_model
+
+    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
+    return tok, model, proc
+
+
+@pytest.fixture()
+def vqa(tmp_path):
+    """10 questions on 5 small images (some questions share an image), in a tmp folder."""
+    g = torch.Generator().manual_seed(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        arr = (torch.rand(30 + 9 * i, 50, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    qs = [{"question_id": 100 + k, "image": f"img{k % 5}.png", "text": t}
+          for k, t in enumerate(["Is there a fracture?", "What organ is shown?", "Where is the lesion?",
+                                 "Is this an MRI or a CT scan?", "Is it normal?", "What is the modality?",
+                                 "Which side is abnormal?", "How many nodules?", "Is the heart enlarged?",
+                                 "What plane is this?"])]
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    return {"qfile": qfile, "folder": folder, "questions": qs, "tmp": tmp_path}
+
+
+def _args(tiny_bundle, vqa, answers, *extra):
+    return build_parser().parse_args([
+        "--model-path", tiny_bundle["model"], "--question-file", str(vqa["qfile"]),
+        "--image-folder", str(vqa["folder"]), "--answers-file", str(answers), "--device", "cpu",
+        "--max-new-tokens", "8", "--min-new-tokens", "8", "--no-progress", *extra])
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_bundle, loaded, vqa):
+    a16, a1 = vqa["tmp"] / "b16.jsonl", vqa["tmp"] / "b1.jsonl"
+    s = run(_args(tiny_bundle, vqa, a16, "--batch-size", "16"), loaded)
+    run(_args(tiny_bundle, vqa, a1, "--batch-size", "1"), loaded)
+    batched, single = _read(a16), _read(a1)
+    assert s["answered"] == 10 and len(batched) == 10
+    assert [r["question_id"] for r in batched] == [q["question_id"] for q in vqa["questions"]]
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+    assert all(r["text"] for r in batched) and len({r["text"] for r in batched}) >= 5
+    r = batched[0]
+    assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert r["prompt"] == "Is there a fracture?" and r["metadata"] == {}
+    assert r["model_id"] == tiny_bundle["model"].rstrip("/").split("/")[-1]
+    ids = [x["answer_id"] for x in batched + single]
+    assert len(set(ids)) == 20 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_sampled_answers_depend_on_seed_not_batch(tiny_bundle, loaded, vqa):
+    out = {}
+    for name, extra in {"b8": ["--batch-size", "8"], "b1": ["--batch-size", "1"],
+                        "seed1": ["--batch-size", "8", "--seed", "1"]}.items():
+        path = vqa["tmp"] / f"{name}.jsonl"
+        run(_args(tiny_bundle, vqa, path, "--temperature", "1.0", "--top-p", "0.9", *extra), loaded)
+        out[name] = [r["text"] for r in _read(path)]
+    assert out["b8"] == out["b1"]
+    assert out["b8"] != out["seed1"]
+
+
+def test_resume_skips_answered_ids_and_repairs_a_cut_line(tiny_bundle, loaded, vqa):
+    full = vqa["tmp"] / "full.jsonl"
+    run(_args(tiny_bundle, vqa, full, "--batch-size", "4"), loaded)
+    lines = full.read_text().splitlines(keepends=True)
+    part = vqa["tmp"] / "part.jsonl"
+    part.write_text("".join(lines[:3]) + lines[3][:25])  # 3 answers + a line cut by a kill
+    s = run(_args(tiny_bundle, vqa, part, "--batch-size", "4"), loaded)
+    assert s["already_answered"] == 3 and s["answered"] == 7
+    resumed = _read(part)  # every line valid JSON again
+    assert [r["question_id"] for r in resumed] == [q["question_id"] for q in vqa["questions"]]
+    assert resumed[:3] == _read(full)[:3]  # finished answers kept as they were (same answer_id)
+    assert [r["text"] for r in resumed] == [r["text"] for r in _read(full)]
+    again = run(_args(tiny_bundle, vqa, part), loaded)  # nothing left: the model is not needed
+    assert again["answered"] == 0 and again["already_answered"] == 10
+
+
+def test_chunks_partition_the_questions(tiny_bundle, loaded, vqa):
+    got = []
+    for k in range(3):
+        path = vqa["tmp"] / f"3_{k}.jsonl"
+        run(_args(tiny_bundle, vqa, path, "--num-chunks", "3", "--chunk-idx", str(k)), loaded)
+        got.append([r["question_id"] for r in _read(path)])
+    assert [len(c) for c in got] == [4, 4, 2]
+    assert sum(got, []) == [q["question_id"] for q in vqa["questions"]]
+
+
+def test_missing_image_is_an_error_or_a_counted_skip(tiny_bundle, loaded, vqa):
+    (vqa["folder"] / "img2.png").unlink()  # questions 102 and 107 use it
+    (vqa["folder"] / "img4.png").write_bytes(b"garbage")  # 104 and 109: unreadable
+    out = vqa["tmp"] / "a.jsonl"
+    with pytest.raises(ModelVQAError, match=r"line 3 \(question_id 102\): image 'img2.png' not found.*"
+                                            r"2 of 10.*--skip-missing-images"):
+        run(_args(tiny_bundle, vqa, out), loaded)
+    (vqa["folder"] / "img2.png").write_bytes(b"")  # now present but empty
+    with pytest.raises(ModelVQAError, match=r"question_id 102\): empty image file"):
+        run(_args(tiny_bundle, vqa, out), loaded)
+    (vqa["folder"] / "img2.png").unlink()
+    s = run(_args(tiny_bundle, vqa, out, "--skip-missing-images", "--batch-size", "3"), loaded)
+    assert s["answered"] == 6 and s["skipped_missing_images"] == 4
+    assert sorted(x["question_id"] for x in s["skipped"]) == [102, 104, 107, 109]
+    assert {x["reason"] for x in s["skipped"]} == {"missing image", "unreadable image"}
+    assert sorted(r["question_id"] for r in _read(out)) == [100, 101, 103, 105, 106, 108]
+
+
+def test_bad_question_file_names_the_line(tiny_bundle, loaded, vqa):
+    vqa["qfile"].write_text('{"question_id": 1, "image": "img0.png", "text": "a"}\n'
+                            '{"question_id": 1, "image": "img1.png", "text": "b"}\n')
+    with pytest.raises(ModelVQAError, match="line 2: question_id 1 already used on line 1"):
+        run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
+    vqa["qfile"].write_text('{"question_id": 1, "text": "a"}\n')
+    with pytest.raises(ModelVQAError, match="line 1 .*'image'"):
+        run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
+
+
+def _answer_and_score(tiny_bundle, test_dir, image_folder, batch_size=32):
+    answers = test_dir / "answers.jsonl"
+    t0 = time.perf_counter()
+    rc = main(["--model-path", tiny_bundle["model"], "--question-file", str(test_dir / "questions.jsonl"),
+               "--image-folder", str(image_folder), "--answers-file", str(answers), "--device", "cpu",
+               "--batch-size", str(batch_size), "--max-new-tokens", "4", "--no-progress"])
+    seconds = time.perf_counter() - t0
+    assert rc == 0
+    result = metrics.score(metrics.load_gt(test_dir / "test.json"), metrics.load_jsonl(answers))
+    return result, seconds
+
+
+def test_embedded_vqa_rad_subset_end_to_end(tiny_bundle, tmp_path):
+    """Runs without ../shared: the package's 24-image VQA-RAD subset (65 test questions)."""
+    from importlib import resources
+
+    assets = resources.files("stllava") / "assets" / "vqa_rad"
+    items, stats = convert.convert("vqa_rad", assets / "vqa_rad_subset.json", fmt="public",
+                                   image_folder=assets / "images")
+    convert.write(items, stats, tmp_path)
+    result, _ = _answer_and_score(tiny_bundle, tmp_path, assets / "images")
+    o = result["overall"]
+    assert (o["n_questions"], o["n_scored"], o["n_open"], o["n_closed"]) == (65, 65, 22, 43)
+    assert all(0.0 <= o[k] <= 100.0 for k in ("open_recall", "open_f1", "closed_acc", "closed_acc_strict"))
+
+
+def test_real_vqa_rad_test_set_answered_and_scored(tiny_bundle, vqa_rad_dir, tmp_path):
+    """Issue 4 acceptance: all 451 VQA-RAD test questions answered by the tiny model and scored."""
+    items, stats = convert.convert("vqa_rad", vqa_rad_dir / "testset.json", image_folder=vqa_rad_dir / "images")
+    convert.write(items, stats, tmp_path)
+    result, seconds = _answer_and_score(tiny_bundle, tmp_path, vqa_rad_dir / "images")
+    logger.info("VQA-RAD: 451 questions answered (4 new tokens, batch 32) in %.1f s", seconds)
+    o = result["overall"]
+    assert (o["n_questions"], o["n_scored"], o["n_missing"], o["n_open"], o["n_closed"]) == (451, 451, 0, 179, 272)
+    rows = result["rows"]
+    assert len(rows) == 451 and sum(bool(r["prediction"]) for r in rows) > 400
+    assert all(o[k] is not None for k in ("open_recall", "open_f1", "closed_acc", "closed_acc_strict"))

@@ -1,0 +1,197 @@
+"""stllava.selftrain.questions / answers: seeded, batch-size-invariant, resumable, judge-ready."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from stllava.selftrain import answers as answers_mod
+from stllava.selftrain import questions as questions_mod
+from stllava.selftrain.questions import SelfTrainError, finish_questions, list_images
+
+
+def test_list_images_recursive_sorted_filtered(tmp_path):
+    for name in ["b.JPG", "a.png", "sub/c.TIFF", "sub/d.tif", "sub/deep/e.bmp", "f.jpeg", "notes.txt",
+                 "g.gif", "sub/h.Png"]:
+        p = tmp_path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (tmp_path / "dir.jpg").mkdir()  # a folder named like an image is not an image
+    everything = ["a.png", "b.JPG", "f.jpeg", "sub/c.TIFF", "sub/d.tif", "sub/deep/e.bmp", "sub/h.Png"]
+    assert list_images(tmp_path) == everything
+    assert list_images(tmp_path, offset=2, limit=3) == everything[2:5]
+    assert list_images(tmp_path, offset=6, limit=5) == everything[6:]
+    with pytest.raises(SelfTrainError, match="no such folder"):
+        list_images(tmp_path / "nope")
+
+
+def test_finish_questions_drops_empty_and_counts_duplicates():
+    qs = ["What organ?", "", "What organ?", "Is it normal?", "What organ?"]
+    ids = [f"q{k}" for k in range(5)]
+    kept, kept_ids, seeds, dropped = finish_questions(qs, ids, list(range(5)), dedup=True)
+    assert kept == ["What organ?", "Is it normal?"] and kept_ids == ["q0", "q3"] and seeds == [0, 3]
+    assert dropped == {"empty": 1, "duplicate": 2}
+    kept, _, _, dropped = finish_questions(qs, ids, list(range(5)), dedup=False)
+    assert kept == ["What organ?", "What organ?", "Is it normal?", "What organ?"]
+    assert dropped == {"empty": 1, "duplicate": 0}
+
+
+def test_question_prompt_is_the_v1_sq_layout():
+    p = questions_mod.question_prompt("v1_sq", "A chest X-ray.")
+    assert p.endswith("image, etc. Again, do not ask about uncertain details. USER: <image>\nCan you describe "
+                      "the image in detail? ASSISTANT: A chest X-ray.</s>VUSER:")
+    assert questions_mod.describe_prompt("v1_sq").endswith(" USER: <image>\nCan you describe the image in "
+                                                           "detail? ASSISTANT:")
+    # an "<image>" the model wrote into its description must not become a second image slot
+    assert questions_mod.question_prompt("v1_sq", "See <image> here.").count("<image>") == 1
+    with pytest.raises(SelfTrainError, match="no VUSER role"):
+        questions_mod.question_prompt("llava_v1", "x")
+
+
+# --- with the tiny model --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle):
+    from stllava.model.builder import load_pretrained_model
+
+    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
+    return tok, model, proc
+
+
+@pytest.fixture()
+def images(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.jpg", "sub/c.png", "sub/d.PNG"]):
+        arr = (torch.rand(30 + 11 * i, 44, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / name)
+    return folder
+
+
+def _q_args(tiny_bundle, folder, out, *extra):
+    return questions_mod.build_parser().parse_args([
+        "--model-path", tiny_bundle["model"], "--image-folder", str(folder), "--out", str(out),
+        "--device", "cpu", "--max-desc-tokens", "10", "--max-question-tokens", "8", "--n-questions", "3",
+        "--no-progress", *extra])
+
+
+def _a_args(tiny_bundle, folder, qfile, out, *extra):
+    return answers_mod.build_parser().parse_args([
+        "--model-path", tiny_bundle["model"], "--image-folder", str(folder), "--questions", str(qfile),
+        "--out", str(out), "--device", "cpu", "--max-new-tokens", "8", "--no-progress", *extra])
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_questions_reproducible_and_identical_between_batch_sizes(tiny_bundle, loaded, images, tmp_path):
+    b8, b1, again, other = (tmp_path / f"{n}.jsonl" for n in ("b8", "b1", "again", "other"))
+    s = questions_mod.run(_q_args(tiny_bundle, images, b8, "--batch-size", "8"), loaded)
+    questions_mod.run(_q_args(tiny_bundle, images, b1, "--batch-size", "1"), loaded)
+    questions_mod.run(_q_args(tiny_bundle, images, again, "--batch-size", "8"), loaded)
+    questions_mod.run(_q_args(tiny_bundle, images, other, "--batch-size", "8", "--seed", "7"), loaded)
+    assert b8.read_text() == b1.read_text() == again.read_text()
+    recs = _read(b8)
+    assert [r["image"] for r in recs] == ["a.png", "b.jpg", "sub/c.png", "sub/d.PNG"]
+    assert s["written"] == 4 and s["questions"] == sum(len(r["questions"]) for r in recs)
+    r = recs[2]
+    assert r["question_ids"][0] == "sub/c.png#q0" and r["seed"] == 0 and r["model"]
+    assert r["description"] and all(q and "</s>" not in q for q in r["questions"])
+    assert len(r["questions"]) + sum(r["dropped"].values()) == 3
+    assert r["settings"]["temperature"] == 1.2 and r["settings"]["top_k"] == 300 and r["settings"]["top_p"] == 0.95
+    # the seed decides the questions (not the greedy descriptions)
+    others = _read(other)
+    assert [o["description"] for o in others] == [r["description"] for r in recs]
+    assert [o["questions"] for o in others] != [r["questions"] for r in recs]
+    # a slice gives the same records as the full run
+    part = tmp_path / "part.jsonl"
+    questions_mod.run(_q_args(tiny_bundle, images, part, "--offset", "1", "--limit", "2"), loaded)
+    assert _read(part) == recs[1:3]
+
+
+def test_questions_dedup_counts_identical_questions(tiny_bundle, loaded, images, tmp_path):
+    out = tmp_path / "q.jsonl"
+    # top-k 1 turns sampling into greedy: the 3 questions of an image are identical
+    s = questions_mod.run(_q_args(tiny_bundle, images, out, "--top-k", "1", "--dedup", "--min-new-tokens", "2"),
+                          loaded)
+    recs = _read(out)
+    assert all(len(r["questions"]) == 1 and r["dropped"] == {"empty": 0, "duplicate": 2} for r in recs)
+    assert s["dropped_duplicate"] == 8 and s["questions"] == 4
+
+
+def test_questions_resume_after_a_cut_last_line(tiny_bundle, loaded, images, tmp_path, caplog):
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    questions_mod.run(_q_args(tiny_bundle, images, full), loaded)
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing image 2
+    s = questions_mod.run(_q_args(tiny_bundle, images, part, "--batch-size", "3"), loaded)
+    assert s["already_done"] == 1 and s["written"] == 3
+    assert part.read_text() == full.read_text()
+    assert "cut-short last line" in caplog.text
+    # a different setting is refused instead of mixing two runs in one file
+    with pytest.raises(SelfTrainError, match=r"line 1: written with settings .*'seed': 0.*'seed': 3"):
+        questions_mod.run(_q_args(tiny_bundle, images, part, "--seed", "3"), loaded)
+
+
+def _questions_file(tiny_bundle, loaded, images, tmp_path):
+    qfile = tmp_path / "questions.jsonl"
+    questions_mod.run(_q_args(tiny_bundle, images, qfile, "--limit", "3", "--min-new-tokens", "2"), loaded)
+    return qfile
+
+
+def test_answers_identical_between_batch_sizes_and_read_by_the_judge(tiny_bundle, loaded, images, tmp_path):
+    from stllava.selftrain.judge import load_items
+
+    qfile = _questions_file(tiny_bundle, loaded, images, tmp_path)
+    n_q = sum(len(r["questions"]) for r in _read(qfile))
+    b8, b1, seed1 = tmp_path / "a8.jsonl", tmp_path / "a1.jsonl", tmp_path / "s1.jsonl"
+    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, b8, "--batch-size", "8"), loaded)
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, b1, "--batch-size", "1"), loaded)
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, seed1, "--seed", "1"), loaded)
+    assert s["written"] == n_q and b8.read_text() == b1.read_text()
+    recs = _read(b8)
+    assert [r["question_id"] for r in recs] == [i for r in _read(qfile) for i in r["question_ids"]]
+    r = recs[0]
+    assert r["question"] == _read(qfile)[0]["questions"][0] and r["image"] == "a.png"
+    assert len(r["answers"]) == 2 and len(set(r["answer_seeds"])) == 2
+    assert sum(a != b for a, b in (x["answers"] for x in recs)) >= n_q - 1  # two different draws
+    assert [x["answers"] for x in _read(seed1)] != [x["answers"] for x in recs]
+    assert r["settings"] == {"conv_mode": "llava_v1", "temperature": 1.2, "top_k": 100, "top_p": 0.95,
+                             "max_new_tokens": 8, "min_new_tokens": 0, "seed": 0}
+    items, skipped = load_items(b8, images)  # the judge's own loader accepts the file
+    assert len(items) == n_q and skipped == []
+    assert items[0].record["answers"] == r["answers"]
+
+
+def test_answers_resume_and_missing_images(tiny_bundle, loaded, images, tmp_path):
+    qfile = _questions_file(tiny_bundle, loaded, images, tmp_path)
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, full), loaded)
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:2]) + lines[2][:10])
+    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, part, "--batch-size", "4"), loaded)
+    assert s["already_done"] == 2 and s["written"] == len(lines) - 2
+    assert part.read_text() == full.read_text()
+
+    (images / "b.jpg").unlink()
+    out = tmp_path / "m.jsonl"
+    with pytest.raises(SelfTrainError, match=r"questions.jsonl, line 2: image 'b.jpg' not found"):
+        answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
+    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--skip-missing-images"), loaded)
+    n_b = len(_read(qfile)[1]["questions"])
+    assert len(s["skipped"]) == n_b and {x["image"] for x in s["skipped"]} == {"b.jpg"}
+    assert {r["image"] for r in _read(out)} == {"a.png", "sub/c.png"}
+
+
+def test_answers_accept_the_reference_layout_and_refuse_bad_records(tiny_bundle, loaded, images, tmp_path):
+    qfile = tmp_path / "ref.jsonl"  # visual_sq.py wrote {"question_id": n, "image", "prompt": [questions]}
+    qfile.write_text(json.dumps({"question_id": 1, "image": "a.png", "prompt": ["What is it?", "Where?"]}) + "\n")
+    out = tmp_path / "a.jsonl"
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
+    assert [r["question_id"] for r in _read(out)] == ["a.png#q0", "a.png#q1"]
+    qfile.write_text('{"image": "a.png", "questions": ["x"]}\n{"image": "a.png", "questions": "x"}\n')
+    with pytest.raises(SelfTrainError, match="line 2: field 'questions' must be a list"):
+        answers_mod.run(_a_args(tiny_bundle, images, qfile, tmp_path / "b.jsonl"), loaded)
+    with pytest.raises(SelfTrainError, match="temperature must be > 0"):
+        answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--temperature", "0"), loaded)
