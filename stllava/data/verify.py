@@ -1,0 +1,263 @@
+"""Check a LLaVA-Med-format dataset before a long run; the same check runs when training starts.
+
+    python -m stllava.data.verify --data_path F --image_folder D [--tokenizer T --model_max_length 2048]
+
+Every bad record is named with its index and ``id``: missing, empty, unreadable or truncated
+images; a record that is not ``{"conversations": [...]}``; roles out of order or an empty turn; an
+``<image>`` missing where an image is given (or present where none is); and, given a tokenizer, a
+conversation too long for ``model_max_length`` once its image is expanded to ``image_tokens``
+positions (it would be cut). Prints one line per problem, then a summary; exits 1 when any record
+is bad, 0 otherwise.
+
+Training (``stllava.train.train_sft``) calls :func:`verify_records` at start-up and applies
+``--on_bad_sample``: ``stop`` (default) raises :class:`BadDataError` carrying this report;
+``skip`` drops the bad records and logs how many (:func:`apply_bad_sample_policy`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from stllava.data.images import check_image, image_path
+
+logger = logging.getLogger(__name__)
+
+BAD_RECORD, BAD_TURNS, IMAGE_TOKEN, TOO_LONG = ("malformed record", "bad roles or turns",
+                                                "<image> token mismatch", "too long")
+ON_BAD_SAMPLE = ("stop", "skip")
+DEFAULT_IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px, CLS dropped
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one record."""
+
+    index: int
+    record_id: Any
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"record {self.index} (id {self.record_id!r}): {self.kind}: {self.detail}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_records` found. ``problems`` are in record order."""
+
+    data_path: str
+    n_records: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_indices(self) -> list[int]:
+        return sorted({p.index for p in self.problems})
+
+    def counts(self) -> dict[str, int]:
+        """Number of bad records per kind of problem."""
+        return dict(Counter(k for k, _ in {(p.kind, p.index) for p in self.problems}))
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.data_path}: {self.n_records} records checked, all good"
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts().items()))
+        return (f"{self.data_path}: {self.n_records} records checked, {len(self.bad_indices)} bad "
+                f"({kinds})")
+
+    def format(self, limit: int | None = None) -> str:
+        """Every problem on its own line (the first ``limit`` when given), then the summary."""
+        shown = self.problems if limit is None else self.problems[:limit]
+        lines = [str(p) for p in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"... and {len(self.problems) - len(shown)} more problems")
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+class BadDataError(ValueError):
+    """Training refused a dataset with bad records (``--on_bad_sample stop``); ``report`` says which."""
+
+    def __init__(self, report: VerifyReport, limit: int = 50):
+        self.report = report
+        super().__init__(
+            f"the training data has bad records:\n{report.format(limit)}\n"
+            "Fix or drop them (check again with `python -m stllava.data.verify --data_path ... "
+            "--image_folder ...`), or pass --on_bad_sample skip to train without them.")
+
+
+def load_records(data_path: str) -> list[dict]:
+    """Return the records of a JSON list file (LLaVA-Med format) or a JSON Lines file.
+    Refuses anything else with an error naming the file."""
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+    if data_path.endswith(".jsonl"):
+        from stllava.jsonl import read_jsonl
+
+        return read_jsonl(data_path)
+    with open(data_path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{data_path} is not valid JSON ({e}); expected a list of records "
+                             "with 'id', 'image' and 'conversations'") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{data_path} holds a JSON {type(data).__name__}, expected a list of records")
+    return data
+
+
+def record_name(record: Any, index: int) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"record {index} (id {rid!r})"
+
+
+def check_conversation(record: Any, version: str) -> tuple[str, str] | None:
+    """Return ``(kind, detail)`` of what is wrong with the record's structure, roles, or
+    ``<image>`` placement, or None. The rules are those of
+    :func:`stllava.data.preprocess.validate_conversation`, the function training applies."""
+    from stllava.data.preprocess import validate_conversation
+
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return BAD_RECORD, "expected an object with a 'conversations' list"
+    if "image" in record and (not isinstance(record["image"], str) or not record["image"]):
+        return BAD_RECORD, f"'image' must be a file name, got {record['image']!r}"
+    try:
+        validate_conversation(record["conversations"], "image" in record, version, "record")
+    except ValueError as e:
+        msg = str(e).removeprefix("record: ").removeprefix("record, ")
+        return (IMAGE_TOKEN if DEFAULT_IMAGE_TOKEN in msg else BAD_TURNS), msg
+    return None
+
+
+def conversation_length(record: dict, tokenizer, version: str, image_tokens: int,
+                        budget: int | None = None) -> int:
+    """Length in model positions of the record's longest rendering: for ``v1_sq`` every eligible
+    human turn rendered as VUSER (longer), each ``<image>`` counted as ``image_tokens``.
+
+    With ``budget``, an upper bound is returned instead when that bound is within the budget (the
+    answer to "is it too long?" is then the same, without tokenizing)."""
+    from stllava.conversation import get_conv_template
+    from stllava.data.preprocess import render_messages
+    from stllava.mm_utils import tokenizer_image_token
+
+    conv = get_conv_template(version)
+    has_image = "image" in record
+    for role, text in render_messages(record["conversations"], conv, has_image, sq_r=1.0 if version == "v1_sq" else 0.0,
+                                      rng=random.Random(0)):
+        conv.append_message(role, text)
+    prompt = conv.get_prompt()
+    n_img = prompt.count(DEFAULT_IMAGE_TOKEN)
+    # Cheap bound first: SentencePiece gives at most one token per UTF-8 byte, plus one dummy
+    # prefix per chunk and the BOS, so short prompts need no tokenizing.
+    bound = len(prompt.encode("utf-8")) + n_img + 2 + n_img * (image_tokens - len(DEFAULT_IMAGE_TOKEN))
+    if budget is not None and bound <= budget:
+        return bound
+    ids = tokenizer_image_token(prompt, tokenizer)
+    return len(ids) + sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) * (image_tokens - 1)
+
+
+def verify_records(records: Sequence[Any], image_folder: str | None, *, data_path: str = "<data>",
+                   version: str = "v1_sq", tokenizer=None, model_max_length: int | None = None,
+                   image_tokens: int = DEFAULT_IMAGE_TOKENS, workers: int = 8,
+                   check_images: bool = True) -> VerifyReport:
+    """Check every record; returns a :class:`VerifyReport` (never raises for bad data).
+
+    Images are decoded in full (``workers`` threads; PIL releases the GIL while decoding) so
+    truncated files are found. The length check runs only when ``tokenizer`` and
+    ``model_max_length`` are given, and only on records whose structure is valid.
+    """
+    report = VerifyReport(data_path, len(records))
+    problems: list[Problem] = []
+    rid = [r.get("id") if isinstance(r, dict) else None for r in records]
+    structural_ok = []
+    for i, rec in enumerate(records):
+        p = check_conversation(rec, version)
+        if p:
+            problems.append(Problem(i, rid[i], *p))
+        structural_ok.append(p is None)
+
+    if check_images:
+        jobs = [(i, image_path(image_folder, rec["image"])) for i, rec in enumerate(records)
+                if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for (i, path), res in zip(jobs, pool.map(lambda j: check_image(j[1]), jobs)):
+                if res:
+                    problems.append(Problem(i, rid[i], res[0], f"{path} ({res[1]})"))
+
+    if tokenizer is not None and model_max_length:
+        for i, rec in enumerate(records):
+            if not structural_ok[i]:
+                continue
+            n = conversation_length(rec, tokenizer, version, image_tokens, budget=model_max_length)
+            if n > model_max_length:
+                problems.append(Problem(
+                    i, rid[i], TOO_LONG,
+                    f"{n} positions (image = {image_tokens}) > model_max_length {model_max_length}; "
+                    "it would be cut short"))
+    problems.sort(key=lambda p: (p.index, p.kind))
+    report.problems = problems
+    return report
+
+
+def apply_bad_sample_policy(records: Sequence[Any], report: VerifyReport, policy: str) -> list[int]:
+    """Return the indices of the records to train on.
+
+    ``stop``: all of them when the report is clean, else raises :class:`BadDataError`.
+    ``skip``: all but the bad ones; logs how many were skipped and of which kinds.
+    """
+    if policy not in ON_BAD_SAMPLE:
+        raise ValueError(f"--on_bad_sample must be one of {ON_BAD_SAMPLE}, got {policy!r}")
+    if report.ok:
+        return list(range(len(records)))
+    if policy == "stop":
+        raise BadDataError(report)
+    bad = set(report.bad_indices)
+    for p in report.problems[:20]:
+        logger.warning("skipping %s", p)
+    logger.warning("--on_bad_sample skip: skipped %d of %d records (%s); training on %d",
+                   len(bad), len(records), ", ".join(f"{k}: {n}" for k, n in sorted(report.counts().items())),
+                   len(records) - len(bad))
+    return [i for i in range(len(records)) if i not in bad]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data_path", required=True, help="LLaVA-Med-format JSON list (or .jsonl) of records")
+    ap.add_argument("--image_folder", default=None, help="folder the records' 'image' paths are relative to")
+    ap.add_argument("--version", default="v1_sq", help="conversation template the data will be trained with")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder (e.g. the model's); enables the too-long check")
+    ap.add_argument("--model_max_length", type=int, default=2048, help="training context length")
+    ap.add_argument("--image_tokens", type=int, default=DEFAULT_IMAGE_TOKENS,
+                    help="positions one image takes (576 for CLIP ViT-L/14-336 'patch')")
+    ap.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    ap.add_argument("--limit", type=int, default=None, help="print at most this many problems")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import LlamaTokenizer
+
+        tokenizer = LlamaTokenizer.from_pretrained(args.tokenizer)
+    records = load_records(args.data_path)
+    report = verify_records(records, args.image_folder, data_path=args.data_path, version=args.version,
+                            tokenizer=tokenizer, model_max_length=args.model_max_length,
+                            image_tokens=args.image_tokens, workers=args.workers)
+    print(report.format(args.limit))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Command-line arguments of the training entry points (HfArgumentParser dataclasses).
+
+Every flag of the published ``sqllava_med.sh`` / ``dpo_finetune.sh`` is accepted unchanged,
+including spellings transformers 5 dropped: ``--evaluation_strategy`` (mapped to
+``--eval_strategy``), ``--warmup_ratio`` (mapped to a fractional ``--warmup_steps``) and ``--tf32`` on a machine without CUDA (logged and ignored; transformers
+would refuse it). ``--report_to wandb`` without wandb installed falls back to no reporting, with a
+warning. ``--data_aug`` and ``--lazy_preprocess`` are accepted (data is always loaded lazily;
+``--data_aug True`` is refused: the published runs use False and it is not implemented).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A LLaVA model folder (ours, or a released 'llava' one: vision tower and projector included) or a "
+                "plain LLaMA/Vicuna folder (then --vision_tower attaches a tower and a new projector)."})
+    version: str = field(default="v1_sq", metadata={
+        "help": "Conversation template: v1_sq (self-questioning, stage 1), v1/vicuna_v1, llava_v1, plain."})
+    vision_tower: str | None = field(default=None, metadata={
+        "help": "CLIP vision tower folder or hub id. With a full LLaVA model its weights replace the model's tower "
+                "weights (as the reference does)."})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower layer whose hidden state is used."})
+    mm_vision_select_feature: str = field(default="patch", metadata={
+        "help": "'patch' drops the CLS token, 'cls_patch' keeps it."})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
+        "help": "File with projector weights (mm_projector.bin, or a non_lora_trainables.bin): every "
+                "'*mm_projector.*' key is loaded into the projector."})
+    mm_projector_type: str = field(default="cluster", metadata={
+        "help": "Projector: cluster (SQ-LLaVA prototype extractor), linear, mlp<N>x_gelu, identity. Must match "
+                "the model's when it already has one."})
+    mm_use_im_start_end: bool = field(default=False, metadata={
+        "help": "Wrap image tokens in <im_start>/<im_end> (not supported; the STLLaVA-Med runs use False)."})
+    mm_use_im_patch_token: bool = field(default=False, metadata={
+        "help": "Use <im_patch> tokens (not supported; the STLLaVA-Med runs use False)."})
+    data_aug: bool = field(default=False, metadata={
+        "help": "Accepted for the published scripts (which pass False); True is not implemented."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel; default flash_attention_2 when flash-attn is installed and CUDA is used, "
+                "else sdpa."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={
+        "help": "LLaVA-Med-format JSON list (or .jsonl): records with 'id', optional 'image', 'conversations'."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' 'image' paths are relative to."})
+    image_aspect_ratio: str = field(default="pad", metadata={
+        "help": "'pad': pad images to a square with the processor's mean colour before the CLIP processor; "
+                "anything else: the processor alone (resize + centre crop)."})
+    lazy_preprocess: bool = field(default=True, metadata={
+        "help": "Accepted for the published scripts; records are always tokenized lazily."})
+    sq_r: float = field(default=0.3, metadata={
+        "help": "Self-questioning ratio: probability that a human turn after the first becomes a VUSER turn "
+                "(v1_sq, records with an image). Drawn reproducibly from (seed, epoch, record index)."})
+    on_bad_sample: str = field(default="stop", metadata={
+        "help": "What to do with bad records found at start-up (missing/unreadable/truncated images, roles out "
+                "of order, <image> mismatches, too long): 'stop' with the report, or 'skip' them and log the count.",
+        "choices": ["stop", "skip"]})
+    verify_workers: int = field(default=8, metadata={"help": "Threads decoding images in the start-up data check."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Accepted for compatibility (models load locally)."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (HF name)."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Must stay False: the batches carry 'images', which the Trainer would otherwise drop."})
+    model_max_length: int = field(default=2048, metadata={
+        "help": "Maximum sequence length in model positions (an image counts its patch tokens). Longer "
+                "records are reported by the start-up check; samples are right-padded and cut to this."})
+    lora_enable: bool = field(default=False, metadata={"help": "LoRA on every LLM Linear except lm_head."})
+    lora_r: int = field(default=64, metadata={"help": "LLM LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LLM LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LLM LoRA dropout."})
+    lora_weight_path: str = field(default="", metadata={"help": "Accepted for compatibility (unused)."})
+    lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only."})
+    mm_projector_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the projector (default: --learning_rate)."})
+    vision_tower_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the vision tower's trainable weights, i.e. ViT-LoRA (default: --learning_rate). "
+                "Honoured whether or not --mm_projector_lr is set."})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "Length-grouped sampling that keeps image and text-only samples in separate batches (LLaVA)."})
+    vit_lora_enable: bool = field(default=False, metadata={
+        "help": "LoRA on every Linear of the CLIP encoder (q/k/v/out_proj, fc1, fc2), trained at --vision_tower_lr "
+                "and saved as Vit-lora/."})
+    lora_r_vit: int = field(default=32, metadata={"help": "ViT-LoRA rank."})
+    lora_alpha_vit: int = field(default=64, metadata={"help": "ViT-LoRA alpha."})
+    lora_dropout_vit: float = field(default=0.2, metadata={"help": "ViT-LoRA dropout (0.2 in SFT, 0.1 in DPO)."})
+    evaluation_strategy: str | None = field(default=None, metadata={
+        "help": "Legacy spelling of --eval_strategy (transformers < 4.46), as the published scripts pass it."})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "Legacy: fraction of the steps spent warming up (transformers 5 takes it as a float "
+                "--warmup_steps < 1); mapped to --warmup_steps."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise ValueError("give either --warmup_ratio or --warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio
+        if self.tf32 and not torch.cuda.is_available():
+            logger.warning("--tf32 ignored: it is a CUDA (Ampere+) setting and no GPU is available")
+            self.tf32 = None
+        report = self.report_to if isinstance(self.report_to, list) else [self.report_to]
+        if "wandb" in report and importlib.util.find_spec("wandb") is None:
+            logger.warning("--report_to wandb: wandb is not installed; reporting to nothing instead "
+                           "(pip install wandb to get it)")
+            report = [r for r in report if r != "wandb"] or ["none"]
+            self.report_to = report
+        super().__post_init__()
+
+
+def check_supported(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Refuse flag values the published flags allow but this implementation does not (ValueError
+    naming the flag and the supported value)."""
+    if model_args.data_aug:
+        raise ValueError("--data_aug True is not implemented (the published STLLaVA-Med runs use False)")
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported "
+                         "(the STLLaVA-Med scripts use False)")
+    if not 0.0 <= data_args.sq_r <= 1.0:
+        raise ValueError(f"--sq_r must be in [0, 1], got {data_args.sq_r}")
+    if training_args.lora_bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"--lora_bias must be none, all or lora_only, got {training_args.lora_bias!r}")
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required")
+    if not data_args.data_path:
+        raise ValueError("--data_path is required")
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse ``argv`` into ``(ModelArguments, DataArguments, TrainingArguments)``; unknown flags raise."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)

@@ -1,0 +1,172 @@
+"""``LLaVATrainer``: the HF Trainer with LLaVA's optimizer groups, sampler and checkpoints.
+
+Everything a second trainer needs (the DPO one) is in :class:`LlavaTrainerMixin`; put it first in
+the bases of any ``transformers.Trainer`` subclass (``class X(LlavaTrainerMixin, DPOTrainer)``):
+
+- :meth:`~LlavaTrainerMixin.create_optimizer`: decay / no-decay × {LLM, projector at
+  ``mm_projector_lr``, vision tower at ``vision_tower_lr``} (:func:`build_param_groups`). Each rate
+  is honoured on its own (the reference ignored ``vision_tower_lr`` unless ``mm_projector_lr`` was
+  set). With ZeRO optimizer offload the same groups go to DeepSpeed's CPU Adam.
+- :meth:`~LlavaTrainerMixin._get_train_sampler`: ``stllava.train.sampler.build_train_sampler``.
+- :meth:`~LlavaTrainerMixin.save_model`: the layout of ``stllava.train.checkpoint`` at every save
+  (``checkpoint-N/``) and at the end, gathered under ZeRO-3; the Trainer adds optimizer,
+  scheduler, RNG and trainer state to each ``checkpoint-N/`` (DeepSpeed: its ``global_stepN/`` shards).
+- :meth:`~LlavaTrainerMixin._load_from_checkpoint`: resume restores LLM LoRA, projector and
+  ViT-LoRA (without DeepSpeed; DeepSpeed reloads them from its shards).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import Trainer
+
+from stllava.train.checkpoint import (
+    PROJECTOR,
+    VISION,
+    VIT_LORA,
+    gather_state_dict,
+    load_llava_trainables,
+    param_part,
+    save_llava_checkpoint,
+    trainable_state_dict,
+)
+from stllava.train.sampler import build_train_sampler
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def optimizer_part(name: str) -> str:
+    """``"llm"``, ``"projector"`` or ``"vision_tower"`` (ViT-LoRA, or tower weights if unfrozen)."""
+    part = param_part(name)
+    return "projector" if part == PROJECTOR else "vision_tower" if part in (VIT_LORA, VISION) else "llm"
+
+
+def part_lr(part: str, args) -> float:
+    """Learning rate of an optimizer part: ``projector`` → ``mm_projector_lr``, ``vision_tower`` →
+    ``vision_tower_lr``, each falling back to ``learning_rate`` when None (0 is a rate of 0)."""
+    if part == "projector" and getattr(args, "mm_projector_lr", None) is not None:
+        return float(args.mm_projector_lr)
+    if part == "vision_tower" and getattr(args, "vision_tower_lr", None) is not None:
+        return float(args.vision_tower_lr)
+    return float(args.learning_rate)
+
+
+def build_param_groups(model: torch.nn.Module, args, decay_names: set[str] | list[str]) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: for each part (LLM, projector,
+    vision tower) a decay group (``weight_decay``) and a no-decay one (biases and norms: not in
+    ``decay_names``), each with the part's learning rate. Empty groups are left out. Each group
+    carries a ``"name"`` (e.g. ``"projector/no_decay"``) for logs and tests."""
+    decay_names = set(decay_names)
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part, decay = optimizer_part(name), name in decay_names
+        g = groups.setdefault((part, decay), {
+            "params": [], "name": f"{part}/{'decay' if decay else 'no_decay'}",
+            "weight_decay": args.weight_decay if decay else 0.0, "lr": part_lr(part, args)})
+        g["params"].append(p)
+    order = [(part, d) for part in ("llm", "projector", "vision_tower") for d in (True, False)]
+    return [groups[k] for k in order if k in groups]
+
+
+def _deepspeed_offloads_optimizer(args) -> bool:
+    cfg = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    device = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+class LlavaTrainerMixin:
+    """LLaVA's optimizer groups, sampler, checkpoint saving and resume for any HF Trainer subclass.
+
+    Extra constructor keyword: ``image_processor`` (saved as ``preprocessor_config.json``).
+    """
+
+    def __init__(self, *args, image_processor=None, **kwargs):
+        self.image_processor = image_processor
+        super().__init__(*args, **kwargs)
+
+    # ---- optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """Create ``self.optimizer`` over :func:`build_param_groups` (once) and return it."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            groups = build_param_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if _deepspeed_offloads_optimizer(self.args):
+                # ZeRO-Offload refuses client optimizers other than DeepSpeed's CPU Adam.
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer_cls = DeepSpeedCPUAdam
+                optimizer_kwargs = {"lr": self.args.learning_rate, "adamw_mode": True,
+                                    "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                                    "eps": self.args.adam_epsilon}
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            logger.info("optimizer %s with %d parameter groups", type(self.optimizer).__name__, len(groups))
+            for g in groups:
+                logger.info("optimizer group %-24s %4d tensors %12d params  lr %.3g  weight_decay %g", g["name"],
+                            len(g["params"]), sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]),
+                            g["lr"], g["weight_decay"])
+        return self.optimizer
+
+    # ---- sampler ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        return build_train_sampler(dataset, self.args)
+
+    # ---- saving ----------------------------------------------------------------------------
+    def llava_config_updates(self) -> dict:
+        """Config fields recorded with every checkpoint (the data setup the model was trained for)."""
+        out = {"tokenizer_padding_side": "right"}
+        if getattr(self.args, "model_max_length", None):
+            out["tokenizer_model_max_length"] = self.args.model_max_length
+        return out
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the checkpoint layout of ``stllava.train.checkpoint`` to ``output_dir``.
+
+        Every rank must call it (the Trainer does): under ZeRO-3 the trainable parameters (all of
+        them without LoRA) are gathered first; the main process writes."""
+        output_dir = output_dir or self.args.output_dir
+        model = self.model
+        if hasattr(model, "peft_config"):
+            state = trainable_state_dict(model)
+        else:
+            state = gather_state_dict(model.named_parameters())
+        if self.args.should_save:
+            save_llava_checkpoint(model, state, output_dir, tokenizer=self.processing_class,
+                                  image_processor=self.image_processor, config_updates=self.llava_config_updates())
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Only reached through paths that bypass save_model (none in Trainer.train); keep them consistent.
+        output_dir = output_dir or self.args.output_dir
+        if state_dict is None:
+            state_dict = (trainable_state_dict(self.model) if hasattr(self.model, "peft_config")
+                          else gather_state_dict(self.model.named_parameters()))
+        if self.args.should_save:
+            save_llava_checkpoint(self.model, state_dict, output_dir, tokenizer=self.processing_class,
+                                  image_processor=self.image_processor, config_updates=self.llava_config_updates())
+
+    # ---- resume ----------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore LLM LoRA, projector and ViT-LoRA from ``resume_from_checkpoint`` (the Trainer
+        then restores optimizer, scheduler and RNG). Not used under DeepSpeed, whose
+        ``global_stepN/`` shards hold all trainable states."""
+        model = self.model if model is None else model
+        if hasattr(model, "peft_config"):
+            load_llava_trainables(model, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+class LLaVATrainer(LlavaTrainerMixin, Trainer):
+    """The stage-1 (SFT) trainer: ``transformers.Trainer`` + :class:`LlavaTrainerMixin`."""

@@ -1,0 +1,142 @@
+"""Dataset check before training: every bad record named; stop by default, skip and count on demand."""
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from stllava.data.images import ImageLoadError, check_image, load_image
+from stllava.data.verify import BadDataError, apply_bad_sample_policy, load_records, main, verify_records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = " ".join(["the lesion is in the left lung"] * 120)
+
+
+def _qa(q="<image>\nWhat is shown?", a="A lung."):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def write_bad_dataset(root, n_good=4):
+    """Good records first, then one of each problem. Returns (data_path, folder, expected {index: kind})."""
+    folder = os.path.join(root, "img")
+    os.makedirs(folder, exist_ok=True)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(os.path.join(folder, "good.png"))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, "JPEG")
+    with open(os.path.join(folder, "cut.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # a corrupt (truncated) JPEG
+    open(os.path.join(folder, "empty.png"), "wb").close()
+    with open(os.path.join(folder, "notes.jpg"), "w") as f:
+        f.write("not an image")
+    recs = [{"id": f"ok{i}", "image": "good.png", "conversations": _qa()} for i in range(n_good)]
+    recs += [
+        {"id": "missing", "image": "nope.png", "conversations": _qa()},
+        {"id": "corrupt", "image": "cut.jpg", "conversations": _qa()},
+        {"id": "empty", "image": "empty.png", "conversations": _qa()},
+        {"id": "text-file", "image": "notes.jpg", "conversations": _qa()},
+        {"id": "order", "image": "good.png", "conversations": _qa()[::-1]},
+        {"id": "no-token", "image": "good.png", "conversations": _qa(q="What is shown?")},
+        {"id": "long", "image": "good.png", "conversations": _qa(a=LONG)},
+        {"id": "no-convs", "image": "good.png"},
+    ]
+    expected = {n_good: "missing image", n_good + 1: "truncated image", n_good + 2: "empty image file",
+                n_good + 3: "unreadable image", n_good + 4: "bad roles or turns",
+                n_good + 5: "<image> token mismatch", n_good + 6: "too long", n_good + 7: "malformed record"}
+    path = os.path.join(root, "bad.json")
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return path, folder, expected
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bundle):
+    from stllava.train.train_sft import load_tokenizer
+
+    return load_tokenizer(tiny_bundle["model"], 1024)
+
+
+def test_check_image_kinds(tmp_path):
+    _, folder, _ = write_bad_dataset(str(tmp_path))
+    assert check_image(os.path.join(folder, "good.png")) is None
+    assert check_image(os.path.join(folder, "nope.png"))[0] == "missing image"
+    assert check_image(os.path.join(folder, "cut.jpg"))[0] == "truncated image"
+    assert check_image(os.path.join(folder, "empty.png"))[0] == "empty image file"
+    assert check_image(os.path.join(folder, "notes.jpg"))[0] == "unreadable image"
+    assert load_image(os.path.join(folder, "good.png")).size == (30, 20)
+    with pytest.raises(ImageLoadError, match=r"record 7: truncated image: .*cut\.jpg.*stllava\.data\.verify"):
+        load_image(os.path.join(folder, "cut.jpg"), record="record 7")
+
+
+def test_verify_names_every_bad_record(tmp_path, tokenizer):
+    path, folder, expected = write_bad_dataset(str(tmp_path))
+    report = verify_records(load_records(path), folder, data_path=path, tokenizer=tokenizer,
+                            model_max_length=512, image_tokens=64)
+    assert {p.index: p.kind for p in report.problems} == expected
+    assert report.bad_indices == sorted(expected) and not report.ok
+    long = next(p for p in report.problems if p.kind == "too long")
+    assert long.record_id == "long" and "> model_max_length 512" in long.detail
+    assert report.summary() == (f"{path}: 12 records checked, 8 bad (<image> token mismatch: 1, bad roles or turns: 1, "
+                                "empty image file: 1, malformed record: 1, missing image: 1, too long: 1, "
+                                "truncated image: 1, unreadable image: 1)")
+    # without a tokenizer there is no length check
+    assert "too long" not in verify_records(load_records(path), folder).counts()
+
+
+def test_verify_cli(tmp_path, tiny_bundle, capsys):
+    path, folder, expected = write_bad_dataset(str(tmp_path))
+    rc = main(["--data_path", path, "--image_folder", folder, "--tokenizer", tiny_bundle["model"],
+               "--model_max_length", "512", "--image_tokens", "64"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 1
+    assert out[:2] == [f"record 4 (id 'missing'): missing image: {folder}/nope.png (no such file)",
+                       f"record 5 (id 'corrupt'): truncated image: {folder}/cut.jpg (Truncated File Read)"]
+    assert out[-1].endswith("12 records checked, 8 bad (<image> token mismatch: 1, bad roles or turns: 1, "
+                            "empty image file: 1, malformed record: 1, missing image: 1, too long: 1, "
+                            "truncated image: 1, unreadable image: 1)")
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps([{"id": "a", "image": "good.png", "conversations": _qa()}]))
+    proc = subprocess.run([sys.executable, "-m", "stllava.data.verify", "--data_path", str(clean), "--image_folder",
+                           folder], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{clean}: 1 records checked, all good"
+
+
+def test_policy_stop_and_skip(tmp_path, caplog):
+    path, folder, expected = write_bad_dataset(str(tmp_path))
+    records = load_records(path)
+    report = verify_records(records, folder, data_path=path)
+    with pytest.raises(BadDataError, match=r"(?s)record 4 \(id 'missing'\).*--on_bad_sample skip") as e:
+        apply_bad_sample_policy(records, report, "stop")
+    assert e.value.report is report
+    with caplog.at_level(logging.WARNING, logger="stllava.data.verify"):
+        keep = apply_bad_sample_policy(records, report, "skip")
+    assert keep == [0, 1, 2, 3, 10]  # the too-long record stays: no length check without a tokenizer
+    assert "skipped 7 of 12 records" in caplog.text
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        apply_bad_sample_policy(records, report, "ignore")
+
+
+def _train_argv(tiny_bundle, path, folder, out):
+    return ["--model_name_or_path", tiny_bundle["model"], "--data_path", path, "--image_folder", folder,
+            "--output_dir", out, "--version", "v1_sq", "--sq_r", "0.5", "--lora_enable", "True", "--lora_r", "4",
+            "--vit_lora_enable", "--lora_r_vit", "2", "--model_max_length", "512", "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none"]
+
+
+def test_training_stops_or_skips(tmp_path, tiny_bundle, caplog):
+    from stllava.train.train_sft import run_sft
+
+    path, folder, expected = write_bad_dataset(str(tmp_path))
+    out = str(tmp_path / "out")
+    with pytest.raises(BadDataError, match=r"(?s)record 10 \(id 'long'\): too long.*8 bad"):
+        run_sft(_train_argv(tiny_bundle, path, folder, out))
+    assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        run_sft(_train_argv(tiny_bundle, path, folder, out) + ["--on_bad_sample", "skip"])
+    assert "skipped 8 of 12 records" in caplog.text
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    assert state["global_step"] == 1 and os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
