@@ -1,0 +1,264 @@
+"""Stage-3 (DPO) data: a lazy dataset of preference pairs and its collator (SPEC §5, §6).
+
+A record is the schema of the released ``ZachSun/STLLaVA-Med-DPO`` data, as
+``stllava.selftrain.build_pairs`` writes it::
+
+    {"id", "image"?, "chosen_conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": A+}],
+                     "reject_conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": A-}],
+     ...provenance fields (scores, judge, rationale, ...): ignored}
+
+Both conversations are rendered, tokenized and masked exactly as SFT does
+(:func:`stllava.data.preprocess.preprocess`: only the answers and their ``</s>`` are trained), the
+image is loaded and preprocessed as in SFT (``pad`` aspect ratio, CLIP processor), and bad records
+are found before training by the SFT check (:func:`stllava.data.verify.verify_records`, run on
+each side of the pair) plus one DPO rule: the two sides must ask the same question(s). The
+``--on_bad_sample`` policy is SFT's (``stop`` with the report, or ``skip``).
+
+:class:`DataCollatorForPreferenceDataset` pads chosen and rejected samples to ONE common width, so
+the trainer can stack them into one batch of ``2B`` rows (chosen first) without re-padding; each
+batch also carries ``index`` (the record's position in the file), the key of precomputed
+reference log-probabilities.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from stllava.constants import IGNORE_INDEX
+from stllava.data.collate import attention_mask_from_lengths, pad_right, stack_images, truncate_to_fit
+from stllava.data.images import IMAGE_PROBLEMS, blank_image, image_path, load_image
+from stllava.data.preprocess import preprocess
+from stllava.data.sft import IMAGE_LENGTH_ESTIMATE
+from stllava.data.verify import BAD_RECORD, Problem, VerifyReport, record_name, verify_records
+from stllava.mm_utils import process_images
+
+logger = logging.getLogger(__name__)
+
+CHOSEN, REJECT = "chosen_conversations", "reject_conversations"
+SIDES = (("chosen", CHOSEN), ("rejected", REJECT))
+PROMPT_MISMATCH = "chosen/rejected prompts differ"
+
+
+def _words(conversation: Sequence[dict]) -> int:
+    return sum(len(str(t.get("value", "")).split()) for t in conversation if isinstance(t, dict))
+
+
+def side_view(record: Any, key: str) -> Any:
+    """The record as an SFT record holding one side of the pair (``{"id", "image"?, "conversations"}``),
+    or the record itself when it is not a dict (the SFT check then reports it as malformed)."""
+    if not isinstance(record, dict):
+        return record
+    view = {k: record[k] for k in ("id", "image") if k in record}
+    if key in record:
+        view["conversations"] = record[key]
+    return view
+
+
+def _prompts(conversation: Any) -> list | None:
+    if not isinstance(conversation, list):
+        return None
+    return [t.get("value") for t in conversation if isinstance(t, dict) and t.get("from") != "gpt"]
+
+
+def verify_preference_records(records: Sequence[Any], image_folder: str | None, *, data_path: str = "<data>",
+                              version: str = "v1", tokenizer=None, model_max_length: int | None = None,
+                              image_tokens: int = 576, workers: int = 8) -> VerifyReport:
+    """Check every preference record; returns one :class:`~stllava.data.verify.VerifyReport` (never
+    raises for bad data). Each side is checked with the SFT rules (images once, on the chosen side);
+    the problem detail says which side. A record whose two sides ask different questions is bad too."""
+    report = VerifyReport(data_path, len(records))
+    problems: list[Problem] = []
+    for side, key in SIDES:
+        views = [side_view(r, key) for r in records]
+        sub = verify_records(views, image_folder, data_path=data_path, version=version, tokenizer=tokenizer,
+                             model_max_length=model_max_length, image_tokens=image_tokens, workers=workers,
+                             check_images=(key == CHOSEN))
+        for p in sub.problems:
+            rec = records[p.index]
+            if p.kind == BAD_RECORD and isinstance(rec, dict) and not isinstance(rec.get(key), list):
+                detail = f"no '{key}' list (a DPO record needs '{CHOSEN}' and '{REJECT}')"
+            elif p.kind == BAD_RECORD or p.kind in IMAGE_PROBLEMS:
+                detail = p.detail  # about the record or its image, not one side
+            else:
+                detail = f"{side}: {p.detail}"
+            problems.append(Problem(p.index, p.record_id, p.kind, detail))
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            continue
+        a, b = _prompts(rec.get(CHOSEN)), _prompts(rec.get(REJECT))
+        if a is not None and b is not None and a != b:
+            problems.append(Problem(i, rec.get("id"), PROMPT_MISMATCH,
+                                    f"chosen asks {a!r}, rejected asks {b!r}; a preference pair compares two "
+                                    "answers to the same question"))
+    # One line per (record, kind, detail): the image problems are reported once.
+    unique = {(p.index, p.kind, p.detail): p for p in problems}
+    report.problems = sorted(unique.values(), key=lambda p: (p.index, p.kind))
+    return report
+
+
+class LazyPreferenceDataset(Dataset):
+    """Preference records → ``{"index", "chosen_input_ids", "chosen_labels", "reject_input_ids",
+    "reject_labels", "image"?}``, lazily.
+
+    ``indices`` are the records' positions in the original file (after bad records were skipped):
+    they name records in errors and key the precomputed reference log-probs. Accepts the
+    ``(epoch, index)`` keys of the training samplers (``stllava.train.sampler``) and plain indices.
+    ``image_processor`` None means a text-only model (no ``image`` key).
+    """
+
+    def __init__(self, records: Sequence[dict], tokenizer, image_processor=None, *, image_folder: str | None = None,
+                 version: str = "v1", image_aspect_ratio: str = "pad", indices: Sequence[int] | None = None):
+        self.records = list(records)
+        self.indices = list(indices) if indices is not None else list(range(len(self.records)))
+        if len(self.indices) != len(self.records):
+            raise ValueError(f"{len(self.indices)} indices for {len(self.records)} records")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_folder = image_folder
+        self.version = version
+        self.image_aspect_ratio = image_aspect_ratio
+        self.mismatches = 0  # tokenization mismatches seen by this process (preprocess warns for each)
+        if image_processor is None and any("image" in r for r in self.records):
+            raise ValueError("the data has records with images but no image processor was given "
+                             "(is --vision_tower set / does the model have a vision tower?)")
+        self._blank = blank_image(image_processor) if image_processor is not None else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Accepted for the samplers' protocol; preference samples have no random draws."""
+
+    @property
+    def lengths(self) -> list[int]:
+        """Length estimate per record (for length grouping): words of the longer side + 128 for an image."""
+        return [max(_words(r[CHOSEN]), _words(r[REJECT])) + (IMAGE_LENGTH_ESTIMATE if "image" in r else 0)
+                for r in self.records]
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Word counts of the longer side, negative for text-only records (LLaVA's convention; at least 1)."""
+        return [max(1, _words(r[CHOSEN]), _words(r[REJECT])) * (1 if "image" in r else -1) for r in self.records]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[1] if isinstance(key, tuple) else key
+        rec, orig = self.records[i], self.indices[i]
+        has_image = "image" in rec
+        out = preprocess([rec[CHOSEN], rec[REJECT]], self.tokenizer, has_image=has_image, version=self.version,
+                         record_ids=[f"{rec.get('id', orig)} (chosen)", f"{rec.get('id', orig)} (rejected)"])
+        self.mismatches += out["mismatches"]
+        item = {"index": orig,
+                "chosen_input_ids": out["input_ids"][0], "chosen_labels": out["labels"][0],
+                "reject_input_ids": out["input_ids"][1], "reject_labels": out["labels"][1]}
+        if has_image:
+            pil = load_image(image_path(self.image_folder, rec["image"]), record=record_name(rec, orig))
+            item["image"] = process_images([pil], self.image_processor,
+                                           {"image_aspect_ratio": self.image_aspect_ratio})[0]
+        elif self._blank is not None:
+            item["image"] = self._blank.clone()
+        return item
+
+
+def build_preference_dataset(data_path: str, tokenizer, image_processor, *, image_folder: str | None,
+                             version: str = "v1", image_aspect_ratio: str = "pad", on_bad_sample: str = "stop",
+                             model_max_length: int | None = None, image_tokens: int = 576,
+                             verify_workers: int = 8) -> LazyPreferenceDataset:
+    """Load ``data_path`` (JSON list or JSONL), check it (:func:`verify_preference_records`) and apply
+    ``on_bad_sample``; returns the dataset of the pairs to train on.
+
+    Raises :class:`stllava.data.verify.BadDataError` with the full report when records are bad and
+    ``on_bad_sample`` is ``stop``. Under torch.distributed the check runs on rank 0 only and its
+    report is broadcast, so every rank trains on the same records.
+    """
+    from stllava.data.verify import apply_bad_sample_policy, load_records
+
+    records = load_records(data_path)
+    report = None
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        report = verify_preference_records(records, image_folder, data_path=data_path, version=version,
+                                           tokenizer=tokenizer, model_max_length=model_max_length,
+                                           image_tokens=image_tokens, workers=verify_workers)
+        logger.info("data check: %s", report.summary())
+    if distributed:
+        box = [report]
+        dist.broadcast_object_list(box, src=0)
+        report = box[0]
+    keep = apply_bad_sample_policy(records, report, on_bad_sample)
+    return LazyPreferenceDataset([records[i] for i in keep], tokenizer, image_processor, image_folder=image_folder,
+                                 version=version, image_aspect_ratio=image_aspect_ratio, indices=keep)
+
+
+@dataclass
+class DataCollatorForPreferenceDataset:
+    """Collate preference samples into one batch whose chosen and rejected halves share one width.
+
+    Returns ``chosen_input_ids``, ``reject_input_ids`` ([B, W], padded with ``pad_token_id``, W the
+    longest of both sides), ``chosen_labels``/``reject_labels`` (IGNORE_INDEX padding),
+    ``chosen_attention_mask``/``reject_attention_mask``, ``index`` [B] and, when samples carry
+    images, ``images`` [B, 3, H, W] (one per pair: the trainer uses it for both halves). Each sample
+    is first cut to ``model_max_length`` model positions (an ``<image>`` counting ``image_tokens``).
+    """
+
+    pad_token_id: int
+    model_max_length: int | None = None
+    image_tokens: int = 1
+
+    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+        sides = {}
+        for side in ("chosen", "reject"):
+            ids, labels = [], []
+            for inst in instances:
+                i, lab = truncate_to_fit(inst[f"{side}_input_ids"], inst[f"{side}_labels"], self.model_max_length,
+                                         self.image_tokens)
+                ids.append(i)
+                labels.append(lab)
+            sides[side] = (ids, labels)
+        width = max(len(i) for ids, _ in sides.values() for i in ids)
+        batch: dict[str, torch.Tensor] = {}
+        for side, (ids, labels) in sides.items():
+            # One extra dummy row of the common width makes pad_sequence pad every side to it.
+            dummy = torch.zeros(width, dtype=torch.long)
+            batch[f"{side}_input_ids"] = pad_right([*ids, dummy], self.pad_token_id)[:-1]
+            batch[f"{side}_labels"] = pad_right([*labels, dummy], IGNORE_INDEX)[:-1]
+            batch[f"{side}_attention_mask"] = attention_mask_from_lengths([len(i) for i in ids], width)
+        batch["index"] = torch.tensor([int(inst["index"]) for inst in instances], dtype=torch.long)
+        images = stack_images(instances)
+        if images is not None:
+            batch["images"] = images
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny learnable preference task (tests, benchmarks, smoke runs).
+
+def write_colour_preference_dataset(out_dir: str, n: int = 16, seed: int = 0,
+                                    image_size: tuple[int, int] = (40, 28)) -> tuple[str, str]:
+    """Write ``n`` pairs over the red/blue pictures of :func:`stllava.data.sft.write_colour_dataset`:
+    "What colour is the image?" with the right colour chosen and the other one rejected, so the
+    preference is learnable only by looking at the image. Returns ``(data_path, image_folder)``."""
+    import json
+    import os
+
+    from stllava.data.sft import TOY_COLOURS, write_colour_dataset
+
+    sft_path, folder = write_colour_dataset(out_dir, n=n, seed=seed, image_size=image_size)
+    with open(sft_path) as f:
+        sft = json.load(f)
+    names = sorted(TOY_COLOURS)
+    pairs = []
+    for rec in sft:
+        q, right = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        wrong = next(c for c in names if c != right)
+        pairs.append({"id": rec["id"], "image": rec["image"],
+                      "chosen_conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": right}],
+                      "reject_conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": wrong}]})
+    data_path = os.path.join(out_dir, "toy_dpo.json")
+    with open(data_path, "w") as f:
+        json.dump(pairs, f, indent=1)
+    return data_path, folder

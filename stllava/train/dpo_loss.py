@@ -1,0 +1,124 @@
+"""DPO losses and the log-probabilities they compare: pure tensor functions, no model (SPEC §6).
+
+- :func:`spliced_labels` aligns a batch's labels with the model's output positions (each
+  ``<image>`` token becomes the image's P feature positions, labels there IGNORE_INDEX), exactly as
+  ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` lays the sequence out for training
+  (right padding);
+- :func:`answer_logps` sums the log-probabilities of the answer tokens (labels != IGNORE_INDEX,
+  next-token shifted) per row, and counts them;
+- :func:`dpo_loss` turns policy and reference log-probs into per-pair losses and rewards. The loss
+  type is data (``loss_type``), as in TRL, with TRL's definitions; with ``z = (π_c − π_r) − (ref_c − ref_r)``:
+
+  ``sigmoid``  −log σ(β z)          the DPO paper's loss (the published STLLaVA-Med run, β = 0.1)
+  ``ipo``      (z − 1/(2β))²        IPO (Azar et al.); TRL feeds it log-probs *averaged* over the
+                                    answer tokens, and so does the trainer (``loss_uses_mean_logps``)
+  ``hinge``    relu(1 − β z)         SLiC's hinge loss
+
+  Rewards are β·(π − ref) for each side, detached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def check_loss_settings(beta: float, loss_type: str) -> None:
+    """Raise ValueError for an unknown ``loss_type`` or β <= 0 (naming the flag); returns None."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"--dpo_loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"--dpo_beta must be > 0, got {beta}")
+
+
+def loss_uses_mean_logps(loss_type: str) -> bool:
+    """True when ``loss_type`` compares per-token mean log-probs instead of sums (TRL: IPO)."""
+    return loss_type == "ipo"
+
+
+def spliced_labels(input_ids: torch.Tensor, labels: torch.Tensor, image_positions: int, width: int | None = None
+                   ) -> torch.Tensor:
+    """Labels [B, width] laid out as the model's spliced sequence: each ``IMAGE_TOKEN_INDEX`` of
+    ``input_ids`` [B, T] stands for ``image_positions`` output positions (IGNORE_INDEX), every other
+    token keeps its label, rows are right-padded with IGNORE_INDEX to ``width`` (default: the
+    longest row). Refuses a ``width`` shorter than a row (ValueError)."""
+    is_img = input_ids == IMAGE_TOKEN_INDEX
+    span = torch.where(is_img, image_positions, 1)
+    start = torch.cumsum(span, 1) - span  # first output position of each input token
+    need = int(span.sum(1).max()) if input_ids.numel() else 0
+    width = need if width is None else int(width)
+    if width < need:
+        raise ValueError(f"spliced rows need {need} positions but the output has only {width}")
+    out = torch.full((input_ids.shape[0], width), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    text = ~is_img
+    out[rows[text], start[text]] = labels[text]
+    return out
+
+
+def image_positions_from_shapes(input_ids: torch.Tensor, out_width: int) -> int:
+    """P, the positions one image takes in the model's output, from the input ids [B, T] and the
+    output width (``T + max_images_per_row · (P − 1)`` under right padding). 1 when the batch has
+    no image token. Raises ValueError when the widths are inconsistent with that layout."""
+    n_img = int((input_ids == IMAGE_TOKEN_INDEX).sum(1).max()) if input_ids.numel() else 0
+    extra = out_width - input_ids.shape[1]
+    if n_img == 0:
+        if extra != 0:
+            raise ValueError(f"the model returned {out_width} positions for {input_ids.shape[1]} text tokens")
+        return 1
+    if extra < 0 or extra % n_img:
+        raise ValueError(f"the model returned {out_width} positions for {input_ids.shape[1]} tokens with up to "
+                         f"{n_img} image(s) per row; cannot align the labels")
+    return extra // n_img + 1
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)``, each [B]: the summed log-probability of the answer tokens of each row
+    (float32) and how many there are. Position t's logits predict label t+1; tokens whose label is
+    IGNORE_INDEX (prompt, image, padding) count nothing. Only the answer positions are put through
+    log-softmax (in float32), so memory grows with the answers, not with B × L × vocab.
+    Refuses logits and labels of different [B, L] shapes (ValueError)."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, L]")
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    picked = logits[:, :-1][mask].float()  # [N answer tokens, vocab]
+    tok = target[mask]
+    lp = picked.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    rows = mask.nonzero()[:, 0]
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, lp)
+    return total, mask.sum(1)
+
+
+@dataclass
+class DPOLossOutput:
+    """Per-pair ``losses``, ``chosen_rewards`` and ``rejected_rewards`` (detached), each [B]."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid") -> DPOLossOutput:
+    """The DPO-family loss of each pair (see the module docstring for the formulas).
+
+    Inputs are log-probs [B] (sums, or means for ``ipo``); the reference ones carry no gradient.
+    Refuses an unknown ``loss_type`` and β <= 0 (ValueError).
+    """
+    check_loss_settings(beta, loss_type)
+    ref_chosen, ref_rejected = ref_chosen.detach(), ref_rejected.detach()
+    z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * z)
+    elif loss_type == "ipo":
+        losses = (z - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = torch.relu(1.0 - beta * z)
+    return DPOLossOutput(losses, beta * (policy_chosen - ref_chosen).detach(),
+                         beta * (policy_rejected - ref_rejected).detach())

@@ -1,0 +1,203 @@
+"""Stage-3 DPO end to end on CPU: from a stage-1 LoRA checkpoint, 2-process DeepSpeed ZeRO-3, dpo_finetune.sh;
+the DPO checkpoints load with the builder and chat."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from stllava.data.preference import write_colour_preference_dataset
+from stllava.model.builder import load_pretrained_model
+from stllava.train.train_dpo import START_DIR, run_dpo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bundle, tmp_path_factory):
+    """The colour preference pairs and a stage-1 LoRA-layout checkpoint (LLM LoRA, ViT-LoRA and
+    projector moved off their start) over the tiny bundle."""
+    from checkpoint_factory import save_lora_layout, trained_lora_model
+
+    root = tmp_path_factory.mktemp("dpo_e2e")
+    data, images = write_colour_preference_dataset(str(root / "pairs"), n=16)
+    lora = save_lora_layout(trained_lora_model(tiny_bundle["model"], seed=1), str(root / "stage1"), tiny_bundle["model"])
+    return {**tiny_bundle, "data": data, "images": images, "stage1": lora}
+
+
+def common(s, out, *extra):
+    return ["--data_path", s["data"], "--image_folder", s["images"], "--output_dir", str(out),
+            "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--vit_lora_enable",
+            "--lora_r_vit", "4", "--lora_alpha_vit", "8", "--learning_rate", "1e-2", "--mm_projector_lr", "5e-3",
+            "--vision_tower_lr", "5e-3", "--model_max_length", "512", "--logging_steps", "1", "--report_to", "none",
+            "--seed", "3", "--dataloader_num_workers", "0", "--verify_workers", "1", *extra]
+
+
+def train_logs(out):
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    return [e for e in state["log_history"] if "loss" in e]
+
+
+def pair_margins(model, tok, proc, s):
+    """log p(chosen) − log p(rejected) of every pair under ``model`` (a loaded, merged model)."""
+    from stllava.data.preference import DataCollatorForPreferenceDataset, LazyPreferenceDataset
+    from stllava.data.verify import load_records
+    from stllava.train.dpo_trainer import concatenated_batch, llava_base
+    from stllava.train.dpo_loss import answer_logps, image_positions_from_shapes, spliced_labels
+
+    ds = LazyPreferenceDataset(load_records(s["data"]), tok, proc, image_folder=s["images"])
+    batch = concatenated_batch(DataCollatorForPreferenceDataset(tok.pad_token_id, 512, 64)([ds[i] for i in range(len(ds))]))
+    with torch.no_grad():
+        logits = llava_base(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   images=batch["images"]).logits
+    p = image_positions_from_shapes(batch["input_ids"], logits.shape[1])
+    logps = answer_logps(logits, spliced_labels(batch["input_ids"], batch["labels"], p, logits.shape[1]))[0]
+    return logps[:len(ds)] - logps[len(ds):]
+
+
+def chat(folder, base):
+    from PIL import Image
+
+    from checkpoint_factory import ASSET_IMAGE
+    from stllava.serve.cli import ChatSession
+
+    tok, model, proc, _ = load_pretrained_model(folder, model_base=base, device="cpu")
+    answer = ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0,
+                         max_new_tokens=6).ask("What colour is the image?", None)
+    assert answer.strip(), answer
+    return tok, model, proc
+
+
+def test_dpo_from_a_stage1_lora_checkpoint_learns_and_its_checkpoint_chats(setup, tmp_path):
+    s, out = setup, tmp_path / "dpo"
+    run_dpo(common(s, out, "--model_name_or_path", s["stage1"], "--model_base", s["model"], "--num_train_epochs", "4",
+                   "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "4"))
+    # the merged stage-1 model was written once and is what the builder makes of the stage-1 folder
+    start = out / START_DIR
+    tok, merged, proc, _ = load_pretrained_model(s["stage1"], model_base=s["model"], device="cpu")
+    _, start_model, _, _ = load_pretrained_model(str(start), device="cpu")
+    for a, b in zip(merged.state_dict().values(), start_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    logs = train_logs(str(out))
+    assert len(logs) == 8 and all(k in e for e in logs for k in METRICS)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and logs[0]["rewards/accuracies"] == 0
+    assert logs[-1]["rewards/accuracies"] == 1.0 and logs[-1]["rewards/margins"] > 2.0 > logs[1]["rewards/margins"]
+    assert logs[-1]["loss"] < 0.2 * logs[0]["loss"]
+
+    for d in (out, out / "checkpoint-4"):
+        assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin", "Vit-lora",
+                "config.json", "preprocessor_config.json", "tokenizer_config.json"} <= set(os.listdir(d)), d
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["dpo_start_model"] == str(start.resolve()) and cfg["model_type"] == "llava_llama"
+
+    # loads with the builder (base: the start model), chats, and prefers every chosen answer more than the start did
+    _, dpo, _ = chat(str(out), str(start))
+    gain = pair_margins(dpo, tok, proc, s) - pair_margins(start_model, tok, proc, s)
+    assert (gain > 0).all(), gain
+
+
+ZERO3_DRIVER = textwrap.dedent('''
+    """One rank of a 2-process ZeRO-3 DPO run; rank 0 writes what the fixed-batch probe saw to probe.json."""
+    import json, os, sys
+    import torch
+    from transformers import TrainerCallback
+    from stllava.train.checkpoint import gather_state_dict
+    from stllava.train.dpo_trainer import concatenated_batch, llava_base
+    from stllava.train.train_dpo import build_dpo_trainer, train_and_save
+
+    trainer = build_dpo_trainer(sys.argv[1:])
+    ds = trainer.train_dataset
+    batch = concatenated_batch(trainer.data_collator([ds[i] for i in range(4)]), trainer.pad_token_id)
+
+    class Probe(TrainerCallback):
+        seen = []
+
+        def record(self):
+            model = trainer.model_wrapped
+            with torch.no_grad():
+                ref = trainer.reference_logps(model, trainer._prepare_inputs(batch)).float().cpu().tolist()
+            proj = gather_state_dict(llava_base(model).get_model().mm_projector.named_parameters())
+            self.seen.append({"ref": ref, "projector": float(sum(v.float().abs().sum() for v in proj.values()))})
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.record()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.record()
+
+    trainer.add_callback(Probe())
+    out = train_and_save(trainer)
+    if trainer.args.process_index == 0:
+        json.dump({"seen": Probe.seen, "ref_mode": trainer.ref_mode}, open(os.path.join(out, "probe.json"), "w"))
+''')
+
+
+def _torchrun(driver, argv, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes(setup, tmp_path):
+    """Full-folder start, bf16, ZeRO-3 over 2 CPU processes: the reference of a fixed batch does not
+    move while the (gathered) projector does; reward accuracy and margin rise; the separate
+    reference (its own ZeRO-3 engine) gives the same first step; the checkpoint loads and chats."""
+    s = setup
+    driver = tmp_path / "driver.py"
+    driver.write_text(ZERO3_DRIVER)
+    args = ["--model_name_or_path", s["model"], "--deepspeed", os.path.join(REPO, "scripts", "zero3.json"),
+            "--bf16", "True", "--gradient_checkpointing", "True", "--per_device_train_batch_size", "4"]
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    _torchrun(str(driver), common(s, a_out, *args, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"))
+    probe = json.load(open(a_out / "probe.json"))
+    assert probe["ref_mode"] == "adapter_disabled" and len(probe["seen"]) == 5
+    first = probe["seen"][0]
+    assert all(p["ref"] == first["ref"] for p in probe["seen"])  # identical at every step
+    assert abs(probe["seen"][-1]["projector"] - first["projector"]) > 1e-3 * first["projector"]
+    la = train_logs(str(a_out))
+    assert len(la) == 4 and la[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert la[0]["rewards/accuracies"] == 0 and la[-1]["rewards/accuracies"] == 1.0
+    assert la[-1]["rewards/margins"] > la[1]["rewards/margins"] > 0
+    assert os.path.isdir(a_out / "checkpoint-2" / "global_step2")
+    non_lora = torch.load(a_out / "non_lora_trainables.bin", weights_only=True)
+    assert non_lora and all(v.numel() > 0 and v.dtype == torch.bfloat16 for v in non_lora.values())  # gathered
+    chat(str(a_out), s["model"])
+
+    _torchrun(str(driver), common(s, b_out, *args, "--max_steps", "1", "--save_strategy", "no",
+                                  "--ref_model", "separate"))
+    probe_b = json.load(open(b_out / "probe.json"))
+    lb = train_logs(str(b_out))
+    assert probe_b["ref_mode"] == "separate" and probe_b["seen"][0]["ref"] == pytest.approx(first["ref"], rel=1e-3)
+    assert lb[0]["loss"] == pytest.approx(la[0]["loss"], abs=1e-6)
+    assert lb[0]["ref_logps/chosen"] == pytest.approx(la[0]["ref_logps/chosen"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_dpo_finetune_sh_runs_with_overrides(setup, tmp_path):
+    s, out = setup, tmp_path / "sh"
+    env = {**ENV, "LAUNCHER": "torchrun", "NUM_GPUS": "1", "PYTHON": sys.executable, "MODEL": s["stage1"],
+           "MODEL_BASE": s["model"], "DATA": s["data"], "IMAGES": s["images"], "OUT": str(out), "BATCH": "2",
+           "ACCUM": "2", "MAX_LEN": "512", "SAVE_STEPS": "2", "WORKERS": "0", "REPORT_TO": "none",
+           "PRECOMPUTE": "True", "EXTRA": "--max_steps 3 --lora_r 8 --lora_alpha 16 --lora_r_vit 4"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "dpo_finetune.sh")], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    logs = train_logs(str(out))
+    assert len(logs) == 3 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert {"adapter_model.safetensors", "non_lora_trainables.bin", "Vit-lora", "config.json", "checkpoint-2",
+            START_DIR, "ref_log_probs.json"} <= set(os.listdir(out))
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.learning_rate, args.vision_tower_lr, args.mm_projector_lr, args.dpo_beta, args.lora_dropout_vit,
+            args.ref_model, args.num_train_epochs) == (5e-6, 2e-5, 2e-5, 0.1, 0.1, "adapter_disabled", 1)
+    assert "--tf32 ignored" in proc.stderr
