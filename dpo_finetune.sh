@@ -19,7 +19,7 @@
 #   WORKERS 8    REPORT_TO wandb    ZERO ./scripts/zero3.json
 #   BETA 0.1     LOSS sigmoid (or ipo, hinge)    REF_MODEL adapter_disabled (or separate: the published
 #                full second copy)               PRECOMPUTE False (True: reference log-probs computed once)
-#   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher)
+#   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher; scripts/launch_common.sh)
 #   PYTHON        python         EXTRA  extra flags appended as-is (e.g. "--max_steps 10")
 #
 # Hardware of the paper's run: 4x A100 80GB (10 CPU cores, 64 GB RAM, a 5 h 20 min slot).
@@ -61,16 +61,11 @@ BETA=${BETA:-0.1}
 LOSS=${LOSS:-sigmoid}
 REF_MODEL=${REF_MODEL:-adapter_disabled}
 PRECOMPUTE=${PRECOMPUTE:-False}
-LAUNCHER=${LAUNCHER:-deepspeed}
-PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}
 
-case "$LAUNCHER" in
-    deepspeed) launch=(deepspeed --num_gpus "$NUM_GPUS" stllava/train/train_dpo.py) ;;
-    torchrun)  launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" stllava/train/train_dpo.py) ;;
-    python)    launch=("$PYTHON" -m stllava.train.train_dpo) ;;
-    *) echo "LAUNCHER must be deepspeed, torchrun or python (got '$LAUNCHER')" >&2; exit 2 ;;
-esac
+# shellcheck source=scripts/launch_common.sh
+source ./scripts/launch_common.sh  # LAUNCHER, PYTHON
+select_launcher train_dpo  # sets launch=(...)
 optional=()
 if [ -n "$MODEL_BASE" ]; then optional+=(--model_base "$MODEL_BASE"); fi
 if [ -n "$VISION_TOWER" ]; then optional+=(--vision_tower "$VISION_TOWER"); fi

@@ -12,7 +12,7 @@
 #   OUT           ./checkpoints/medical/sqllava-med-7b-lora
 #   NUM_GPUS 4   EPOCHS 3   BATCH 8 (per device)   ACCUM 4   MAX_LEN 2048   SAVE_STEPS 50000
 #   WORKERS 8    REPORT_TO wandb    ZERO ./scripts/zero3.json    SQ_R 0.5
-#   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher)
+#   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher; scripts/launch_common.sh)
 #   PYTHON        python         EXTRA  extra flags appended as-is (e.g. "--max_steps 10")
 #
 # Hardware of the paper's run: 4x A100 80GB (the job asked for 10 CPU cores, 64 GB RAM and a
@@ -47,16 +47,11 @@ WORKERS=${WORKERS:-8}
 REPORT_TO=${REPORT_TO:-wandb}
 ZERO=${ZERO:-./scripts/zero3.json}
 SQ_R=${SQ_R:-0.5}
-LAUNCHER=${LAUNCHER:-deepspeed}
-PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}
 
-case "$LAUNCHER" in
-    deepspeed) launch=(deepspeed --num_gpus "$NUM_GPUS" stllava/train/train_sft.py) ;;
-    torchrun)  launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" stllava/train/train_sft.py) ;;
-    python)    launch=("$PYTHON" -m stllava.train.train_sft) ;;
-    *) echo "LAUNCHER must be deepspeed, torchrun or python (got '$LAUNCHER')" >&2; exit 2 ;;
-esac
+# shellcheck source=scripts/launch_common.sh
+source ./scripts/launch_common.sh  # LAUNCHER, PYTHON
+select_launcher train_sft  # sets launch=(...)
 projector=()
 if [ -n "$PROJECTOR" ]; then projector=(--pretrain_mm_mlp_adapter "$PROJECTOR"); fi
 

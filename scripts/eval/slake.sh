@@ -5,67 +5,18 @@
 #   CUDA_VISIBLE_DEVICES=0,1,2,3 MODEL_PATH=... bash scripts/eval/slake.sh    # 4 shards
 #
 # Environment (default in brackets):
-#   MODEL_PATH    checkpoint folder to evaluate [playground/checkpoints/stllava-med-7b]
-#   MODEL_BASE    base LLM when MODEL_PATH is a LoRA adapter [unset: not passed]
-#   CKPT          run name used in output paths [basename of MODEL_PATH]
 #   SRC           SLAKE raw test file (Slake1.0/test.json); English questions are kept
 #                 [playground/data/slake/test.json]
 #   IMAGE_FOLDER  SLAKE image root (Slake1.0/imgs) [playground/data/slake/imgs]
-#   EVAL_ROOT     where converted files, answers and results go [playground/eval]
-#   CONV_MODE     conversation template [vicuna_v1]
-#   CUDA_VISIBLE_DEVICES  comma list; one answering process per GPU [0]
-#   PYTHON        interpreter [python]
+#   MODEL_PATH, MODEL_BASE, CKPT, EVAL_ROOT, CONV_MODE, CUDA_VISIBLE_DEVICES, PYTHON: as in
+#                 scripts/eval/run_benchmark.sh (the steps this script runs, shared by all benchmarks)
 # Writes $EVAL_ROOT/slake/{test.json,questions.jsonl,stats.json},
 # $EVAL_ROOT/slake/answers/$CKPT/merge.jsonl and $EVAL_ROOT/results/$CKPT/slake/metrics.*;
 # compare runs with: python -m stllava.eval.report --run NAME=$EVAL_ROOT/results/$CKPT --out DIR
 set -euo pipefail
 
 BENCH=slake
-MODEL_PATH=${MODEL_PATH:-playground/checkpoints/stllava-med-7b}
-MODEL_BASE=${MODEL_BASE:-}
-CKPT=${CKPT:-$(basename "$MODEL_PATH")}
 SRC=${SRC:-playground/data/slake/test.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-playground/data/slake/imgs}
-EVAL_ROOT=${EVAL_ROOT:-playground/eval}
-CONV_MODE=${CONV_MODE:-vicuna_v1}
-PYTHON=${PYTHON:-python}
-
-DATA_DIR=$EVAL_ROOT/$BENCH
-ANSWER_DIR=$DATA_DIR/answers/$CKPT
-RESULT_DIR=$EVAL_ROOT/results/$CKPT/$BENCH
-
-# 1. raw benchmark → test.json (ground truth) + questions.jsonl; checks every image exists.
-"$PYTHON" -m stllava.eval.convert "$BENCH" --src "$SRC" --out "$DATA_DIR" \
-    --image-folder "$IMAGE_FOLDER"
-
-# 2. answer: one process per GPU, each on its chunk of the questions, greedy decoding.
-IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"
-CHUNKS=${#GPULIST[@]}
-mkdir -p "$ANSWER_DIR"
-pids=()
-for IDX in $(seq 0 $((CHUNKS - 1))); do
-    CUDA_VISIBLE_DEVICES=${GPULIST[$IDX]} "$PYTHON" -m stllava.eval.model_vqa \
-        --model-path "$MODEL_PATH" ${MODEL_BASE:+--model-base "$MODEL_BASE"} \
-        --question-file "$DATA_DIR/questions.jsonl" \
-        --image-folder "$IMAGE_FOLDER" \
-        --answers-file "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" \
-        --num-chunks "$CHUNKS" --chunk-idx "$IDX" \
-        --temperature 0 --conv-mode "$CONV_MODE" &
-    pids+=($!)
-done
-for i in "${!pids[@]}"; do
-    if ! wait "${pids[$i]}"; then
-        echo "error: answering shard $i of $CHUNKS failed; stopping the others" >&2
-        for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-        exit 1
-    fi
-done
-MERGED=$ANSWER_DIR/merge.jsonl
-: > "$MERGED"
-for IDX in $(seq 0 $((CHUNKS - 1))); do
-    cat "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" >> "$MERGED"
-done
-
-# 3. score with the LLaVA-Med metrics (refuses missing or unknown question ids).
-"$PYTHON" -m stllava.eval.metrics --gt "$DATA_DIR/test.json" --pred "$MERGED" \
-    --out "$RESULT_DIR"
+# shellcheck source=scripts/eval/run_benchmark.sh
+source "$(dirname "${BASH_SOURCE[0]}")/run_benchmark.sh"

@@ -21,22 +21,17 @@ reference log-probabilities.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from stllava.constants import IGNORE_INDEX
 from stllava.data.collate import attention_mask_from_lengths, pad_right, stack_images, truncate_to_fit
-from stllava.data.images import IMAGE_PROBLEMS, blank_image, image_path, load_image
+from stllava.data.images import IMAGE_PROBLEMS
+from stllava.data.lazy import LazyLlavaDataset, load_checked_records
 from stllava.data.preprocess import preprocess
-from stllava.data.sft import IMAGE_LENGTH_ESTIMATE
-from stllava.data.verify import BAD_RECORD, Problem, VerifyReport, record_name, verify_records
-from stllava.mm_utils import process_images
-
-logger = logging.getLogger(__name__)
+from stllava.data.verify import BAD_RECORD, Problem, VerifyReport, verify_records
 
 CHOSEN, REJECT = "chosen_conversations", "reject_conversations"
 SIDES = (("chosen", CHOSEN), ("rejected", REJECT))
@@ -100,7 +95,7 @@ def verify_preference_records(records: Sequence[Any], image_folder: str | None, 
     return report
 
 
-class LazyPreferenceDataset(Dataset):
+class LazyPreferenceDataset(LazyLlavaDataset):
     """Preference records → ``{"index", "chosen_input_ids", "chosen_labels", "reject_input_ids",
     "reject_labels", "image"?}``, lazily.
 
@@ -112,37 +107,12 @@ class LazyPreferenceDataset(Dataset):
 
     def __init__(self, records: Sequence[dict], tokenizer, image_processor=None, *, image_folder: str | None = None,
                  version: str = "v1", image_aspect_ratio: str = "pad", indices: Sequence[int] | None = None):
-        self.records = list(records)
-        self.indices = list(indices) if indices is not None else list(range(len(self.records)))
-        if len(self.indices) != len(self.records):
-            raise ValueError(f"{len(self.indices)} indices for {len(self.records)} records")
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_folder = image_folder
-        self.version = version
-        self.image_aspect_ratio = image_aspect_ratio
-        self.mismatches = 0  # tokenization mismatches seen by this process (preprocess warns for each)
-        if image_processor is None and any("image" in r for r in self.records):
-            raise ValueError("the data has records with images but no image processor was given "
-                             "(is --vision_tower set / does the model have a vision tower?)")
-        self._blank = blank_image(image_processor) if image_processor is not None else None
+        super().__init__(records, tokenizer, image_processor, image_folder=image_folder, version=version,
+                         image_aspect_ratio=image_aspect_ratio, indices=indices)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Accepted for the samplers' protocol; preference samples have no random draws."""
-
-    @property
-    def lengths(self) -> list[int]:
-        """Length estimate per record (for length grouping): words of the longer side + 128 for an image."""
-        return [max(_words(r[CHOSEN]), _words(r[REJECT])) + (IMAGE_LENGTH_ESTIMATE if "image" in r else 0)
-                for r in self.records]
-
-    @property
-    def modality_lengths(self) -> list[int]:
-        """Word counts of the longer side, negative for text-only records (LLaVA's convention; at least 1)."""
-        return [max(1, _words(r[CHOSEN]), _words(r[REJECT])) * (1 if "image" in r else -1) for r in self.records]
+    def words(self, record: dict) -> int:
+        """Words of the longer side (the base of ``lengths`` and ``modality_lengths``)."""
+        return max(_words(record[CHOSEN]), _words(record[REJECT]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i = key[1] if isinstance(key, tuple) else key
@@ -154,12 +124,9 @@ class LazyPreferenceDataset(Dataset):
         item = {"index": orig,
                 "chosen_input_ids": out["input_ids"][0], "chosen_labels": out["labels"][0],
                 "reject_input_ids": out["input_ids"][1], "reject_labels": out["labels"][1]}
-        if has_image:
-            pil = load_image(image_path(self.image_folder, rec["image"]), record=record_name(rec, orig))
-            item["image"] = process_images([pil], self.image_processor,
-                                           {"image_aspect_ratio": self.image_aspect_ratio})[0]
-        elif self._blank is not None:
-            item["image"] = self._blank.clone()
+        image = self.record_image(rec, orig)
+        if image is not None:
+            item["image"] = image
         return item
 
 
@@ -174,22 +141,11 @@ def build_preference_dataset(data_path: str, tokenizer, image_processor, *, imag
     ``on_bad_sample`` is ``stop``. Under torch.distributed the check runs on rank 0 only and its
     report is broadcast, so every rank trains on the same records.
     """
-    from stllava.data.verify import apply_bad_sample_policy, load_records
-
-    records = load_records(data_path)
-    report = None
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed or dist.get_rank() == 0:
-        report = verify_preference_records(records, image_folder, data_path=data_path, version=version,
-                                           tokenizer=tokenizer, model_max_length=model_max_length,
-                                           image_tokens=image_tokens, workers=verify_workers)
-        logger.info("data check: %s", report.summary())
-    if distributed:
-        box = [report]
-        dist.broadcast_object_list(box, src=0)
-        report = box[0]
-    keep = apply_bad_sample_policy(records, report, on_bad_sample)
+    records, keep = load_checked_records(
+        data_path, lambda recs: verify_preference_records(recs, image_folder, data_path=data_path, version=version,
+                                                          tokenizer=tokenizer, model_max_length=model_max_length,
+                                                          image_tokens=image_tokens, workers=verify_workers),
+        on_bad_sample)
     return LazyPreferenceDataset([records[i] for i in keep], tokenizer, image_processor, image_folder=image_folder,
                                  version=version, image_aspect_ratio=image_aspect_ratio, indices=keep)
 

@@ -16,24 +16,13 @@ or any other sampler) uses the dataset's own ``epoch``, set by :meth:`set_epoch`
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
-import torch
-from torch.utils.data import Dataset
-
-from stllava.data.images import blank_image, image_path, load_image
+from stllava.data.lazy import LazyLlavaDataset, load_checked_records
 from stllava.data.preprocess import make_sq_rng, preprocess
-from stllava.data.verify import record_name
-from stllava.mm_utils import process_images
-
-logger = logging.getLogger(__name__)
-
-# LLaVA's length estimate for grouping: words of the conversation, plus 128 for an image.
-IMAGE_LENGTH_ESTIMATE = 128
 
 
-class LazySupervisedDataset(Dataset):
+class LazySupervisedDataset(LazyLlavaDataset):
     """Records → ``{"input_ids", "labels", "image"?}``, lazily.
 
     ``indices`` are the records' positions in the original file (after bad records were skipped);
@@ -44,63 +33,26 @@ class LazySupervisedDataset(Dataset):
     def __init__(self, records: Sequence[dict], tokenizer, image_processor=None, *, image_folder: str | None = None,
                  version: str = "v1_sq", sq_r: float = 0.0, seed: int = 42, image_aspect_ratio: str = "pad",
                  indices: Sequence[int] | None = None):
-        self.records = list(records)
-        self.indices = list(indices) if indices is not None else list(range(len(self.records)))
-        if len(self.indices) != len(self.records):
-            raise ValueError(f"{len(self.indices)} indices for {len(self.records)} records")
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_folder = image_folder
-        self.version = version
+        super().__init__(records, tokenizer, image_processor, image_folder=image_folder, version=version,
+                         image_aspect_ratio=image_aspect_ratio, indices=indices)
         self.sq_r = sq_r
         self.seed = seed
-        self.image_aspect_ratio = image_aspect_ratio
-        self.epoch = 0
-        self.mismatches = 0  # tokenization mismatches seen by this process (preprocess warns for each)
-        if image_processor is None and any("image" in r for r in self.records):
-            raise ValueError("the data has records with images but no image processor was given "
-                             "(is --vision_tower set / does the model have a vision tower?)")
-        self._blank = blank_image(image_processor) if image_processor is not None else None
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch used for integer indices (the training samplers pass it with each index instead)."""
-        self.epoch = int(epoch)
-
-    @property
-    def lengths(self) -> list[int]:
-        """LLaVA's length estimate per record: words + 128 for an image."""
-        return [sum(len(t["value"].split()) for t in r["conversations"])
-                + (IMAGE_LENGTH_ESTIMATE if "image" in r else 0) for r in self.records]
-
-    @property
-    def modality_lengths(self) -> list[int]:
-        """Word counts, negative for text-only records (LLaVA's ``modality_lengths``). A record with
-        no words at all counts 1 so its sign still says its modality."""
-        out = []
-        for r in self.records:
-            n = max(1, sum(len(t["value"].split()) for t in r["conversations"]))
-            out.append(n if "image" in r else -n)
-        return out
+    def words(self, record: dict) -> int:
+        """Words of the conversation."""
+        return sum(len(t["value"].split()) for t in record["conversations"])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         rec, orig = self.records[i], self.indices[i]
-        name = record_name(rec, orig)
-        has_image = "image" in rec
         rng = make_sq_rng(self.seed, epoch, orig)
-        out = preprocess([rec["conversations"]], self.tokenizer, has_image=has_image, version=self.version,
+        out = preprocess([rec["conversations"]], self.tokenizer, has_image="image" in rec, version=self.version,
                          sq_r=self.sq_r, rng=rng, record_ids=[rec.get("id", orig)])
         self.mismatches += out["mismatches"]
         item = {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
-        if has_image:
-            pil = load_image(image_path(self.image_folder, rec["image"]), record=name)
-            item["image"] = process_images([pil], self.image_processor,
-                                           {"image_aspect_ratio": self.image_aspect_ratio})[0]
-        elif self._blank is not None:
-            item["image"] = self._blank.clone()
+        image = self.record_image(rec, orig)
+        if image is not None:
+            item["image"] = image
         return item
 
 
@@ -115,22 +67,13 @@ def build_sft_dataset(data_path: str, tokenizer, image_processor, *, image_folde
     and ``on_bad_sample`` is ``stop``. Under torch.distributed the check runs on rank 0 only and
     its report is broadcast, so every rank trains on the same records.
     """
-    from stllava.data.verify import apply_bad_sample_policy, load_records, verify_records
+    from stllava.data.verify import verify_records
 
-    records = load_records(data_path)
-    report = None
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed or dist.get_rank() == 0:
-        report = verify_records(records, image_folder, data_path=data_path, version=version, tokenizer=tokenizer,
-                                model_max_length=model_max_length, image_tokens=image_tokens,
-                                workers=verify_workers)
-        logger.info("data check: %s", report.summary())
-    if distributed:
-        box = [report]
-        dist.broadcast_object_list(box, src=0)
-        report = box[0]
-    keep = apply_bad_sample_policy(records, report, on_bad_sample)
+    records, keep = load_checked_records(
+        data_path, lambda recs: verify_records(recs, image_folder, data_path=data_path, version=version,
+                                               tokenizer=tokenizer, model_max_length=model_max_length,
+                                               image_tokens=image_tokens, workers=verify_workers),
+        on_bad_sample)
     return LazySupervisedDataset([records[i] for i in keep], tokenizer, image_processor, image_folder=image_folder,
                                  version=version, sq_r=sq_r, seed=seed, image_aspect_ratio=image_aspect_ratio,
                                  indices=keep)

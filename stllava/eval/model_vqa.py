@@ -39,8 +39,9 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from stllava.generation import (GenerationSettings, ImageError, batched, derive_seed, generate_prepared,
-                                image_prompt_text, load_rgb, prefetch, prepare_batch, render_prompt)
+from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed,
+                                generate_prepared, image_prompt_text, load_rgb, prefetch, prepare_batch,
+                                render_prompt)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 
 logger = logging.getLogger("stllava.eval.model_vqa")
@@ -231,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Both spellings: LLaVA's scripts mix "--model-path" and "--model_path".
-    p.add_argument("--model-path", "--model_path", dest="model_path", required=True, help="checkpoint folder")
-    p.add_argument("--model-base", "--model_base", dest="model_base", default=None,
-                   help="base LLM when --model-path is a LoRA adapter")
+    add_model_args(p, model_help="checkpoint folder", underscore_aliases=True)
     p.add_argument("--question-file", "--question_file", dest="question_file", required=True,
                    help="questions JSONL {question_id, image, text} (stllava.eval.convert)")
     p.add_argument("--image-folder", "--image_folder", dest="image_folder", default="", help="folder of the images")
@@ -255,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-idx", "--chunk_idx", dest="chunk_idx", type=int, default=0, help="this shard (0-based)")
     p.add_argument("--skip-missing-images", action="store_true",
                    help="skip and count questions whose image is missing or unreadable instead of failing")
-    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu when absent), cpu, cuda:1, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from stllava.generation import (GenerationSettings, ImageError, batched, derive_seed, generate,
+from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed, generate,
                                 image_prompt_text, load_rgb, prefetch, render_prompt)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 from stllava.selftrain.questions import SelfTrainError, load_model, model_name, read_done
@@ -181,8 +181,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="stage-1 checkpoint folder")
-    p.add_argument("--model-base", default=None, help="base LLM when --model-path is a LoRA adapter")
+    add_model_args(p, model_help="stage-1 checkpoint folder")
     p.add_argument("--questions", required=True, help="questions JSONL from stllava.selftrain.questions")
     p.add_argument("--image-folder", required=True, help="the folder the questions' image paths are relative to")
     p.add_argument("--out", required=True, help="answers JSONL (appended to: resumable); the judge's input")
@@ -197,8 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generate call (2 per question)")
     p.add_argument("--skip-missing-images", action="store_true",
                    help="skip and count questions whose image is missing or unreadable instead of failing")
-    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu when absent), cpu, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -42,8 +42,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
-from stllava.generation import (GenerationSettings, ImageError, batched, derive_seed, generate, load_rgb,
-                                prefetch, render_prompt)
+from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed, generate,
+                                load_rgb, prefetch, render_prompt)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 
 logger = logging.getLogger("stllava.selftrain.questions")
@@ -241,8 +241,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="stage-1 checkpoint folder")
-    p.add_argument("--model-base", default=None, help="base LLM when --model-path is a LoRA adapter")
+    add_model_args(p, model_help="stage-1 checkpoint folder")
     p.add_argument("--image-folder", required=True, help="folder of unlabelled images (searched recursively)")
     p.add_argument("--out", required=True, help="questions JSONL (appended to: resumable)")
     p.add_argument("--offset", type=int, default=0, help="skip this many images of the sorted list")
@@ -261,8 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", action="store_true", help="drop repeats of an identical question (counted)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generate call (images per block)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
-    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu when absent), cpu, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

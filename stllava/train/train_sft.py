@@ -18,13 +18,13 @@ Takes the flags of the published ``sqllava_med.sh`` (``stllava.train.arguments``
 4. trains with :class:`~stllava.train.trainer.LLaVATrainer` and saves the checkpoint layout of
    ``stllava.train.checkpoint`` in every ``checkpoint-N/`` and in ``--output_dir``.
 
-On a machine without CUDA, ``--use_cpu`` is added and DeepSpeed uses the gloo backend.
+On a machine without CUDA, ``--use_cpu`` is added and DeepSpeed uses the gloo backend
+(``stllava.train.launch``, the start-up shared with ``train_dpo``).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import re
 import sys
 import warnings
@@ -36,39 +36,6 @@ logger = logging.getLogger("stllava.train.train_sft")
 
 # LoRA targets of the LLM, by module path (vision tower and projector live elsewhere; lm_head excluded).
 LLM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn|mlp)\.[A-Za-z0-9_]+_proj"
-
-
-def _prepare_argv(argv: list[str]) -> list[str]:
-    """Add ``--use_cpu True`` when CUDA is unavailable (the published scripts assume GPUs)."""
-    argv = list(argv)
-    if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
-        argv += ["--use_cpu", "True"]
-    return argv
-
-
-def _single_process_env(argv: list[str]) -> None:
-    """``--deepspeed`` without a launcher: describe a world of one process (else DeepSpeed looks
-    for MPI). Leaves the environment alone when a launcher set it."""
-    if not any(a.split("=")[0] == "--deepspeed" for a in argv) or "RANK" in os.environ or "LOCAL_RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _setup_logging(training_args) -> None:
-    """INFO logs from stllava and the Trainer's run summary on the main process, warnings elsewhere.
-    A root handler is added only when the caller has none (an in-process caller keeps its own)."""
-    level = logging.INFO if training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("stllava").setLevel(level)
-    # transformers at INFO prints every config it loads; keep its Trainer's run summary only.
-    transformers.utils.logging.set_verbosity_warning()
-    logging.getLogger("transformers.trainer").setLevel(level)
 
 
 def attn_implementation(requested: str | None) -> str:
@@ -245,22 +212,12 @@ def run_sft(argv: list[str]) -> str:
     """
     from stllava.data.collate import DataCollatorForSupervisedDataset
     from stllava.data.sft import build_sft_dataset
-    from stllava.train.arguments import check_supported, parse_args
+    from stllava.train.arguments import parse_args
     from stllava.train.checkpoint import format_trainable_summary, trainable_summary
+    from stllava.train.launch import prepare_run, resume_from_checkpoint
     from stllava.train.trainer import LLaVATrainer
 
-    argv = _prepare_argv(argv)
-    _single_process_env(argv)
-    model_args, data_args, training_args = parse_args(argv)
-    # DeepSpeed 0.19 calls torch.distributed functions torch 2.13 deprecates, at every step.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    _setup_logging(training_args)
-    check_supported(model_args, data_args, training_args)
-    if training_args.deepspeed and not torch.cuda.is_available():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")  # before from_pretrained (see ENVIRONMENT.md)
-    transformers.set_seed(training_args.seed)
+    model_args, data_args, training_args = prepare_run(argv, parse_args)
 
     dtype = compute_dtype(training_args)
     model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args)
@@ -280,10 +237,7 @@ def run_sft(argv: list[str]) -> str:
     trainer = LLaVATrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                            processing_class=tokenizer, image_processor=image_processor)
 
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint(training_args))
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if dataset.mismatches:
