@@ -81,6 +81,9 @@ class DPOTrainingArguments(TrainingArguments):
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute the reference log-probs of the whole training set once before training and cache them "
                 "(--ref_log_probs_path); no reference model is kept while training."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "Held-out preference pairs (same format as --data_path): scored with eval_rewards/* and "
+                "eval_logps/* at every evaluation and once after training (written to eval_results.json)."})
     ref_log_probs_path: str | None = field(default=None, metadata={
         "help": f"Cache file of precomputed reference log-probs (default <output_dir>/{REF_CACHE_NAME}); reused "
                 "when its fingerprint (data, start model, preprocessing) matches."})

@@ -31,23 +31,15 @@ import json
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 
-from stllava.train.arguments import DataArguments, ModelArguments, check_supported
+from stllava.train.arguments import DataArguments, ModelArguments
 from stllava.train.dpo_trainer import REF_CACHE_NAME, DPOTrainingArguments, read_ref_cache
-from stllava.train.train_sft import (
-    _prepare_argv,
-    _setup_logging,
-    _single_process_env,
-    cast_unpartitioned,
-    compute_dtype,
-    load_model_for_training,
-    make_trainable,
-)
+from stllava.train.launch import prepare_run, resume_from_checkpoint
+from stllava.train.train_sft import cast_unpartitioned, compute_dtype, load_model_for_training, make_trainable
 
 logger = logging.getLogger("stllava.train.train_dpo")
 
@@ -151,6 +143,14 @@ def resolve_ref_mode(training_args) -> str:
     return training_args.ref_model or ("adapter_disabled" if training_args.lora_enable else "separate")
 
 
+def _set_ref_mode(model_args, data_args, training_args) -> None:
+    """Write :func:`resolve_ref_mode` into ``--ref_model``; refuses (ValueError) adapter_disabled
+    without ``--lora_enable``."""
+    training_args.ref_model = resolve_ref_mode(training_args)
+    if training_args.ref_model == "adapter_disabled" and not training_args.lora_enable:
+        raise ValueError("--ref_model adapter_disabled needs --lora_enable True; use --ref_model separate")
+
+
 def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     """Everything of a DPO run before training, from command-line flags ``argv``: returns the
     :class:`~stllava.train.dpo_trainer.LlavaDPOTrainer` (model, reference, data and collator in
@@ -163,21 +163,8 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     from stllava.train.checkpoint import format_trainable_summary, trainable_summary
     from stllava.train.dpo_trainer import LlavaDPOTrainer
 
-    argv = _prepare_argv(argv)
-    _single_process_env(argv)
-    model_args, data_args, training_args = parse_dpo_args(argv)
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    _setup_logging(training_args)
-    check_supported(model_args, data_args, training_args)
-    ref_mode = resolve_ref_mode(training_args)
-    training_args.ref_model = ref_mode
-    if ref_mode == "adapter_disabled" and not training_args.lora_enable:
-        raise ValueError("--ref_model adapter_disabled needs --lora_enable True; use --ref_model separate")
-    if training_args.deepspeed and not torch.cuda.is_available():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")  # before from_pretrained (see ENVIRONMENT.md)
-    transformers.set_seed(training_args.seed)
+    model_args, data_args, training_args = prepare_run(argv, parse_dpo_args, check=_set_ref_mode)
+    ref_mode = training_args.ref_model
 
     dtype = compute_dtype(training_args)
     source = {"start_model": model_args.model_name_or_path, "model_base": model_args.model_base}
@@ -187,11 +174,19 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     fingerprint = ref_cache_fingerprint(model_args, data_args, training_args, dtype, source)
 
     model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args)
-    dataset = build_preference_dataset(
-        data_args.data_path, tokenizer, image_processor, image_folder=data_args.image_folder,
-        version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
-        on_bad_sample=data_args.on_bad_sample, model_max_length=training_args.model_max_length,
-        image_tokens=image_tokens, verify_workers=data_args.verify_workers)
+    def pairs(path: str):
+        return build_preference_dataset(
+            path, tokenizer, image_processor, image_folder=data_args.image_folder,
+            version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
+            on_bad_sample=data_args.on_bad_sample, model_max_length=training_args.model_max_length,
+            image_tokens=image_tokens, verify_workers=data_args.verify_workers)
+
+    dataset = pairs(data_args.data_path)
+    eval_dataset = None
+    if training_args.eval_data_path:
+        if training_args.precompute_ref_log_probs:
+            raise ValueError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")
+        eval_dataset = pairs(training_args.eval_data_path)
 
     ref_model = None
     cache_path = training_args.ref_log_probs_path or os.path.join(training_args.output_dir, REF_CACHE_NAME)
@@ -208,6 +203,7 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
 
     collator = DataCollatorForPreferenceDataset(tokenizer.pad_token_id, training_args.model_max_length, image_tokens)
     trainer = LlavaDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset,
+                              eval_dataset=eval_dataset,
                               data_collator=collator, processing_class=tokenizer, image_processor=image_processor,
                               ref_log_probs_fingerprint=fingerprint, start_model=start_model, callbacks=callbacks)
     return trainer
@@ -217,12 +213,14 @@ def train_and_save(trainer) -> str:
     """Train a :func:`build_dpo_trainer` trainer (resuming when ``--resume_from_checkpoint`` says so),
     save its state and the final checkpoint; returns the output folder."""
     training_args = trainer.args
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint(training_args))
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.save_metrics("eval", metrics)
+        logger.info("held-out pairs: reward accuracy %.3f, margin %.3f", metrics.get("eval_rewards/accuracies", float("nan")),
+                    metrics.get("eval_rewards/margins", float("nan")))
     if trainer.train_dataset.mismatches:
         logger.warning("%d samples had tokenization mismatches (labels ignored) in this process",
                        trainer.train_dataset.mismatches)
