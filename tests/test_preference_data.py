@@ -132,6 +132,18 @@ def test_bad_pairs_are_reported_then_stopped_or_skipped(tok_proc, tmp_path):
     assert "image" not in ds[1] or torch.equal(ds[1]["image"], torch.zeros(3, 112, 112))
 
 
+def test_no_usable_pairs_is_a_clear_error(tok_proc, tmp_path):
+    tok, proc = tok_proc
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match=r"empty\.json: no usable records \(0 in the file.*build_pairs stats"):
+        build_preference_dataset(str(empty), tok, proc, image_folder=str(tmp_path))
+    all_bad = tmp_path / "bad.json"
+    all_bad.write_text(json.dumps([_pair(image="missing.png", rid="m")]))
+    with pytest.raises(ValueError, match=r"no usable records \(1 in the file, 1 skipped as bad\)"):
+        build_preference_dataset(str(all_bad), tok, proc, image_folder=str(tmp_path), on_bad_sample="skip")
+
+
 def test_too_long_pairs_are_found_with_the_tokenizer(tok_proc, tmp_path):
     tok, proc = tok_proc
     data, folder = write_colour_preference_dataset(str(tmp_path), n=2)

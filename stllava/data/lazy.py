@@ -91,7 +91,7 @@ def load_checked_records(data_path: str, check: Callable[[list], VerifyReport],
     ``on_bad_sample``; returns ``(records, keep)``, ``keep`` the indices of the records to train on.
 
     Raises :class:`stllava.data.verify.BadDataError` with the full report when records are bad
-    and ``on_bad_sample`` is ``stop``. Under torch.distributed the check runs on rank 0 only and
+    and ``on_bad_sample`` is ``stop``; ValueError when nothing is left to train on. Under torch.distributed the check runs on rank 0 only and
     its report is broadcast, so every rank trains on the same records.
     """
     records = load_records(data_path)
@@ -105,4 +105,9 @@ def load_checked_records(data_path: str, check: Callable[[list], VerifyReport],
         box = [report]
         dist.broadcast_object_list(box, src=0)
         report = box[0]
-    return records, apply_bad_sample_policy(records, report, on_bad_sample)
+    keep = apply_bad_sample_policy(records, report, on_bad_sample)
+    if not keep:
+        raise ValueError(f"{data_path}: no usable records ({len(records)} in the file, {len(records) - len(keep)} "
+                         "skipped as bad); nothing to train on. For DPO data, check the judge summary and "
+                         "build_pairs stats (ties / identical answers / min-margin) that produced it.")
+    return records, keep

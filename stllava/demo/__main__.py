@@ -1,73 +1,47 @@
-"""``python -m stllava.demo`` (what ``make demo`` runs).
+"""``python -m stllava.demo`` — what ``make demo`` runs.
 
-Builds the tiny random-init bundle (reused when already built) and asks it one question about one
-embedded VQA-RAD image, printing the prompt and the answer. A random-init model answers nonsense:
-the point is that every real code path (tokenizer, image preprocessing, splice, generation) runs.
+The whole STLLaVA-Med self-training loop on one CPU machine, on embedded data: a tiny random-init
+model → stage-1 self-questioning SFT → self-asked questions → answer pairs → phantom judge (through
+the real OpenAI client) → preference pairs → DPO → evaluation of start / SFT / DPO on the phantom
+test set and the embedded VQA-RAD subset → ``<workdir>/report/``. A rerun reuses finished stages
+(``--redo STAGE`` forgets that stage and everything after it).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import time
-from importlib import resources
 
 import torch
-from PIL import Image
 
-from stllava.conversation import get_conv_template
-from stllava.mm_utils import process_images, tokenizer_image_token
-from stllava.model.builder import load_pretrained_model
-from stllava.model.tiny import build_tiny_bundle
+from stllava.demo.pipeline import STAGES, DemoConfig, Pipeline
 
-logger = logging.getLogger("stllava.demo")
-
-
-def assets_dir() -> str:
-    return str(resources.files("stllava") / "assets" / "vqa_rad")
-
-
-def ensure_bundle(out: str) -> dict[str, str]:
-    """Build the tiny bundle under ``out`` unless a finished one is there."""
-    marker = os.path.join(out, ".complete")
-    paths = {"model": out, "llm": os.path.join(out, "llm"), "vision_tower": os.path.join(out, "vision_tower")}
-    if os.path.exists(marker):
-        logger.info("reusing tiny bundle at %s", out)
-        return paths
-    paths = build_tiny_bundle(out)
-    open(marker, "w").close()
-    return paths
-
-
-def ask(model_path: str, image_path: str, question: str, max_new_tokens: int = 24) -> tuple[str, str]:
-    """Return (prompt, answer) for one greedy answer of ``model_path`` about ``image_path``."""
-    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu")
-    conv = get_conv_template("v1")
-    conv.append_message(conv.roles[0], "<image>\n" + question)
-    conv.append_message(conv.roles[1], None)
-    prompt = conv.get_prompt()
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
-    pixels = process_images([Image.open(image_path).convert("RGB")], processor, model.config)
-    out = model.generate(ids, images=pixels, max_new_tokens=max_new_tokens, do_sample=False)
-    return prompt, tokenizer.decode(out[0], skip_special_tokens=True).strip()
+QUICK = dict(n_train=240, n_unlabelled=16, n_test=8, sft_steps=150, sft_batch=8, n_questions=4, dpo_epochs=1,
+             dpo_batch=4, eval_max_new_tokens=4)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workdir", default="playground/demo", help="where the demo writes its outputs")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="playground/demo", help="where every stage writes (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a shortened loop (minutes) for CI and smoke tests")
+    ap.add_argument("--sft-procs", type=int, default=None, help="2 = stage 1 on 2-process DeepSpeed ZeRO-3 (gloo)")
+    ap.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cfg = DemoConfig(workdir=args.workdir, seed=args.seed, **(QUICK if args.quick else {}))
+    if args.sft_procs:
+        cfg = dataclasses.replace(cfg, sft_procs=args.sft_procs)
     t0 = time.time()
-    bundle = ensure_bundle(os.path.join(args.workdir, "tiny"))
-    qa = json.load(open(os.path.join(assets_dir(), "vqa_rad_subset.json")))[0]
-    image = os.path.join(assets_dir(), "images", qa["image_name"])
-    prompt, answer = ask(bundle["model"], image, qa["question"])
-    print(f"image:    {image}")
-    print(f"prompt:   {prompt!r}")
-    print(f"answer:   {answer!r}  (random-init tiny model; reference answer: {qa['answer']!r})")
-    print(f"demo finished in {time.time() - t0:.1f} s")
+    pipe = Pipeline(cfg)
+    if args.redo:
+        pipe.forget(args.redo)
+    pipe.run_all([s for s in args.stages.split(",") if s])
+    print(f"\ndemo finished in {time.time() - t0:.1f} s; report: {cfg.path('report', 'README.md')}")
 
 
 if __name__ == "__main__":
