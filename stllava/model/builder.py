@@ -27,6 +27,7 @@ from transformers import CLIPImageProcessor, LlamaTokenizer
 from transformers.utils import logging as hf_logging
 
 from stllava.model import checkpoint_layouts as cl
+from stllava.model.vision_tower import clip_processor_class
 from stllava.model.llava_llama import LlavaLlamaForCausalLM, load_llava_config
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def load_image_processor(model_path: str, config, *extra_sources: str | None) ->
     folder), else the one of ``config.mm_vision_tower`` (a folder or hub id)."""
     for src in (model_path, *extra_sources, getattr(config, "mm_vision_tower", None)):
         if src and os.path.isfile(os.path.join(src, "preprocessor_config.json")):
-            return CLIPImageProcessor.from_pretrained(src)
-    return CLIPImageProcessor.from_pretrained(config.mm_vision_tower)
+            return clip_processor_class().from_pretrained(src)
+    return clip_processor_class().from_pretrained(config.mm_vision_tower)
 
 
 def quantization_config(load_8bit: bool, load_4bit: bool, device: str):

@@ -19,6 +19,7 @@ import shutil
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from stllava.model.vision_tower import clip_processor_class
 from stllava.model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM
 
 
@@ -35,7 +36,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": image_size},
+    return clip_processor_class()(size={"shortest_edge": image_size},
                               crop_size={"height": image_size, "width": image_size},
                               image_mean=CLIP_MEAN, image_std=CLIP_STD)
 

@@ -129,5 +129,17 @@ def build_vision_tower(config) -> CLIPVisionTower:
     )
 
 
+def clip_processor_class() -> type:
+    """``CLIPImageProcessor`` when torchvision is installed, else the PIL processor that
+    transformers 5 would fall back to anyway (same preprocessing; no fallback warning per load)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    return CLIPImageProcessor
+
+
 def load_image_processor(path: str) -> CLIPImageProcessor:
-    return CLIPImageProcessor.from_pretrained(path)
+    return clip_processor_class().from_pretrained(path)
