@@ -9,6 +9,7 @@ import shutil
 from importlib import resources
 
 from stllava.demo.phantoms import make_split, sft_records, test_records
+from stllava.jsonl import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +40,6 @@ def eval_questions(test: list[dict]) -> list[dict]:
              "text": t["conversations"][0]["value"].replace("<image>", "").strip()} for t in test]
 
 
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def write_jsonl(path: str, rows) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 def build_demo_data(root: str, n_train: int, n_unlabelled: int, n_test: int, seed: int = 0) -> dict:
     """Render phantoms and write every data file the demo uses under ``root``; returns a summary."""
     ph = os.path.join(root, "phantoms")
@@ -69,16 +59,16 @@ def build_demo_data(root: str, n_train: int, n_unlabelled: int, n_test: int, see
     vqa_sft = vqa_rad_sft_records(raw)
     sft = phantom_sft + vqa_sft
     random.Random(seed).shuffle(sft)
-    write_json(os.path.join(root, "sft.json"), sft)
+    write_json_atomic(os.path.join(root, "sft.json"), sft)
 
     ptest = test_records(test, seed + 5)
     os.makedirs(os.path.join(root, "eval_phantom"), exist_ok=True)
-    write_json(os.path.join(root, "eval_phantom", "test.json"), ptest)
-    write_jsonl(os.path.join(root, "eval_phantom", "questions.jsonl"), eval_questions(ptest))
+    write_json_atomic(os.path.join(root, "eval_phantom", "test.json"), ptest)
+    write_jsonl_atomic(os.path.join(root, "eval_phantom", "questions.jsonl"), eval_questions(ptest))
     summary = {"sft_records": len(sft), "sft_phantom": len(phantom_sft), "sft_vqa_rad": len(vqa_sft),
                "unlabelled_images": n_unlabelled, "phantom_test_questions": len(ptest),
                "phantom_test_closed": sum(t["answer_type"] == "CLOSED" for t in ptest),
                "training_questions": sorted({c["value"].replace("<image>\n", "") for r in sft
                                              for c in r["conversations"] if c["from"] == "human"})}
-    write_json(os.path.join(root, "summary.json"), summary)
+    write_json_atomic(os.path.join(root, "summary.json"), summary)
     return summary

@@ -97,11 +97,16 @@ class PhantomJudge:
         return Reply(f"{s1} {s2}\nThe {JUDGE_NAME} knows the answer is '{truth}'.", model=JUDGE_NAME)
 
 
-def serve(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
-    """Start the phantom judge on 127.0.0.1 in a background thread; returns the server."""
+def build_server(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
+    """The phantom judge on 127.0.0.1:``port`` (0 = a free port), not started yet."""
     with open(facts_file) as f:
         facts = json.load(f)
-    return ChatCompletionServer(PhantomJudge(facts, image_folder), port=port, model=JUDGE_NAME).start()
+    return ChatCompletionServer(PhantomJudge(facts, image_folder), port=port, model=JUDGE_NAME)
+
+
+def serve(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
+    """Start the phantom judge in a background thread; returns the server."""
+    return build_server(facts_file, image_folder, port).start()
 
 
 def main(argv=None) -> None:
@@ -111,9 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    with open(args.facts) as f:
-        facts = json.load(f)
-    server = ChatCompletionServer(PhantomJudge(facts, args.image_folder), port=args.port, model=JUDGE_NAME)
+    server = build_server(args.facts, args.image_folder, args.port)
     print(f"{JUDGE_NAME} serving on {server.base_url}")
     server.serve_forever()
 

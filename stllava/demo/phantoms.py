@@ -8,13 +8,14 @@ exact answers, and (c) run a *phantom judge* that scores answers against the fac
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
 
 import numpy as np
 from PIL import Image
+
+from stllava.jsonl import write_json_atomic
 
 MODALITIES = ("x-ray", "ct", "mri")
 MODALITY_NAMES = {"x-ray": "an x-ray", "ct": "a ct scan", "mri": "an mri"}
@@ -136,8 +137,7 @@ def make_split(out_dir: str, n: int, seed: int, prefix: str) -> list[Phantom]:
         ph = sample_phantom(rng, f"{prefix}_{i:04d}.png")
         render(ph, rng).save(os.path.join(out_dir, "images", ph.name))
         phantoms.append(ph)
-    with open(os.path.join(out_dir, "facts.json"), "w") as f:
-        json.dump({ph.name: ph.facts() for ph in phantoms}, f, indent=1)
+    write_json_atomic(os.path.join(out_dir, "facts.json"), {ph.name: ph.facts() for ph in phantoms}, indent=1)
     return phantoms
 
 

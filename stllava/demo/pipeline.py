@@ -120,6 +120,8 @@ class Pipeline:
                     os.remove(path)
 
     def run_all(self, stages: list[str] | None = None) -> None:
+        from stllava.demo.stages import STAGE_FUNCS  # the stages import this module
+
         stages = stages or STAGES
         for i, stage in enumerate(stages, 1):
             if self.done(stage):
@@ -128,8 +130,6 @@ class Pipeline:
                 continue
             logger.info("[%d/%d] %s ...", i, len(stages), stage)
             t = time.time()
-            from stllava.demo.stages import STAGE_FUNCS
-
             STAGE_FUNCS[stage](self)
             self.mark(stage, time.time() - t)
             logger.info("[%d/%d] %s finished in %.1f s (total %.1f s)", i, len(stages), stage,

@@ -7,7 +7,8 @@ import os
 import random
 import sys
 
-from stllava.demo.pipeline import Pipeline, py, run
+from stllava.demo.pipeline import STAGES, Pipeline, py, run
+from stllava.jsonl import write_json_atomic
 
 logger = logging.getLogger("stllava.demo")
 
@@ -48,26 +49,37 @@ def _zero3_args(p: Pipeline) -> list[str]:
     return ["--deepspeed", os.path.join(REPO, "scripts", "zero3.json")] if p.cfg.sft_procs > 1 else []
 
 
+def _trainable_args(lr: float) -> list[str]:
+    """LoRA + ViT-LoRA + projector, one learning rate: the flags shared by the SFT and DPO stages."""
+    lr = str(lr)
+    return ["--mm_projector_type", "cluster", "--image_aspect_ratio", "pad",
+            "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128",
+            "--vit_lora_enable", "--lora_r_vit", "16", "--lora_alpha_vit", "32",
+            "--learning_rate", lr, "--mm_projector_lr", lr, "--vision_tower_lr", lr, "--weight_decay", "0.",
+            "--warmup_ratio", "0.03", "--model_max_length", "512", "--dataloader_num_workers", "0",
+            "--report_to", "none", "--disable_tqdm", "False"]
+
+
+def _merge(p: Pipeline, adapter: str, base: str, out: str) -> None:
+    """Merge a LoRA output folder into one full checkpoint with the user-facing merge script."""
+    run([sys.executable, os.path.join(REPO, "scripts", "merge_lora_weights.py"), "--model-path", p.cfg.path(adapter),
+         "--model-base", p.cfg.path(base), "--save-model-path", p.cfg.path(out), "--dtype", "float32"],
+        p.cfg, adapter + "_merge")
+
+
 def stage_sft(p: Pipeline) -> None:
     c = p.cfg
-    lr = str(c.sft_lr)
     threads = {"OMP_NUM_THREADS": "1"} if c.sft_procs > 1 else None
     run(_train_cmd(p, "stllava/train/train_sft.py", "stllava.train.train_sft") + _zero3_args(p) + [
         "--model_name_or_path", c.path("tiny"), "--version", CONV, "--sq_r", str(c.sft_sq_r),
         "--data_path", c.path("data", "sft.json"), "--image_folder", c.path("data", "sft_images"),
-        "--mm_projector_type", "cluster", "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
-        "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128",
-        "--vit_lora_enable", "--lora_r_vit", "16", "--lora_alpha_vit", "32", "--lora_dropout_vit", "0.0",
-        "--learning_rate", lr, "--mm_projector_lr", lr, "--vision_tower_lr", lr, "--weight_decay", "0.",
-        "--warmup_ratio", "0.03", "--lr_scheduler_type", "constant_with_warmup",
-        "--max_steps", str(c.sft_steps), "--per_device_train_batch_size", str(c.sft_batch // c.sft_procs),
-        "--gradient_accumulation_steps", "1", "--model_max_length", "512", "--logging_steps", "10",
-        "--save_strategy", "steps", "--save_steps", str(c.sft_steps // 2), "--save_total_limit", "1",
-        "--dataloader_num_workers", "0", "--report_to", "none", "--seed", str(c.seed),
-        "--output_dir", c.path("sft"), "--disable_tqdm", "False"], c, "sft", threads)
-    run([sys.executable, os.path.join(REPO, "scripts", "merge_lora_weights.py"), "--model-path", c.path("sft"),
-         "--model-base", c.path("tiny"), "--save-model-path", c.path("sft_merged"), "--dtype", "float32"],
-        c, "sft_merge")
+        "--group_by_modality_length", "True", "--lora_dropout_vit", "0.0",
+        "--lr_scheduler_type", "constant_with_warmup", "--max_steps", str(c.sft_steps),
+        "--per_device_train_batch_size", str(c.sft_batch // c.sft_procs), "--gradient_accumulation_steps", "1",
+        "--logging_steps", "10", "--save_strategy", "steps", "--save_steps", str(c.sft_steps // 2),
+        "--save_total_limit", "1", "--seed", str(c.seed), "--output_dir", c.path("sft")]
+        + _trainable_args(c.sft_lr), c, "sft", threads)
+    _merge(p, "sft", "tiny", "sft_merged")
 
 
 def stage_questions(p: Pipeline) -> None:
@@ -118,8 +130,8 @@ def stage_pairs(p: Pipeline) -> None:
     held = set(images[: max(1, int(len(images) * c.heldout_share))])
     train = [x for x in pairs if x["image"] not in held]
     heldout = [x for x in pairs if x["image"] in held]
-    json.dump(train, open(c.path("selftrain", "dpo_train.json"), "w"), indent=1)
-    json.dump(heldout, open(c.path("selftrain", "dpo_heldout.json"), "w"), indent=1)
+    write_json_atomic(c.path("selftrain", "dpo_train.json"), train, indent=1)
+    write_json_atomic(c.path("selftrain", "dpo_heldout.json"), heldout, indent=1)
     logger.info("pairs: %d for DPO training, %d held out (%d images)", len(train), len(heldout), len(held))
 
 
@@ -127,27 +139,19 @@ def stage_dpo(p: Pipeline) -> None:
     """DPO from the merged SFT model, fresh LoRA + ViT-LoRA + projector, reference = the SFT model
     (adapters disabled, start projector); held-out pairs scored after training."""
     c = p.cfg
-    lr = str(c.dpo_lr)
     run(py("stllava.train.train_dpo") + [
         "--model_name_or_path", c.path("sft_merged"), "--version", CONV,
         "--data_path", c.path("selftrain", "dpo_train.json"),
         "--eval_data_path", c.path("selftrain", "dpo_heldout.json"),
         "--image_folder", c.path("data", "phantoms", "unlabelled", "images"),
-        "--mm_projector_type", "cluster", "--image_aspect_ratio", "pad",
-        "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128",
-        "--vit_lora_enable", "--lora_r_vit", "16", "--lora_alpha_vit", "32",
-        "--learning_rate", lr, "--mm_projector_lr", lr, "--vision_tower_lr", lr, "--weight_decay", "0.",
-        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
-        "--num_train_epochs", str(c.dpo_epochs), "--per_device_train_batch_size", str(c.dpo_batch),
+        "--lr_scheduler_type", "cosine", "--num_train_epochs", str(c.dpo_epochs),
+        "--per_device_train_batch_size", str(c.dpo_batch),
         "--per_device_eval_batch_size", "256",  # one batch: accuracy over pairs, not batch means
         "--gradient_accumulation_steps", "1",
         "--dpo_beta", str(c.dpo_beta), "--dpo_loss_type", "sigmoid", "--ref_model", "adapter_disabled",
-        "--model_max_length", "512", "--logging_steps", "2", "--save_strategy", "no",
-        "--dataloader_num_workers", "0", "--report_to", "none", "--seed", str(c.seed),
-        "--output_dir", c.path("dpo"), "--disable_tqdm", "False"], c, "dpo")
-    run([sys.executable, os.path.join(REPO, "scripts", "merge_lora_weights.py"), "--model-path", c.path("dpo"),
-         "--model-base", c.path("sft_merged"), "--save-model-path", c.path("dpo_merged"), "--dtype", "float32"],
-        c, "dpo_merge")
+        "--logging_steps", "2", "--save_strategy", "no", "--seed", str(c.seed), "--output_dir", c.path("dpo")]
+        + _trainable_args(c.dpo_lr), c, "dpo")
+    _merge(p, "dpo", "sft_merged", "dpo_merged")
 
 
 def stage_eval(p: Pipeline) -> None:
@@ -179,5 +183,4 @@ def stage_report(p: Pipeline) -> None:
     write_report(p)
 
 
-STAGE_FUNCS = {name: globals()["stage_" + name] for name in
-               ["bundle", "data", "sft", "questions", "answers", "judge", "pairs", "dpo", "eval", "report"]}
+STAGE_FUNCS = {name: globals()["stage_" + name] for name in STAGES}
