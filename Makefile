@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo install clean
+.PHONY: test test-fast lint demo install clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,8 +23,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+# Everything: lint, then every test (slow multi-process and end-to-end ones included). CI runs this.
+test: lint
 	$(VPY) -m pytest -q tests
+
+# The same without the tests marked `slow` (multi-process, end-to-end): for quick iterations.
+test-fast: lint
+	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(VPY) -m stllava.demo

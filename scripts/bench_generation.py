@@ -29,8 +29,16 @@ from importlib import resources
 
 import torch
 
-from stllava.generation import (GenerationSettings, batched, generate_prepared, image_prompt_text, load_rgb,
-                                prefetch, prepare_batch, render_prompt)
+from stllava.generation import (
+    GenerationSettings,
+    batched,
+    generate_prepared,
+    image_prompt_text,
+    load_rgb,
+    prefetch,
+    prepare_batch,
+    render_prompt,
+)
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:

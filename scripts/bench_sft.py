@@ -12,7 +12,8 @@ splice alone (the former minus the latter) and of tower + projector.
 
 Tokens are model positions: text tokens plus the image patches spliced in. MFU counts the FLOPs
 the step needs (no recomputation): a frozen weight (the input embedding excluded: a lookup) costs
-2 (forward) + 2 (input gradient) FLOPs per parameter and position, a trainable one 2 more (weight gradient), plus attention
+2 (forward) + 2 (input gradient) FLOPs per parameter and position, a trainable one 2 more (weight
+gradient), plus attention
 (4·layers·width·positions per position, forward; twice that in backward), over the GPU's dense
 bf16 peak (``--peak_tflops``, default from the device name: H100/H200 989, A100 312).
 """
@@ -114,13 +115,14 @@ def spliced_positions(batch: dict, image_tokens: int) -> int:
 
 
 def bench_tiny(args) -> dict:
+    from transformers import CLIPImageProcessor
+
     from stllava.data.collate import DataCollatorForSupervisedDataset
     from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
     from stllava.data.verify import load_records
     from stllava.model import LlavaLlamaForCausalLM
     from stllava.model.tiny import build_tiny_bundle
     from stllava.train.train_sft import load_tokenizer, make_trainable
-    from transformers import CLIPImageProcessor
 
     device = torch.device("cpu")
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
@@ -143,7 +145,8 @@ def bench_tiny(args) -> dict:
     res = run_steps(model, batches, opt, args.steps, args.warmup, device)
     per_batch = [spliced_positions(b, image_tokens) for b in batches]
     positions = sum(per_batch[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps))
-    text = sum(int(batches[i % len(batches)]["attention_mask"].sum()) for i in range(args.warmup, args.warmup + args.steps))
+    timed = range(args.warmup, args.warmup + args.steps)
+    text = sum(int(batches[i % len(batches)]["attention_mask"].sum()) for i in timed)
     res.update(mode="tiny", device="cpu", batch=args.batch, image_tokens=image_tokens,
                samples_per_s=res["samples"] / res["wall_s"], tokens_per_s=positions / res["wall_s"],
                text_tokens_per_s=text / res["wall_s"], splice_share=res["splice_s"] / res["wall_s"],
@@ -162,9 +165,9 @@ def step_flops(n_frozen: int, n_trainable: int, positions: int, layers: int, wid
 def bench_7b(args) -> dict:
     from transformers import CLIPVisionConfig
 
+    from stllava.constants import IMAGE_TOKEN_INDEX
     from stllava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM
     from stllava.train.train_sft import attn_implementation, make_trainable
-    from stllava.constants import IMAGE_TOKEN_INDEX
 
     device = torch.device(args.device)
     llm = dict(LLAMA_7B, num_hidden_layers=args.llm_layers or LLAMA_7B["num_hidden_layers"])
@@ -212,7 +215,8 @@ def bench_7b(args) -> dict:
     flops = step_flops(n_llm - n_embed - n_lora_llm, n_lora_llm, args.batch * args.seq, llm["num_hidden_layers"],
                        llm["hidden_size"], args.seq) * steps
     vis_pos = args.batch * (image_tokens + 1) * steps
-    flops += step_flops(n_vis - n_lora_vit, n_lora_vit, vis_pos, vis.num_hidden_layers, vis.hidden_size, image_tokens + 1)
+    flops += step_flops(n_vis - n_lora_vit, n_lora_vit, vis_pos, vis.num_hidden_layers, vis.hidden_size,
+                        image_tokens + 1)
     flops += 6 * n_proj * args.batch * image_tokens * steps
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
@@ -224,7 +228,8 @@ def bench_7b(args) -> dict:
                projector_params=n_proj, tokens_per_s=positions / res["wall_s"],
                samples_per_s=res["samples"] / res["wall_s"], achieved_tflops=achieved / 1e12,
                mfu=(achieved / (peak * 1e12)) if peak else None, peak_tflops=peak,
-               splice_share=res["splice_s"] / res["wall_s"], tower_projector_share=res["tower_projector_s"] / res["wall_s"],
+               splice_share=res["splice_s"] / res["wall_s"],
+               tower_projector_share=res["tower_projector_s"] / res["wall_s"],
                max_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None)
     return res
 
@@ -238,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny: 3, 7b: 1)")
     ap.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     ap.add_argument("--device", default="cuda", help="7b: device (cpu only for a smoke test with few layers)")
-    ap.add_argument("--attn", default=None, help="7b: attention kernel (default flash_attention_2 if available, else sdpa)")
+    ap.add_argument("--attn", default=None,
+                    help="7b: attention kernel (default flash_attention_2 if available, else sdpa)")
     ap.add_argument("--llm_layers", type=int, default=None, help="7b: override the 32 LLM layers (smoke tests)")
     ap.add_argument("--vision_layers", type=int, default=None, help="7b: override the 24 CLIP layers (smoke tests)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the GPU for MFU")
@@ -246,10 +252,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.seven_b:
-        args.batch, args.steps, args.warmup = args.batch or 8, args.steps or 3, 1 if args.warmup is None else args.warmup
+        args.batch, args.steps = args.batch or 8, args.steps or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
         res = bench_7b(args)
     else:
-        args.batch, args.steps, args.warmup = args.batch or 8, args.steps or 20, 3 if args.warmup is None else args.warmup
+        args.batch, args.steps = args.batch or 8, args.steps or 20
+        args.warmup = 3 if args.warmup is None else args.warmup
         res = bench_tiny(args)
     for k, v in res.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")

@@ -37,10 +37,16 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from PIL import Image
-from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.errors import StllavaError
 from stllava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
@@ -325,7 +331,7 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageError(e.path, e.kind, e.detail) from None
 
 
-class ImageError(ValueError):
+class ImageError(StllavaError, ValueError):
     """An image that cannot be used; ``path``, ``kind`` (e.g. "missing image") and ``detail``."""
 
     def __init__(self, path: str, kind: str, detail: str = ""):

@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from stllava.errors import StllavaError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class JsonlError(ValueError):
+class JsonlError(StllavaError, ValueError):
     """A line of a JSONL file is not a JSON object. ``path`` and ``line`` (1-based) say where."""
 
     def __init__(self, path: str | os.PathLike, line: int, reason: str):

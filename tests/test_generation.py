@@ -6,9 +6,21 @@ import pytest
 import torch
 from PIL import Image
 
-from stllava.generation import (GenerationSettings, PerRowSampler, batched, clean_output, derive_seed, generate,
-                                image_prompt_text, left_pad, load_rgb, ImageError, prefetch, prepare_batch,
-                                render_prompt)
+from stllava.generation import (
+    GenerationSettings,
+    ImageError,
+    PerRowSampler,
+    batched,
+    clean_output,
+    derive_seed,
+    generate,
+    image_prompt_text,
+    left_pad,
+    load_rgb,
+    prefetch,
+    prepare_batch,
+    render_prompt,
+)
 from stllava.mm_utils import process_images
 
 
@@ -92,7 +104,7 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_job():
 
     got = []
     with pytest.raises(KeyError, match="job 3"):
-        for job, r in prefetch(range(6), prep):
+        for _job, r in prefetch(range(6), prep):
             got.append(r)
     assert got == [0, 1, 2]
     assert all(n.startswith("stllava-prefetch") for n in names)

@@ -6,8 +6,15 @@ import threading
 
 import pytest
 
-from stllava.jsonl import (JsonlError, JsonlWriter, iter_jsonl, read_jsonl, repair_tail,
-                           write_json_atomic, write_jsonl_atomic)
+from stllava.jsonl import (
+    JsonlError,
+    JsonlWriter,
+    iter_jsonl,
+    read_jsonl,
+    repair_tail,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 
 def test_iter_gives_line_numbers_and_skips_blank_lines(tmp_path):

@@ -13,12 +13,14 @@ import os
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from stllava.errors import StllavaError
+
 # Kinds of image problems, in report order.
 MISSING, EMPTY, UNREADABLE, TRUNCATED = "missing image", "empty image file", "unreadable image", "truncated image"
 IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED)
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(StllavaError, RuntimeError):
     """An image could not be loaded at training time. ``kind`` is one of :data:`IMAGE_PROBLEMS`."""
 
     def __init__(self, kind: str, path: str, detail: str = "", record: str = ""):

@@ -91,8 +91,9 @@ def load_checked_records(data_path: str, check: Callable[[list], VerifyReport],
     ``on_bad_sample``; returns ``(records, keep)``, ``keep`` the indices of the records to train on.
 
     Raises :class:`stllava.data.verify.BadDataError` with the full report when records are bad
-    and ``on_bad_sample`` is ``stop``; ValueError when nothing is left to train on. Under torch.distributed the check runs on rank 0 only and
-    its report is broadcast, so every rank trains on the same records.
+    and ``on_bad_sample`` is ``stop``; ValueError when nothing is left to train on. Under
+    torch.distributed the check runs on rank 0 only and its report is broadcast, so every rank
+    trains on the same records.
     """
     records = load_records(data_path)
     report = None

@@ -139,7 +139,8 @@ def _trained_spans(messages: list[tuple[str, str]], conv: Conversation) -> tuple
     return prev, spans
 
 
-def mask_conversation(prompt: str, spans: list[tuple[int, int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+def mask_conversation(prompt: str, spans: list[tuple[int, int]],
+                      tokenizer) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """Tokenize ``prompt`` and train only the character ``spans``.
 
     Returns ``(input_ids, labels, problem)``: ``problem`` is None, or a message describing the

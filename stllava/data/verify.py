@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.data.images import check_image, image_path
+from stllava.errors import StllavaError
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-class BadDataError(ValueError):
+class BadDataError(StllavaError, ValueError):
     """Training refused a dataset with bad records (``--on_bad_sample stop``); ``report`` says which."""
 
     def __init__(self, report: VerifyReport, limit: int = 50):

@@ -124,7 +124,7 @@ def open_questions(ph: Phantom) -> list[tuple[str, str]]:
              ("How many lesions are there?", NUMBER_WORDS[ph.count])]
     if ph.count:
         pairs.append(("Which side is the lesion on?", side))
-        pairs.append(("How large is the largest lesion?", max(ph.lesions, key=lambda l: l.r).size))
+        pairs.append(("How large is the largest lesion?", max(ph.lesions, key=lambda les: les.r).size))
     return pairs
 
 

@@ -35,7 +35,9 @@ def plot_curves(p, out: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([h["step"] for h in sft], [h["loss"] for h in sft])
         ax.set(xlabel="step", ylabel="loss", title="Stage 1 (SFT) training loss")
-        fig.tight_layout(); fig.savefig(os.path.join(out, "sft_loss.png"), dpi=110); plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "sft_loss.png"), dpi=110)
+        plt.close(fig)
         written.append("sft_loss.png")
     dpo = [h for h in log_history(p.cfg.path("dpo")) if "rewards/margins" in h]
     if dpo:
@@ -43,10 +45,13 @@ def plot_curves(p, out: str) -> list[str]:
         steps = [h["step"] for h in dpo]
         axes[0].plot(steps, [h["loss"] for h in dpo], label="loss")
         axes[0].plot(steps, [h["rewards/margins"] for h in dpo], label="reward margin")
-        axes[0].set(xlabel="step", title="Stage 3 (DPO)"); axes[0].legend()
+        axes[0].set(xlabel="step", title="Stage 3 (DPO)")
+        axes[0].legend()
         axes[1].plot(steps, [h["rewards/accuracies"] for h in dpo])
         axes[1].set(xlabel="step", ylabel="reward accuracy", ylim=(0, 1.05), title="DPO reward accuracy (train)")
-        fig.tight_layout(); fig.savefig(os.path.join(out, "dpo_rewards.png"), dpi=110); plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "dpo_rewards.png"), dpi=110)
+        plt.close(fig)
         written.append("dpo_rewards.png")
     return written
 

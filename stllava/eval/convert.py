@@ -36,6 +36,7 @@ import sys
 from typing import Any, Callable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.errors import StllavaError
 from stllava.jsonl import JsonlError, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ VQA_RAD_TEST_PHRASES = ("test_freeform", "test_para")
 BENCHMARKS = ("vqa_rad", "slake", "pvqa")
 
 
-class ConvertError(ValueError):
+class ConvertError(StllavaError, ValueError):
     """A raw benchmark file that cannot be converted; the message names record, field and fix."""
 
 

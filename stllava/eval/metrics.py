@@ -29,6 +29,7 @@ import re
 import sys
 from typing import Any, Iterable
 
+from stllava.errors import StllavaError
 from stllava.jsonl import JsonlError, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ ROW_FIELDS = ["question_id", "answer_type", "question", "answer", "prediction", 
               "closed_hit", "closed_hit_strict"]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(StllavaError, ValueError):
     """Ground-truth or prediction input that cannot be scored; the message names the fix."""
 
 

@@ -39,15 +39,26 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed,
-                                generate_prepared, image_prompt_text, load_rgb, prefetch, prepare_batch,
-                                render_prompt)
+from stllava.errors import StllavaError
+from stllava.generation import (
+    GenerationSettings,
+    ImageError,
+    add_model_args,
+    batched,
+    derive_seed,
+    generate_prepared,
+    image_prompt_text,
+    load_rgb,
+    prefetch,
+    prepare_batch,
+    render_prompt,
+)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 
 logger = logging.getLogger("stllava.eval.model_vqa")
 
 
-class ModelVQAError(ValueError):
+class ModelVQAError(StllavaError, ValueError):
     """Bad questions, images or answers file; the message names the file, the record and the fix."""
 
 
@@ -243,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the evaluation protocol)")
     p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None, help="nucleus filter when sampling")
     p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None, help="top-k filter when sampling")
-    p.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1, help="beam search (greedy only)")
+    p.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1,
+                   help="beam search (greedy only)")
     p.add_argument("--seed", type=int, default=0, help="base seed of per-question sampling seeds")
     p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
     p.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0,

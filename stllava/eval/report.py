@@ -19,6 +19,7 @@ import logging
 import pathlib
 import sys
 
+from stllava.errors import StllavaError
 from stllava.eval.metrics import ROW_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ COLUMNS = [  # (key in metrics.json "overall", header)
 PLOTTED = [("open_recall", "Open recall"), ("open_f1", "Open F1"), ("closed_acc", "Closed acc")]
 
 
-class ReportError(ValueError):
+class ReportError(StllavaError, ValueError):
     """A run folder that cannot be reported; the message names the folder and the fix."""
 
 

@@ -27,8 +27,8 @@ from transformers import CLIPImageProcessor, LlamaTokenizer
 from transformers.utils import logging as hf_logging
 
 from stllava.model import checkpoint_layouts as cl
-from stllava.model.vision_tower import clip_processor_class
 from stllava.model.llava_llama import LlavaLlamaForCausalLM, load_llava_config
+from stllava.model.vision_tower import clip_processor_class
 
 logger = logging.getLogger(__name__)
 

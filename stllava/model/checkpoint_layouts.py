@@ -26,6 +26,7 @@ import re
 
 import torch
 
+from stllava.errors import StllavaError
 from stllava.model.weights import UnsafeCheckpointError, load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\." + _LORA_KIND
 _ADAPTER_NAME = re.compile(r"\." + _LORA_KINDS + r"\.(?!weight$)[A-Za-z0-9_-]+(?=(?:\.weight)?$)")
 
 
-class CheckpointLayoutError(FileNotFoundError):
+class CheckpointLayoutError(StllavaError, FileNotFoundError):
     """A folder does not hold the files its layout needs (the message lists both)."""
 
 

@@ -19,9 +19,8 @@ import shutil
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from stllava.model.vision_tower import clip_processor_class
 from stllava.model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM
-
+from stllava.model.vision_tower import clip_processor_class
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,10 @@ import pickle
 
 import torch
 
+from stllava.errors import StllavaError
 
-class UnsafeCheckpointError(ValueError):
+
+class UnsafeCheckpointError(StllavaError, ValueError):
     """A ``.bin`` file holds something other than plain tensors (possibly code)."""
 
 

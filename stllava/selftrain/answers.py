@@ -37,8 +37,18 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed, generate,
-                                image_prompt_text, load_rgb, prefetch, render_prompt)
+from stllava.generation import (
+    GenerationSettings,
+    ImageError,
+    add_model_args,
+    batched,
+    derive_seed,
+    generate,
+    image_prompt_text,
+    load_rgb,
+    prefetch,
+    render_prompt,
+)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 from stllava.selftrain.questions import SelfTrainError, load_model, model_name, read_done
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.errors import StllavaError
 from stllava.jsonl import JsonlError, iter_jsonl, write_json_atomic
 
 logger = logging.getLogger("stllava.selftrain.build_pairs")
@@ -37,7 +38,7 @@ CORE_FIELDS = ("question_id", "image", "question", "answers", "judge")
 NOT_PAIRS = ("tie", "unparsable", "identical")
 
 
-class PairsError(ValueError):
+class PairsError(StllavaError, ValueError):
     """The judged file cannot be turned into pairs; the message names the file and line."""
 
 

@@ -15,7 +15,8 @@
 **Request** (SPEC §5): one user message whose content is ``[text, image]`` -- the text part first,
 then the image, the order of the published ``eval_gpt4v_review.py`` -- with temperature 0.2::
 
-    [Question]\\n{q}\\n\\n[Answer 1]\\n{a1}\\n\\n[End of Answer 1]\\n\\n[Answer 2]\\n{a2}\\n\\n[End of Answer 2]\\n\\n[System]\\n{rule}\\n\\n
+    [Question]\\n{q}\\n\\n[Answer 1]\\n{a1}\\n\\n[End of Answer 1]\\n\\n\
+    [Answer 2]\\n{a2}\\n\\n[End of Answer 2]\\n\\n[System]\\n{rule}\\n\\n
 
 The image is a ``data:<mime>;base64,...`` URL; the MIME type comes from the image bytes (PIL),
 not the file name. Formats the API does not take (not JPEG/PNG/GIF/WEBP) are re-encoded as PNG.
@@ -64,6 +65,7 @@ from typing import Any
 import openai
 from PIL import Image, UnidentifiedImageError
 
+from stllava.errors import StllavaError
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger("stllava.selftrain.judge")
@@ -87,7 +89,7 @@ RETRY_AFTER_CEILING_S = 600.0
 EXIT_ERROR, EXIT_INCOMPLETE = 2, 3
 
 
-class JudgeError(RuntimeError):
+class JudgeError(StllavaError, RuntimeError):
     """A run cannot go on: bad input, a refused request, or retries used up. The message says why."""
 
 
@@ -438,7 +440,7 @@ class Judge:
                 logger.warning("%s, ask %d: %s; retry %d/%d in %.2f s", item.name, ask, why,
                                attempt + 1, self.retry.max_retries, delay)
                 if self.stop.wait(delay):
-                    raise _Stopped("stopping")
+                    raise _Stopped("stopping") from None
         raise AssertionError("unreachable")
 
     def ask(self, item: Item, ask: int) -> dict:
@@ -686,14 +688,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--max-requests", type=int, default=None,
                    help="stop after this many HTTP requests (retries count) in this run; rerun to continue")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx/timeout/connection errors")
+    p.add_argument("--max-retries", type=int, default=6,
+                   help="retries per request on 429/5xx/timeout/connection errors")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     p.add_argument("--backoff-base", type=float, default=1.0, help="first retry waits 0.5-1x this many seconds")
     p.add_argument("--backoff-cap", type=float, default=60.0, help="longest backoff in seconds")
     p.add_argument("--price-in", type=float, default=None, help="USD per 1M prompt tokens (overrides the table)")
     p.add_argument("--price-out", type=float, default=None, help="USD per 1M completion tokens (overrides the table)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad input records instead of stopping")
-    p.add_argument("--reask-ties", action="store_true", help="ask once more on a tie (still recorded 'tie' if it repeats)")
+    p.add_argument("--reask-ties", action="store_true",
+                   help="ask once more on a tie (still recorded 'tie' if it repeats)")
     p.add_argument("--log-level", default="INFO")
     return p
 

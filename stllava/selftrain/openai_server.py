@@ -207,8 +207,8 @@ class ChatCompletionServer:
     ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get a 401.
     ``requests`` lists every chat request received (``{"path", "body", "status", "time"}``, time
     from ``time.monotonic()``), in arrival order; a scripted-delay reply is listed with the status
-    it would send, so give hung requests an error status. Headers are not kept, so the key never lands in it. ``stop()`` returns promptly even
-    while a handler is sleeping on a scripted delay.
+    it would send, so give hung requests an error status. Headers are not kept, so the key never
+    lands in it. ``stop()`` returns promptly even while a handler is sleeping on a scripted delay.
     """
 
     def __init__(self, scorer: Scorer, *, host: str = "127.0.0.1", port: int = 0,

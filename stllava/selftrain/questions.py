@@ -42,8 +42,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
-from stllava.generation import (GenerationSettings, ImageError, add_model_args, batched, derive_seed, generate,
-                                load_rgb, prefetch, render_prompt)
+from stllava.errors import StllavaError
+from stllava.generation import (
+    GenerationSettings,
+    ImageError,
+    add_model_args,
+    batched,
+    derive_seed,
+    generate,
+    load_rgb,
+    prefetch,
+    render_prompt,
+)
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
 
 logger = logging.getLogger("stllava.selftrain.questions")
@@ -52,7 +62,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DESCRIBE_PROMPT = "Can you describe the image in detail?"
 
 
-class SelfTrainError(ValueError):
+class SelfTrainError(StllavaError, ValueError):
     """Bad input or a resume conflict; the message names the file, the record and the fix."""
 
 

@@ -2,9 +2,10 @@
 
 Every flag of the published ``sqllava_med.sh`` / ``dpo_finetune.sh`` is accepted unchanged,
 including spellings transformers 5 dropped: ``--evaluation_strategy`` (mapped to
-``--eval_strategy``), ``--warmup_ratio`` (mapped to a fractional ``--warmup_steps``) and ``--tf32`` on a machine without CUDA (logged and ignored; transformers
-would refuse it). ``--report_to wandb`` without wandb installed falls back to no reporting, with a
-warning. ``--data_aug`` and ``--lazy_preprocess`` are accepted (data is always loaded lazily;
+``--eval_strategy``), ``--warmup_ratio`` (mapped to a fractional ``--warmup_steps``) and ``--tf32``
+on a machine without CUDA (logged and ignored; transformers would refuse it). ``--report_to wandb``
+without wandb installed falls back to no reporting, with a warning. ``--data_aug`` and
+``--lazy_preprocess`` are accepted (data is always loaded lazily;
 ``--data_aug True`` is refused: the published runs use False and it is not implemented).
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ModelArguments:
 class DataArguments:
     data_path: str | None = field(default=None, metadata={
         "help": "LLaVA-Med-format JSON list (or .jsonl): records with 'id', optional 'image', 'conversations'."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' 'image' paths are relative to."})
+    image_folder: str | None = field(default=None, metadata={
+        "help": "Folder the records' 'image' paths are relative to."})
     image_aspect_ratio: str = field(default="pad", metadata={
         "help": "'pad': pad images to a square with the processor's mean colour before the CLIP processor; "
                 "anything else: the processor alone (resize + centre crop)."})

@@ -129,7 +129,9 @@ def ref_cache_fingerprint(model_args, data_args, training_args, dtype: torch.dty
     with open(data_args.data_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    absolute = (lambda p: os.path.abspath(p) if p and os.path.exists(p) else p)
+    def absolute(p):
+        return os.path.abspath(p) if p and os.path.exists(p) else p
+
     return {"data_path": os.path.abspath(data_args.data_path), "data_sha256": h.hexdigest(),
             "image_folder": absolute(data_args.image_folder), **{k: absolute(v) for k, v in source.items()},
             "vision_tower": absolute(model_args.vision_tower),
@@ -219,7 +221,8 @@ def train_and_save(trainer) -> str:
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.save_metrics("eval", metrics)
-        logger.info("held-out pairs: reward accuracy %.3f, margin %.3f", metrics.get("eval_rewards/accuracies", float("nan")),
+        logger.info("held-out pairs: reward accuracy %.3f, margin %.3f",
+                    metrics.get("eval_rewards/accuracies", float("nan")),
                     metrics.get("eval_rewards/margins", float("nan")))
     if trainer.train_dataset.mismatches:
         logger.warning("%d samples had tokenization mismatches (labels ignored) in this process",

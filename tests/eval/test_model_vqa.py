@@ -170,6 +170,7 @@ def test_embedded_vqa_rad_subset_end_to_end(tiny_bundle, tmp_path):
     assert all(0.0 <= o[k] <= 100.0 for k in ("open_recall", "open_f1", "closed_acc", "closed_acc_strict"))
 
 
+@pytest.mark.slow
 def test_real_vqa_rad_test_set_answered_and_scored(tiny_bundle, vqa_rad_dir, tmp_path):
     """Issue 4 acceptance: all 451 VQA-RAD test questions answered by the tiny model and scored."""
     items, stats = convert.convert("vqa_rad", vqa_rad_dir / "testset.json", image_folder=vqa_rad_dir / "images")

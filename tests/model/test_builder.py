@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from checkpoint_factory import (
     TOKENIZER_FILES,
     copy_files,
@@ -22,6 +21,7 @@ from checkpoint_factory import (
     save_released_lora_layout,
     trained_lora_model,
 )
+
 from stllava.model import LlavaLlamaForCausalLM
 from stllava.model.builder import load_pretrained_model, resolve_device
 from stllava.model.checkpoint_layouts import CheckpointLayoutError, detect_layout, model_key, vit_lora_key
@@ -337,7 +337,7 @@ def test_real_sft_run_checkpoints_load_exactly(tiny_bundle, inputs, tmp_path, mo
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("merge_lora_weights", os.path.join(
-        os.path.dirname(__file__), "..", "scripts", "merge_lora_weights.py"))
+        os.path.dirname(__file__), "..", "..", "scripts", "merge_lora_weights.py"))
     merge_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(merge_script)
     merged_dir = merge_script.merge(out, tiny_bundle["llm"], str(tmp_path / "merged"), dtype="float32")

@@ -4,8 +4,16 @@ import json
 import pytest
 
 from stllava.eval import convert, metrics
-from stllava.eval.metrics import (EvalInputError, closed_hit, closed_hit_strict, exact_match,
-                                  normalize, normalize_word, score, token_scores)
+from stllava.eval.metrics import (
+    EvalInputError,
+    closed_hit,
+    closed_hit_strict,
+    exact_match,
+    normalize,
+    normalize_word,
+    score,
+    token_scores,
+)
 
 
 # --- normalisation ----------------------------------------------------------------------------

@@ -6,16 +6,17 @@ import pathlib
 import sys
 
 import pytest
-
 from checkpoint_factory import ASSET_IMAGE
+
 from stllava.constants import IMAGE_TOKEN_INDEX
 from stllava.mm_utils import tokenizer_image_token
 from stllava.model.builder import load_pretrained_model
 from stllava.serve import cli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_chat_in_a_real_terminal(tiny_bundle):
     """Start, ask, streamed answer, a second turn, exit on an empty line — in a pseudo-terminal."""
     pexpect = pytest.importorskip("pexpect")

@@ -15,7 +15,7 @@ from PIL import Image
 from stllava.selftrain import judge
 from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-test-9f8e7d6c5b4a-DO-NOT-LEAK"
 
 # question -> what the judge model replies (the "content" behaviour, present in every run)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig
 
-from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from stllava.constants import IGNORE_INDEX
+from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM, load_llava_config
 from stllava.model.tiny import TINY_LLM, TINY_VISION
 
@@ -36,19 +37,26 @@ def naive_splice(model, input_ids, attention_mask, labels, imgs):
         for t in range(input_ids.shape[1]):
             tok = int(input_ids[b, t])
             if tok == IMG:
-                e.append(feats[k]); k += 1
-                l += [IGNORE_INDEX] * feats.shape[1]; m += [1] * feats.shape[1]
+                e.append(feats[k])
+                k += 1
+                l += [IGNORE_INDEX] * feats.shape[1]
+                m += [1] * feats.shape[1]
             else:
                 e.append(embed(torch.tensor([tok])))
-                l.append(int(labels[b, t])); m.append(int(attention_mask[b, t]))
-        outs.append(torch.cat(e)); labs.append(l); masks.append(m)
+                l.append(int(labels[b, t]))
+                m.append(int(attention_mask[b, t]))
+        outs.append(torch.cat(e))
+        labs.append(l)
+        masks.append(m)
     L = max(len(x) for x in labs)
     E = torch.zeros(len(outs), L, feats.shape[2])
     LB = torch.full((len(outs), L), IGNORE_INDEX)
     M = torch.zeros(len(outs), L, dtype=torch.long)
     for b in range(len(outs)):
         n = len(labs[b])
-        E[b, :n] = outs[b]; LB[b, :n] = torch.tensor(labs[b]); M[b, :n] = torch.tensor(masks[b])
+        E[b, :n] = outs[b]
+        LB[b, :n] = torch.tensor(labs[b])
+        M[b, :n] = torch.tensor(masks[b])
     return E, M, LB
 
 
@@ -82,7 +90,8 @@ def test_image_count_mismatch_is_a_clear_error():
 
 def test_forward_backward_mixed_batch_runs_tower_once():
     m = make_model().train()
-    ids = BATCH_IDS.clone(); ids[2, 4] = 30  # samples: image, text-only, image
+    ids = BATCH_IDS.clone()
+    ids[2, 4] = 30  # samples: image, text-only, image
     labels = ids.masked_fill((BATCH_MASK == 0) | (ids == IMG), IGNORE_INDEX)
     calls = []
     m.get_model().vision_tower.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
@@ -98,7 +107,8 @@ def test_forward_backward_mixed_batch_runs_tower_once():
 def test_generate_batched_equals_single():
     m = make_model(seed=3)
     imgs = images(2, seed=5)
-    p1 = torch.tensor([[1, 5, IMG, 7, 8]]); p2 = torch.tensor([[1, 9, 10, IMG, 12, 13, 14]])
+    p1 = torch.tensor([[1, 5, IMG, 7, 8]])
+    p2 = torch.tensor([[1, 9, 10, IMG, 12, 13, 14]])
     g1 = m.generate(p1, images=imgs[:1], max_new_tokens=6, do_sample=False)
     g2 = m.generate(p2, images=imgs[1:], max_new_tokens=6, do_sample=False)
     batch = torch.tensor([[0, 0, 1, 5, IMG, 7, 8], [1, 9, 10, IMG, 12, 13, 14]])

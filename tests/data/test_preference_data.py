@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from stllava.constants import IGNORE_INDEX
+from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.data.preference import (
     PROMPT_MISMATCH,
     DataCollatorForPreferenceDataset,

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from checkpoint_factory import (
     greedy,
     legacy_clip_folder,
@@ -18,10 +17,11 @@ from checkpoint_factory import (
     save_released_lora_layout,
     trained_lora_model,
 )
+
 from stllava.model.builder import load_pretrained_model
 from stllava.model.checkpoint_layouts import detect_layout
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "merge_lora_weights.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "merge_lora_weights.py"
 
 
 def _load_script():

@@ -102,6 +102,7 @@ def test_malformed_line_is_named(tmp_path, caplog):
 def test_end_to_end_from_the_judge(tmp_path, monkeypatch):
     """The judge's real output feeds build_pairs (scripted server of test_judge)."""
     from test_judge import KEY, Script, argv, make_dataset
+
     from stllava.selftrain import judge
     from stllava.selftrain.openai_server import ChatCompletionServer
 

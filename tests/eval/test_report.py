@@ -12,7 +12,7 @@ import pytest
 from stllava.eval import metrics, report
 from stllava.eval.report import ReportError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

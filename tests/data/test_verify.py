@@ -12,7 +12,7 @@ from PIL import Image
 from stllava.data.images import ImageLoadError, check_image, load_image
 from stllava.data.verify import BadDataError, apply_bad_sample_policy, load_records, main, verify_records
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LONG = " ".join(["the lesion is in the left lung"] * 120)
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from stllava.constants import IGNORE_INDEX
+from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.data.collate import DataCollatorForSupervisedDataset, truncate_to_fit
 from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
 from stllava.data.verify import load_records

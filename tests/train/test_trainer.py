@@ -14,8 +14,8 @@ from stllava.train.checkpoint import (
     trainable_summary,
 )
 from stllava.train.sampler import LengthGroupedSampler, RandomEpochSampler
-from stllava.train.trainer import LLaVATrainer
 from stllava.train.train_sft import llm_lora_target_names, make_trainable
+from stllava.train.trainer import LLaVATrainer
 
 
 def lora_args(**over):

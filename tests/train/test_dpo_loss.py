@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from stllava.constants import IGNORE_INDEX as I, IMAGE_TOKEN_INDEX as IMG
+from stllava.constants import IGNORE_INDEX as I
+from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.train.dpo_loss import (
     answer_logps,
     dpo_loss,

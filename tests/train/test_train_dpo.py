@@ -14,7 +14,7 @@ from stllava.data.preference import write_colour_preference_dataset
 from stllava.model.builder import load_pretrained_model
 from stllava.train.train_dpo import START_DIR, run_dpo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -50,8 +50,8 @@ def pair_margins(model, tok, proc, s):
     """log p(chosen) − log p(rejected) of every pair under ``model`` (a loaded, merged model)."""
     from stllava.data.preference import DataCollatorForPreferenceDataset, LazyPreferenceDataset
     from stllava.data.verify import load_records
-    from stllava.train.dpo_trainer import concatenated_batch, llava_base
     from stllava.train.dpo_loss import answer_logps, image_positions_from_shapes, spliced_labels
+    from stllava.train.dpo_trainer import concatenated_batch, llava_base
 
     ds = LazyPreferenceDataset(load_records(s["data"]), tok, proc, image_folder=s["images"])
     batch = concatenated_batch(DataCollatorForPreferenceDataset(tok.pad_token_id, 512, 64)([ds[i] for i in range(len(ds))]))
@@ -64,9 +64,9 @@ def pair_margins(model, tok, proc, s):
 
 
 def chat(folder, base):
+    from checkpoint_factory import ASSET_IMAGE
     from PIL import Image
 
-    from checkpoint_factory import ASSET_IMAGE
     from stllava.serve.cli import ChatSession
 
     tok, model, proc, _ = load_pretrained_model(folder, model_base=base, device="cpu")
