@@ -187,9 +187,29 @@ def preprocess_plain(sources: Sequence[Sequence[dict]], tokenizer, record_ids=No
     return out
 
 
+class MaskCache:
+    """Memo of :func:`mask_conversation` for one tokenizer: an epoch renders the same prompt again
+    (a record has few VUSER variants), and tokenizing its prefixes is most of a tiny model's data
+    time. Bounded: cleared when it holds ``max_entries`` prompts."""
+
+    def __init__(self, max_entries: int = 20000):
+        self.max_entries = max_entries
+        self._memo: dict[tuple, tuple] = {}
+
+    def __call__(self, prompt: str, spans: list[tuple[int, int]], tokenizer):
+        key = (prompt, tuple(spans))
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= self.max_entries:
+                self._memo.clear()
+            hit = self._memo[key] = mask_conversation(prompt, spans, tokenizer)
+        ids, labels, problem = hit
+        return ids.clone(), labels.clone(), problem
+
+
 def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, version: str,
                sq_r: float = 0.0, rng: random.Random | None = None,
-               record_ids: Sequence[Any] | None = None) -> dict:
+               record_ids: Sequence[Any] | None = None, cache: MaskCache | None = None) -> dict:
     """Render, tokenize and mask a batch of conversations.
 
     Returns ``{"input_ids": [LongTensor], "labels": [LongTensor], "mismatches": int,
@@ -199,7 +219,8 @@ def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, ve
     records with an image and needs a seeded ``rng`` (see :func:`make_sq_rng`); other templates
     ignore it. Raises ValueError for an unknown template, a bad ``sq_r``/``rng``, or a record
     :func:`validate_conversation` refuses. A tokenization mismatch does not raise: the sample's
-    labels are all IGNORE_INDEX, a warning names the record, and it is counted.
+    labels are all IGNORE_INDEX, a warning names the record, and it is counted. ``cache`` (a
+    :class:`MaskCache`) memoises the tokenization of prompts seen before (same outputs).
     """
     conv = get_conv_template(version)
     if conv.sep_style is SeparatorStyle.PLAIN:
@@ -215,7 +236,7 @@ def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, ve
         validate_conversation(source, has_image, version, name)
         messages = render_messages(source, conv, has_image, sq_r, rng)
         prompt, spans = _trained_spans(messages, conv)
-        ids, labels, problem = mask_conversation(prompt, spans, tokenizer)
+        ids, labels, problem = (cache or mask_conversation)(prompt, spans, tokenizer)
         if problem is not None:
             out["mismatches"] += 1
             out["mismatch_records"].append(record_ids[i] if record_ids is not None else i)

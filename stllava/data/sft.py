@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from stllava.data.lazy import LazyLlavaDataset, load_checked_records
-from stllava.data.preprocess import make_sq_rng, preprocess
+from stllava.data.preprocess import MaskCache, make_sq_rng, preprocess
 
 
 class LazySupervisedDataset(LazyLlavaDataset):
@@ -37,6 +37,7 @@ class LazySupervisedDataset(LazyLlavaDataset):
                          image_aspect_ratio=image_aspect_ratio, indices=indices)
         self.sq_r = sq_r
         self.seed = seed
+        self.mask_cache = MaskCache()
 
     def words(self, record: dict) -> int:
         """Words of the conversation."""
@@ -47,7 +48,7 @@ class LazySupervisedDataset(LazyLlavaDataset):
         rec, orig = self.records[i], self.indices[i]
         rng = make_sq_rng(self.seed, epoch, orig)
         out = preprocess([rec["conversations"]], self.tokenizer, has_image="image" in rec, version=self.version,
-                         sq_r=self.sq_r, rng=rng, record_ids=[rec.get("id", orig)])
+                         sq_r=self.sq_r, rng=rng, record_ids=[rec.get("id", orig)], cache=self.mask_cache)
         self.mismatches += out["mismatches"]
         item = {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
         image = self.record_image(rec, orig)

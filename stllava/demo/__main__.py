@@ -1,10 +1,10 @@
 """``python -m stllava.demo`` — what ``make demo`` runs.
 
 The whole STLLaVA-Med self-training loop on one CPU machine, on embedded data: a tiny random-init
-model → stage-1 self-questioning SFT → self-asked questions → answer pairs → phantom judge (through
-the real OpenAI client) → preference pairs → DPO → evaluation of start / SFT / DPO on the phantom
-test set and the embedded VQA-RAD subset → ``<workdir>/report/``. A rerun reuses finished stages
-(``--redo STAGE`` forgets that stage and everything after it).
+model → stage-1 self-questioning SFT → self-asked questions about unlabelled phantoms → sampled
+answers → phantom judge (through the real OpenAI client) → preference pairs → DPO → evaluation of
+start / SFT / DPO on the phantom test set and the embedded VQA-RAD subset → ``<workdir>/report/``.
+A rerun reuses finished stages (``--redo STAGE`` redoes that stage and every later one).
 """
 from __future__ import annotations
 
@@ -12,20 +12,24 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import time
 
 import torch
 
-from stllava.demo.pipeline import STAGES, DemoConfig, Pipeline
+from stllava.demo.pipeline import STAGES, Demo, DemoConfig
+from stllava.demo.steps import LoopSettings
+from stllava.errors import run_cli
 
-QUICK = dict(n_train=240, n_unlabelled=16, n_test=8, sft_steps=150, sft_batch=8, n_questions=4, dpo_epochs=1,
-             dpo_batch=4, eval_max_new_tokens=4)
+QUICK = dict(n_labelled=240, n_unlabelled=16, n_val=4, n_test=8,
+             loop=LoopSettings(sft_steps=150, sft_batch=8, n_questions=4, dpo_batch=4, eval_max_new_tokens=4))
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stllava.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="playground/demo", help="where every stage writes (default %(default)s)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every sampling stream")
     ap.add_argument("--quick", action="store_true", help="a shortened loop (minutes) for CI and smoke tests")
     ap.add_argument("--sft-procs", type=int, default=None, help="2 = stage 1 on 2-process DeepSpeed ZeRO-3 (gloo)")
     ap.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones")
@@ -35,14 +39,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = DemoConfig(workdir=args.workdir, seed=args.seed, **(QUICK if args.quick else {}))
     if args.sft_procs:
-        cfg = dataclasses.replace(cfg, sft_procs=args.sft_procs)
+        cfg.loop = dataclasses.replace(cfg.loop, sft_procs=args.sft_procs)
     t0 = time.time()
-    pipe = Pipeline(cfg)
+    demo = Demo(cfg)
     if args.redo:
-        pipe.forget(args.redo)
-    pipe.run_all([s for s in args.stages.split(",") if s])
-    print(f"\ndemo finished in {time.time() - t0:.1f} s; report: {cfg.path('report', 'README.md')}")
+        demo.forget(args.redo)
+    demo.run_all([s for s in args.stages.split(",") if s])
+    print(f"\ndemo finished in {time.time() - t0:.1f} s; report: {demo.path('report', 'README.md')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

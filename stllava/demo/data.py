@@ -1,17 +1,31 @@
-"""The demo's embedded data: phantom splits, the SFT set, the evaluation sets (no download)."""
+"""The demo's and the study's data: phantom splits, SFT sets, evaluation sets (no download).
+
+Two builders, because the study shares most of its data between runs:
+
+* :func:`build_shared` — what every run of a study (and the demo) evaluates on or self-trains on:
+  the **unlabelled pool** (images only; its facts are known to the phantom judge alone), a
+  **validation** split (settings are chosen on it) and a **test** split (reported, never tuned on),
+  each with its LLaVA-Med evaluation files.
+* :func:`build_labelled` — one seed's **labelled** phantoms and, for each labelled-set size, the SFT
+  file using the first ``n`` of them (so the sets of one seed are nested: 100 ⊂ 300 ⊂ 1,500).
+
+Every test/validation record carries the question's ``kind`` (presence, modality, side, count,
+size) for the per-kind breakdown; the LLaVA-Med scorer ignores the extra field.
+"""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
 from importlib import resources
 
+from stllava.demo.phantom_judge import question_kind
 from stllava.demo.phantoms import make_split, sft_records, test_records
 from stllava.jsonl import write_json_atomic, write_jsonl_atomic
 
-logger = logging.getLogger(__name__)
+# Seed offsets of the splits, so that no two splits share a phantom stream.
+UNLABELLED, VAL, TEST, LABELLED = 2, 6, 3, 1
 
 
 def vqa_rad_assets() -> str:
@@ -40,35 +54,61 @@ def eval_questions(test: list[dict]) -> list[dict]:
              "text": t["conversations"][0]["value"].replace("<image>", "").strip()} for t in test]
 
 
-def build_demo_data(root: str, n_train: int, n_unlabelled: int, n_test: int, seed: int = 0) -> dict:
-    """Render phantoms and write every data file the demo uses under ``root``; returns a summary."""
+def write_eval_set(folder: str, records: list[dict]) -> None:
+    """``folder/test.json`` (with each question's kind) and ``folder/questions.jsonl``."""
+    for r in records:
+        found = question_kind(r["conversations"][0]["value"])
+        r["kind"] = found[1] if found else "other"
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(os.path.join(folder, "test.json"), records)
+    write_jsonl_atomic(os.path.join(folder, "questions.jsonl"), eval_questions(records))
+
+
+def build_shared(root: str, n_unlabelled: int, n_val: int, n_test: int, seed: int = 0) -> dict:
+    """Render the unlabelled, validation and test phantoms under ``root/phantoms/`` and write the
+    evaluation sets ``root/eval_val/`` and ``root/eval_test/``; returns a summary."""
     ph = os.path.join(root, "phantoms")
-    train = make_split(os.path.join(ph, "train"), n_train, seed + 1, "train")
-    make_split(os.path.join(ph, "unlabelled"), n_unlabelled, seed + 2, "unl")
-    test = make_split(os.path.join(ph, "test"), n_test, seed + 3, "test")
-
-    # One image folder for SFT: phantom training images + the embedded VQA-RAD images.
-    images = os.path.join(root, "sft_images")
-    shutil.rmtree(images, ignore_errors=True)
-    shutil.copytree(os.path.join(ph, "train", "images"), os.path.join(images, "phantoms"))
-    shutil.copytree(os.path.join(vqa_rad_assets(), "images"), os.path.join(images, "vqa_rad"))
-    raw = json.load(open(os.path.join(vqa_rad_assets(), "vqa_rad_subset.json")))
-    phantom_sft = sft_records(train, seed + 4)
-    for r in phantom_sft:
-        r["image"] = "phantoms/" + r["image"]
-    vqa_sft = vqa_rad_sft_records(raw)
-    sft = phantom_sft + vqa_sft
-    random.Random(seed).shuffle(sft)
-    write_json_atomic(os.path.join(root, "sft.json"), sft)
-
-    ptest = test_records(test, seed + 5)
-    os.makedirs(os.path.join(root, "eval_phantom"), exist_ok=True)
-    write_json_atomic(os.path.join(root, "eval_phantom", "test.json"), ptest)
-    write_jsonl_atomic(os.path.join(root, "eval_phantom", "questions.jsonl"), eval_questions(ptest))
-    summary = {"sft_records": len(sft), "sft_phantom": len(phantom_sft), "sft_vqa_rad": len(vqa_sft),
-               "unlabelled_images": n_unlabelled, "phantom_test_questions": len(ptest),
-               "phantom_test_closed": sum(t["answer_type"] == "CLOSED" for t in ptest),
-               "training_questions": sorted({c["value"].replace("<image>\n", "") for r in sft
-                                             for c in r["conversations"] if c["from"] == "human"})}
+    make_split(os.path.join(ph, "unlabelled"), n_unlabelled, seed + UNLABELLED, "unl")
+    summary = {"unlabelled_images": n_unlabelled}
+    for name, n, offset in (("val", n_val, VAL), ("test", n_test, TEST)):
+        phantoms = make_split(os.path.join(ph, name), n, seed + offset, name)
+        records = test_records(phantoms, seed + offset + 2)
+        write_eval_set(os.path.join(root, f"eval_{name}"), records)
+        summary[f"{name}_questions"] = len(records)
+        summary[f"{name}_closed"] = sum(t["answer_type"] == "CLOSED" for t in records)
     write_json_atomic(os.path.join(root, "summary.json"), summary)
     return summary
+
+
+def training_questions(records: list[dict]) -> list[str]:
+    """The distinct human questions of SFT records (``<image>`` removed), sorted."""
+    return sorted({c["value"].replace("<image>\n", "") for r in records for c in r["conversations"]
+                   if c["from"] == "human"})
+
+
+def build_labelled(root: str, sizes: list[int], seed: int, with_vqa_rad: bool = False) -> dict[int, str]:
+    """Render ``max(sizes)`` labelled phantoms for ``seed`` under ``root/images/phantoms/`` and write
+    ``root/sft_<n>.json`` for each size ``n`` (its first ``n`` phantoms, plus the embedded VQA-RAD
+    conversations when ``with_vqa_rad``). Image paths are relative to ``root/images``.
+    Returns ``{n: sft file}``; ``root/questions.json`` lists each file's training questions."""
+    images = os.path.join(root, "images")
+    phantoms = make_split(os.path.join(root, "phantoms"), max(sizes), seed + LABELLED, "train")
+    shutil.rmtree(images, ignore_errors=True)
+    shutil.copytree(os.path.join(root, "phantoms", "images"), os.path.join(images, "phantoms"))
+    extra: list[dict] = []
+    if with_vqa_rad:
+        shutil.copytree(os.path.join(vqa_rad_assets(), "images"), os.path.join(images, "vqa_rad"))
+        with open(os.path.join(vqa_rad_assets(), "vqa_rad_subset.json")) as f:
+            extra = vqa_rad_sft_records(json.load(f))
+    records = sft_records(phantoms, seed + 4)
+    for r in records:
+        r["image"] = "phantoms/" + r["image"]
+    files, questions = {}, {}
+    for n in sorted(set(sizes)):
+        sft = records[:n] + extra
+        random.Random(seed).shuffle(sft)
+        files[n] = os.path.join(root, f"sft_{n}.json")
+        write_json_atomic(files[n], sft)
+        questions[str(n)] = training_questions(sft)
+    write_json_atomic(os.path.join(root, "questions.json"), questions)
+    return files

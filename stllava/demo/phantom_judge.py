@@ -30,34 +30,62 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9\-]+", text.lower())
 
 
+def question_kind(question: str) -> tuple[str, str] | None:
+    """``(form, kind)`` of a question: form "yesno" or "open"; kind the fact it asks about —
+    "modality", "count", "side", "size" or "presence". None when it maps to no phantom fact."""
+    q = words(question)
+    yesno = bool(q) and q[0] in {"is", "are", "does", "do", "can"}
+    if yesno:
+        if any(w in MODALITY_WORDS for w in q):
+            return "yesno", "modality"
+        if "more" in q and "one" in q:
+            return "yesno", "count"
+        if "left" in q or "right" in q:
+            return "yesno", "side"
+        if {"lesion", "lesions", "mass", "abnormality"} & set(q):
+            return "yesno", "presence"
+        return None
+    if "modality" in q or ("what" in q and ("scan" in q or "imaging" in q)):
+        return "open", "modality"
+    if "many" in q:
+        return "open", "count"
+    if "side" in q:
+        return "open", "side"
+    if "large" in q or "size" in q or "big" in q:
+        return "open", "size"
+    return None
+
+
 def expected_answer(question: str, facts: dict) -> tuple[str, str] | None:
-    """``(kind, answer)`` the phantom's facts give for ``question``, or None if it asks about
-    something the judge does not know. kind is "yesno" or "open"."""
+    """``(form, answer)`` the phantom's facts give for ``question``, or None if it asks about
+    something the judge does not know (or about the side or size of lesions a phantom without
+    lesions does not have). form is "yesno" or "open"."""
+    found = question_kind(question)
+    if found is None:
+        return None
+    form, kind = found
     q = words(question)
     sides = {les["side"] for les in facts["lesions"]}
     count = facts["count"]
-    yesno = bool(q) and q[0] in {"is", "are", "does", "do", "can"}
-    asked_mod = next((MODALITY_WORDS[w] for w in q if w in MODALITY_WORDS), None)
-    if yesno:
-        if asked_mod:
-            return "yesno", "yes" if asked_mod == facts["modality"] else "no"
-        if "more" in q and "one" in q:
-            return "yesno", "yes" if count > 1 else "no"
-        for side in ("left", "right"):
-            if side in q:
-                return "yesno", "yes" if side in sides else "no"
-        if {"lesion", "lesions", "mass", "abnormality"} & set(q):
-            return "yesno", "yes" if count else "no"
+    if form == "yesno":
+        if kind == "modality":
+            asked = next(MODALITY_WORDS[w] for w in q if w in MODALITY_WORDS)
+            return form, "yes" if asked == facts["modality"] else "no"
+        if kind == "count":
+            return form, "yes" if count > 1 else "no"
+        if kind == "side":
+            side = "left" if "left" in q else "right"
+            return form, "yes" if side in sides else "no"
+        return form, "yes" if count else "no"
+    if kind == "modality":
+        return form, facts["modality"]
+    if kind == "count":
+        return form, str(count)
+    if not count:
         return None
-    if "modality" in q or ("what" in q and ("scan" in q or "imaging" in q)):
-        return "open", facts["modality"]
-    if "many" in q:
-        return "open", str(count)
-    if "side" in q and count:
-        return "open", "both" if len(sides) == 2 else next(iter(sides))
-    if ("large" in q or "size" in q or "big" in q) and count:
-        return "open", "large" if any(les["size"] == "large" for les in facts["lesions"]) else "small"
-    return None
+    if kind == "side":
+        return form, "both" if len(sides) == 2 else next(iter(sides))
+    return form, "large" if any(les["size"] == "large" for les in facts["lesions"]) else "small"
 
 
 def is_right(answer: str, kind: str, expected: str) -> bool:

@@ -1,137 +1,153 @@
-"""The embedded self-training loop, stage by stage, each stage a real command.
+"""The embedded demo: the whole self-training loop once, stage by stage, each stage a real command.
 
-Stages (each writes ``<workdir>/.done/<stage>`` when finished, so a rerun reuses it):
+Stages (each a folder under the workdir with a ``.done.json`` marker, so a rerun reuses it):
 
-    bundle    tiny random-init model (the "start" model)
-    data      phantoms (train / unlabelled / test), SFT set, evaluation sets
-    sft       stage 1: self-questioning SFT (v1_sq, LoRA + ViT-LoRA + projector) → merged
-    questions stage 2a: the SFT model asks questions about the unlabelled phantoms
-    answers   stage 2b: two sampled answers per question
-    judge     stage 2c: the phantom judge scores each pair through the real OpenAI client
-    pairs     stage 2d: preference pairs (a held-out share kept for reward accuracy)
-    dpo       stage 3: DPO from the SFT model → merged
-    eval      start / SFT / DPO on the phantom test set and the embedded VQA-RAD subset
-    report    markdown summary, metrics table, curves, example self-questions
+    bundle     tiny random-init model (the "start" model)                        tiny/
+    data       phantoms: labelled set, unlabelled pool, validation and test sets  data/, labelled/
+    sft        stage 1: self-questioning SFT (v1_sq, LoRA + ViT-LoRA + projector) sft/
+    questions  stage 2a: the SFT model asks questions about the unlabelled pool   selftrain/questions/
+    answers    stage 2b: sampled answers per question                             selftrain/answers/
+    judge      stage 2c: the phantom judge scores them through the real client    selftrain/judged/
+    pairs      stage 2d: preference pairs (a share of images held out)            selftrain/pairs/
+    dpo        stage 3: DPO from the SFT model                                    dpo/
+    eval       start / SFT / DPO on the phantom test set and the VQA-RAD subset   eval/
+    report     markdown summary, metrics table, curves, self-questions            report/
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import subprocess
-import sys
+import shutil
 import time
+from typing import Callable
+
+from stllava.demo import steps
+from stllava.demo.runner import Runner
+from stllava.demo.steps import LoopSettings
 
 logger = logging.getLogger("stllava.demo")
-
-STAGES = ["bundle", "data", "sft", "questions", "answers", "judge", "pairs", "dpo", "eval", "report"]
-# What each stage writes (removed when the stage is redone, since several stages resume).
-OUTPUTS = {"bundle": ["tiny"], "data": ["data"], "sft": ["sft", "sft_merged"],
-           "questions": ["selftrain/questions.jsonl"], "answers": ["selftrain/answers.jsonl"],
-           "judge": ["selftrain/judged.jsonl", "selftrain/judged.cache.jsonl", "selftrain/judged.summary.json"],
-           "pairs": ["selftrain/dpo_all.json", "selftrain/dpo_train.json", "selftrain/dpo_heldout.json"],
-           "dpo": ["dpo", "dpo_merged"], "eval": ["eval"], "report": ["report"]}
 
 
 @dataclasses.dataclass
 class DemoConfig:
     workdir: str = "playground/demo"
     seed: int = 0
-    n_train: int = 1500
+    n_labelled: int = 1500
     n_unlabelled: int = 500
+    n_val: int = 40
     n_test: int = 60
-    sft_steps: int = 800
-    sft_batch: int = 16
-    sft_lr: float = 1e-3
-    sft_sq_r: float = 0.3  # SPEC's default; the published 7B script uses 0.5
-    sft_procs: int = 1  # 2 = two-process DeepSpeed ZeRO-3 (gloo) on CPU
-    n_questions: int = 5
-    # Sampling for the tiny model: SPEC §5's T=1.2 / top-k 300 (questions) and top-k 100 (answers)
-    # suit a 7B model; a 1,000-token, 200k-parameter one needs a sharper distribution.
-    q_temperature: float = 0.8
-    q_top_k: int = 20
-    a_temperature: float = 1.0
-    a_top_k: int = 20
-    heldout_share: float = 0.25
-    dpo_epochs: int = 1
-    dpo_batch: int = 8
-    dpo_lr: float = 1e-4
-    dpo_beta: float = 0.1
-    eval_max_new_tokens: int = 8
-    threads: int = 1
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.workdir, *parts)
+    loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
 
 
-def run(cmd: list[str], cfg: DemoConfig, log_name: str, env_extra: dict | None = None) -> None:
-    """Run one stage command, streaming its output to the console and to ``logs/<log_name>.log``."""
-    os.makedirs(cfg.path("logs"), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONWARNINGS="ignore", **(env_extra or {}))
-    logger.info("$ %s", " ".join(cmd))
-    # Raw bytes pass through so progress bars redraw in place; the log keeps everything.
-    with open(cfg.path("logs", log_name + ".log"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        while chunk := proc.stdout.read1(4096):
-            log.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-        rc = proc.wait()
-    if rc:
-        raise RuntimeError(f"stage command failed (exit {rc}); see {cfg.path('logs', log_name + '.log')}")
+class Demo:
+    """One pass of the loop under ``cfg.workdir``; :data:`STAGES` lists what it runs, in order."""
 
-
-def py(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
-class Pipeline:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.t0 = time.time()
-        self.timings: dict[str, float] = {}
-        timing_file = cfg.path("timings.json")
-        if os.path.exists(timing_file):
-            self.timings = json.load(open(timing_file))
+        self.r = Runner(cfg.workdir, threads=1, echo=True)
 
-    # -- bookkeeping ---------------------------------------------------------------------------
-    def done(self, stage: str) -> bool:
-        return os.path.exists(self.cfg.path(".done", stage))
+    def path(self, *parts: str) -> str:
+        return self.r.path(*parts)
 
-    def mark(self, stage: str, seconds: float) -> None:
-        os.makedirs(self.cfg.path(".done"), exist_ok=True)
-        open(self.cfg.path(".done", stage), "w").close()
-        self.timings[stage] = round(seconds, 1)
-        json.dump(self.timings, open(self.cfg.path("timings.json"), "w"), indent=1)
+    # -- the stages ------------------------------------------------------------------------------
+    def bundle(self) -> None:
+        from stllava.model.tiny import build_tiny_bundle
+
+        self.r.step("bundle", self.path("tiny"), {"seed": self.cfg.seed},
+                    lambda: build_tiny_bundle(self.path("tiny"), seed=self.cfg.seed))
+
+    def data(self) -> None:
+        from stllava.demo.data import build_labelled, build_shared, vqa_rad_assets
+
+        c = self.cfg
+        self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test},
+                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.seed))
+        self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed},
+                    lambda: build_labelled(self.path("labelled"), [c.n_labelled], c.seed, with_vqa_rad=True))
+        self.r.step("vqa_rad", self.path("eval_vqa_rad"), {}, lambda: self.r.run(steps.py(
+            "stllava.eval.convert", "vqa_rad", "--src", os.path.join(vqa_rad_assets(), "vqa_rad_subset.json"),
+            "--out", self.path("eval_vqa_rad")), "convert_vqa_rad"))
+
+    def sft(self) -> str:
+        c = self.cfg
+        return steps.sft(self.r, self.path("sft"), self.path("tiny"), self.path("labelled", f"sft_{c.n_labelled}.json"),
+                         self.path("labelled", "images"), c.loop, c.seed)
+
+    def questions(self) -> str:
+        return steps.questions(self.r, self.path("selftrain", "questions"), self.sft(), self.unlabelled(),
+                               self.cfg.loop, self.cfg.seed)
+
+    def answers(self) -> str:
+        return steps.answers(self.r, self.path("selftrain", "answers"), self.sft(), self.questions(),
+                             self.unlabelled(), self.cfg.loop, self.cfg.seed)
+
+    def judge(self) -> str:
+        return steps.judge(self.r, self.path("selftrain", "judged"), self.answers(), self.unlabelled(),
+                           self.path("data", "phantoms", "unlabelled", "facts.json"))
+
+    def pairs(self) -> tuple[str, str]:
+        return steps.pairs(self.r, self.path("selftrain", "pairs"), self.judge(), self.cfg.loop, self.cfg.seed)
+
+    def dpo(self) -> str:
+        train, held = self.pairs()
+        return steps.dpo(self.r, self.path("dpo"), self.sft(), train, held, self.unlabelled(), self.cfg.loop,
+                         self.cfg.seed)
+
+    def eval(self) -> None:
+        from stllava.demo.data import vqa_rad_assets
+
+        models = {"start": self.path("tiny"), "sft": self.sft(), "dpo": self.dpo()}
+        sets = {"phantom": (self.path("data", "eval_test"), self.path("data", "phantoms", "test", "images")),
+                "vqa_rad": (self.path("eval_vqa_rad"), os.path.join(vqa_rad_assets(), "images"))}
+        for name, model in models.items():
+            for bench, (folder, images) in sets.items():
+                steps.evaluate(self.r, self.path("eval", name, bench), model, folder, images, self.cfg.loop, bench,
+                               log=f"eval_{name}_{bench}")
+
+    def report(self) -> None:
+        from stllava.demo.report import write_report
+
+        shutil.rmtree(self.path("report"), ignore_errors=True)
+        write_report(self)
+
+    def unlabelled(self) -> str:
+        return self.path("data", "phantoms", "unlabelled", "images")
+
+    # -- running -------------------------------------------------------------------------------
+    def stage_table(self) -> dict[str, tuple[Callable[[], object], list[str]]]:
+        """Stage name → (its function, the folders it owns)."""
+        return {
+            "bundle": (self.bundle, ["tiny"]),
+            "data": (self.data, ["data", "labelled", "eval_vqa_rad"]),
+            "sft": (self.sft, ["sft"]),
+            "questions": (self.questions, ["selftrain/questions"]),
+            "answers": (self.answers, ["selftrain/answers"]),
+            "judge": (self.judge, ["selftrain/judged"]),
+            "pairs": (self.pairs, ["selftrain/pairs"]),
+            "dpo": (self.dpo, ["dpo"]),
+            "eval": (self.eval, ["eval"]),
+            "report": (self.report, ["report"]),
+        }
 
     def forget(self, stage: str) -> None:
-        """Forget ``stage`` and every later one: markers and outputs are removed."""
-        import shutil
-
-        for later in STAGES[STAGES.index(stage):]:
-            for rel in [os.path.join(".done", later)] + OUTPUTS[later]:
-                path = self.cfg.path(rel)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
+        """Remove ``stage``'s outputs and every later stage's, so they run again."""
+        table = self.stage_table()
+        names = list(table)
+        for later in names[names.index(stage):]:
+            for rel in table[later][1]:
+                shutil.rmtree(self.path(rel), ignore_errors=True)
 
     def run_all(self, stages: list[str] | None = None) -> None:
-        from stllava.demo.stages import STAGE_FUNCS  # the stages import this module
-
-        stages = stages or STAGES
+        table = self.stage_table()
+        stages = stages or list(table)
+        t0 = time.time()
         for i, stage in enumerate(stages, 1):
-            if self.done(stage):
-                logger.info("[%d/%d] %s: done before, reused (%.1f s then)", i, len(stages), stage,
-                            self.timings.get(stage, float("nan")))
-                continue
             logger.info("[%d/%d] %s ...", i, len(stages), stage)
             t = time.time()
-            STAGE_FUNCS[stage](self)
-            self.mark(stage, time.time() - t)
-            logger.info("[%d/%d] %s finished in %.1f s (total %.1f s)", i, len(stages), stage,
-                        time.time() - t, time.time() - self.t0)
-    # the stage functions live in stllava.demo.stages (small files)
+            table[stage][0]()
+            logger.info("[%d/%d] %s finished in %.1f s (total %.1f s)", i, len(stages), stage, time.time() - t,
+                        time.time() - t0)
+
+
+STAGES = ["bundle", "data", "sft", "questions", "answers", "judge", "pairs", "dpo", "eval", "report"]

@@ -1,36 +1,40 @@
-"""The demo's report folder: summary, metrics table, curves, example self-questions."""
+"""The demo's report folder: scores, the self-training effect with the study's interval, the
+self-made data and its quality, curves, examples. ``summary.json`` holds only results (no times),
+so the same seed gives the same file; stage times are in ``timings.json`` beside the workdir's."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 
+from stllava.demo.quality import pair_stats, per_kind, question_stats
+from stllava.jsonl import write_json_atomic
+
 logger = logging.getLogger("stllava.demo")
 
-MODELS = [("start", "start (random-init tiny)"), ("sft", "stage 1: SFT"), ("dpo", "stage 3: DPO")]
+MODELS = [("start", "start (random-init tiny)"), ("sft", "stage 1: self-questioning SFT"),
+          ("dpo", "stage 3: DPO on self-made pairs")]
+STUDY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "docs", "study", "study.json")
 
 
 def log_history(folder: str) -> list[dict]:
-    """The Trainer's ``log_history`` from ``folder/trainer_state.json`` (or its last checkpoint)."""
-    candidates = [os.path.join(folder, "trainer_state.json")]
-    if os.path.isdir(folder):
-        ckpts = sorted((d for d in os.listdir(folder) if d.startswith("checkpoint-")),
-                       key=lambda d: int(d.split("-")[1]))
-        candidates += [os.path.join(folder, d, "trainer_state.json") for d in reversed(ckpts)]
-    for c in candidates:
-        if os.path.isfile(c):
-            return json.load(open(c))["log_history"]
-    return []
+    """The Trainer's ``log_history`` from ``folder/trainer_state.json`` ([] when absent)."""
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["log_history"]
 
 
-def plot_curves(p, out: str) -> list[str]:
+def plot_curves(demo, out: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    sft = [h for h in log_history(p.cfg.path("sft")) if "loss" in h]
+    sft = [h for h in log_history(demo.path("sft", "train")) if "loss" in h]
     if sft:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([h["step"] for h in sft], [h["loss"] for h in sft])
@@ -39,7 +43,7 @@ def plot_curves(p, out: str) -> list[str]:
         fig.savefig(os.path.join(out, "sft_loss.png"), dpi=110)
         plt.close(fig)
         written.append("sft_loss.png")
-    dpo = [h for h in log_history(p.cfg.path("dpo")) if "rewards/margins" in h]
+    dpo = [h for h in log_history(demo.path("dpo", "train")) if "rewards/margins" in h]
     if dpo:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         steps = [h["step"] for h in dpo]
@@ -56,96 +60,108 @@ def plot_curves(p, out: str) -> list[str]:
     return written
 
 
-def metrics_table(p) -> tuple[str, dict]:
-    rows, data = [], {}
-    header = ("| model | phantom closed acc | phantom open recall | phantom open F1 | VQA-RAD closed acc | "
-              "VQA-RAD open recall | VQA-RAD open F1 |\n|---|---|---|---|---|---|---|")
-    for key, label in MODELS:
-        cells = []
+def metrics(demo) -> dict:
+    """``{model: {bench: overall metrics}}`` of the evaluation stage, plus the phantom per-kind split."""
+    data = {}
+    for key, _ in MODELS:
         for bench in ("phantom", "vqa_rad"):
-            f = p.cfg.path("eval", key, bench, "metrics.json")
-            if not os.path.isfile(f):
-                cells += ["–"] * 3
-                continue
-            m = json.load(open(f))
-            m = m.get("overall", m)
-            data.setdefault(key, {})[bench] = m
-            cells += [f"{m[k]:.1f}" if m.get(k) is not None else "–" for k in ("closed_acc", "open_recall", "open_f1")]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    return header + "\n" + "\n".join(rows), data
+            f = demo.path("eval", key, bench, "metrics.json")
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    m = json.load(fh)["overall"]
+                data.setdefault(key, {})[bench] = {k: m[k] for k in ("closed_acc", "open_recall", "open_f1",
+                                                                     "n_closed", "n_open")}
+        if key in data and "phantom" in data[key]:
+            data[key]["phantom"]["per_kind"] = per_kind(demo.path("eval", key, "phantom"),
+                                                        demo.path("data", "eval_test"))
+    return data
 
 
-def self_question_examples(p, n: int = 6) -> tuple[str, dict]:
-    """Markdown of a few judged pairs and the novelty count of the self-questions."""
-    summary = json.load(open(p.cfg.path("data", "summary.json")))
-    train_q = {q.strip().lower() for q in summary["training_questions"]}
-    questions = [json.loads(line) for line in open(p.cfg.path("selftrain", "questions.jsonl"))]
-    asked = [q for r in questions for q in r["questions"]]
-    novel = [q for q in asked if q.strip().lower() not in train_q]
-    judged = [json.loads(line) for line in open(p.cfg.path("selftrain", "judged.jsonl"))]
-    from stllava.demo.phantom_judge import expected_answer
-
-    facts = json.load(open(p.cfg.path("data", "phantoms", "unlabelled", "facts.json")))
-    novel_answerable = [q for r in questions for q in r["questions"]
-                        if q.strip().lower() not in train_q and expected_answer(q, facts[r["image"]]) is not None]
-    stats = {"images": len(questions), "questions": len(asked), "distinct": len({q.lower() for q in asked}),
-             "novel": len(novel), "novel_distinct": len({q.lower() for q in novel}),
-             "novel_answerable": len(novel_answerable)}
-    lines = [f"The SFT model asked **{len(asked)}** questions about {len(questions)} unlabelled phantoms "
-             f"({stats['distinct']} distinct); **{len(novel)}** ({stats['novel_distinct']} distinct) are not "
-             "verbatim among the training questions; of those, "
-             f"{len(novel_answerable)} ask about a fact of the image that the phantom judge can check (the rest "
-             "are malformed — a 200k-parameter model samples noise too).", ""]
-    lines += ["Examples of self-asked novel questions: " + "; ".join(f"“{q}”" for q in sorted(set(novel))[:8]), ""]
-    lines += ["| image | question (asked by the model) | answer 1 | answer 2 | phantom-judge scores | status |",
-              "|---|---|---|---|---|---|"]
-    ok = [j for j in judged if j["judge"]["status"] == "ok"]
-    novel_ok = [j for j in ok if j["question"].strip().lower() not in train_q]
-    shown = (novel_ok[: n // 2] + [j for j in ok if j not in novel_ok])[:n]
-    shown += [j for j in judged if j["judge"]["status"] == "tie"][:1]
-    shown += [j for j in judged if j["judge"]["status"] == "identical"][:1]
-    for j in shown:
-        a1, a2 = j["answers"]
-        scores = " / ".join(f"{s:g}" for s in (j["judge"].get("scores") or [])) or "–"
-        lines.append(f"| {j['image']} | {j['question']} | {a1} | {a2} | {scores} | {j['judge']['status']} |")
-    return "\n".join(lines), stats
+def _cell(m: dict, bench: str, k: str) -> str:
+    v = m.get(bench, {}).get(k)
+    return "–" if v is None else f"{v:.1f}"
 
 
-def write_report(p) -> str:
-    out = p.cfg.path("report")
+def study_line(n_labelled: int, study_file: str = STUDY_FILE) -> str | None:
+    """The study's self-training effect at ``n_labelled`` labelled phantoms, as a sentence (None when
+    the study has no such size or its results are not in this checkout)."""
+    if not os.path.isfile(study_file):
+        return None
+    with open(study_file) as f:
+        study = json.load(f)
+    comp = study.get("comparisons", {}).get(str(n_labelled), {}).get("st - sft")
+    if not comp:
+        return None
+    seeds = len(study["config"]["seeds"])
+    parts = []
+    for metric, name in (("closed_acc", "closed accuracy"), ("open_recall", "open recall")):
+        d = comp["test"][metric]
+        parts.append(f"{d['mean']:+.1f} {name} points [95% interval {d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
+    return (f"The study (`python -m stllava.demo.study`, {seeds} seeds, same setting) measured self-training "
+            f"over SFT: {'; '.join(parts)} on its test phantoms.")
+
+
+def write_report(demo) -> str:
+    """Write ``<workdir>/report/{README.md, summary.json, *.png}``; returns the folder."""
+    c = demo.cfg
+    out = demo.path("report")
     os.makedirs(out, exist_ok=True)
-    table, data = metrics_table(p)
-    plots = plot_curves(p, out)
-    examples, qstats = self_question_examples(p)
-    extra = {}
-    heldout = p.cfg.path("dpo", "eval_results.json")
+    data = metrics(demo)
+    facts = demo.path("data", "phantoms", "unlabelled", "facts.json")
+    with open(demo.path("labelled", "questions.json")) as f:
+        asked_in_training = json.load(f)[str(c.n_labelled)]
+    qstats = question_stats(demo.path("selftrain", "questions", "questions.jsonl"), facts, asked_in_training)
+    pairs_dir = demo.path("selftrain", "pairs")
+    pstats = pair_stats(demo.path("selftrain", "judged", "judged.jsonl"),
+                        [os.path.join(pairs_dir, "dpo_train.json"), os.path.join(pairs_dir, "dpo_heldout.json")],
+                        facts)
+    summary = {"settings": {"n_labelled": c.n_labelled, "n_unlabelled": c.n_unlabelled, "seed": c.seed},
+               "metrics": data, "self_questions": qstats, "pairs": pstats}
+    heldout = demo.path("dpo", "train", "eval_results.json")
     if os.path.isfile(heldout):
-        m = json.load(open(heldout))
-        extra["dpo_heldout"] = {"reward_accuracy": m.get("eval_rewards/accuracies"),
-                                "reward_margin": m.get("eval_rewards/margins"), "loss": m.get("eval_loss"),
-                                "pairs": len(json.load(open(p.cfg.path("selftrain", "dpo_heldout.json"))))}
-    pair_stats = json.load(open(p.cfg.path("selftrain", "dpo_all.stats.json")))
+        with open(heldout) as f:
+            m = json.load(f)
+        summary["dpo_heldout"] = {"reward_accuracy": m.get("eval_rewards/accuracies"),
+                                  "reward_margin": m.get("eval_rewards/margins")}
+    effect = {}
+    if "sft" in data and "dpo" in data:
+        effect = {k: data["dpo"]["phantom"][k] - data["sft"]["phantom"][k] for k in ("closed_acc", "open_recall")}
+        summary["self_training_effect"] = effect
+    write_json_atomic(os.path.join(out, "summary.json"), summary, indent=1)
+
+    rows = [f"| {label} | {_cell(data.get(k, {}), 'phantom', 'closed_acc')} | "
+            f"{_cell(data.get(k, {}), 'phantom', 'open_recall')} | {_cell(data.get(k, {}), 'phantom', 'open_f1')} | "
+            f"{_cell(data.get(k, {}), 'vqa_rad', 'closed_acc')} |" for k, label in MODELS]
     md = ["# STLLaVA-Med embedded demo — report", "",
-          "Everything below was produced by `make demo` on this machine: a tiny random-init LLaVA "
-          "model is self-question-SFT'd on synthetic phantoms (+ the embedded VQA-RAD subset), asks "
-          "and answers its own questions on unlabelled phantoms, a **phantom judge** (ground-truth "
-          "scorer behind a local OpenAI-compatible server, standing in for GPT-4o) picks the better "
-          "answers, and DPO trains on those pairs.", "",
-          "## Scores (LLaVA-Med metrics, ×100; closed accuracy = substring variant)", "", table, "",
-          "VQA-RAD numbers of a model this small are not meaningful; they show the real-data path runs.", "",
-          "## Self-made preference data", "", examples, "",
-          f"Judged pairs kept: {pair_stats.get('pairs')}, ties skipped: {pair_stats.get('tie')}, "
-          f"unparsable: {pair_stats.get('unparsable')}, identical answers: {pair_stats.get('identical')}.", ""]
-    if "dpo_heldout" in extra:
-        h = extra["dpo_heldout"]
-        md += ["## DPO on held-out judged pairs", "",
-               f"Reward accuracy {h['reward_accuracy']:.3f}, mean margin {h['reward_margin']:.3f} on "
-               f"{h['pairs']} pairs from images DPO never saw (reference = the SFT model).", ""]
-    md += ["## Curves", ""] + [f"![{x}]({x})" for x in plots] + ["", "## Stage timings (s)", "",
-           "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in p.timings.items()]
+          f"A tiny random-init LLaVA model is self-question-SFT'd on {c.n_labelled} labelled phantoms (+ the "
+          f"embedded VQA-RAD subset), asks and answers its own questions on {c.n_unlabelled} unlabelled phantoms, "
+          "a **phantom judge** (a ground-truth scorer behind a local OpenAI-compatible server, standing in for "
+          "GPT-4o) picks the better answers, and DPO trains on those pairs.", "",
+          "## Scores (LLaVA-Med metrics, ×100; closed accuracy = substring variant)", "",
+          "| model | phantom closed acc | phantom open recall | phantom open F1 | VQA-RAD subset closed acc |",
+          "|---|---|---|---|---|", *rows, ""]
+    if effect:
+        md += [f"**Self-training effect in this run (seed {c.seed}):** {effect['closed_acc']:+.1f} closed-accuracy "
+               f"and {effect['open_recall']:+.1f} open-recall points over SFT on "
+               f"{data['sft']['phantom']['n_closed']} + {data['sft']['phantom']['n_open']} test questions.", ""]
+        line = study_line(c.n_labelled)
+        md += [line if line else "The study's interval for this setting is not in this checkout "
+               "(run `python -m stllava.demo.study`).", ""]
+    md += ["VQA-RAD numbers of a model this small are not meaningful; they show the real-data path runs.", "",
+           "## Self-made preference data", "",
+           f"The SFT model asked {qstats['questions']} questions about {qstats['images']} unlabelled phantoms "
+           f"({qstats['distinct']} distinct; {qstats['answerable']} about a fact the phantom judge can check; "
+           f"{qstats['novel']} not verbatim among its training questions, {qstats['novel_answerable']} of those "
+           "checkable). Examples of novel ones: " + "; ".join(f"“{q}”" for q in qstats["novel_examples"]), "",
+           f"Answers judged: {pstats['questions']} questions — {json.dumps(pstats['status'])}; "
+           f"**{pstats['pairs']} pairs**, of which {100 * (pstats['chosen_right_rejected_wrong'] or 0):.1f}% have "
+           "a right chosen and a wrong rejected answer by the phantoms' ground truth.", ""]
+    if "dpo_heldout" in summary:
+        h = summary["dpo_heldout"]
+        md += [f"DPO reward accuracy on held-out judged pairs (images DPO never saw): {h['reward_accuracy']:.3f} "
+               f"(mean margin {h['reward_margin']:.3f}).", ""]
+    md += ["## Curves", ""] + [f"![{x}]({x})" for x in plot_curves(demo, out)]
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    json.dump({"metrics": data, "self_questions": qstats, "pairs": pair_stats, **extra, "timings": p.timings},
-              open(os.path.join(out, "summary.json"), "w"), indent=1)
     logger.info("report written to %s", out)
     return out

@@ -1,0 +1,233 @@
+"""The steps of the self-training loop, each the real command a researcher runs at 7B scale.
+
+Every function takes a :class:`~stllava.demo.runner.Runner`, explicit input paths and settings,
+fills one output folder (reused when already finished with the same settings) and returns what
+the next step reads. The demo (:mod:`stllava.demo.pipeline`) chains them once; the study
+(:mod:`stllava.demo.study`) chains them per labelled-set size, seed and condition.
+
+Settings shared by the demo and the study live in :class:`LoopSettings`; their values were chosen
+on the validation phantoms (docs/Study.md says how).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+
+from stllava.demo.runner import Runner, py
+from stllava.jsonl import write_json_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JUDGE_KEY_ENV = "PHANTOM_JUDGE_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """Everything that determines a run besides its data and seed."""
+
+    # The tiny model is trained, asked and evaluated with one template: v1_sq (the stage-1 template).
+    # A 7B LLaMA generalises across system prompts; a 200k-parameter one does not (measured: the SFT
+    # model scored 20% closed accuracy with the plain v1 system prompt, 82% with v1_sq's).
+    conv: str = "v1_sq"
+    sft_steps: int = 800
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    sq_r: float = 0.3  # SPEC's default; the published 7B script uses 0.5
+    sft_procs: int = 1  # 2 = two-process DeepSpeed ZeRO-3 (gloo) on CPU
+    n_questions: int = 5
+    # Sampling for the tiny model: SPEC §5's T=1.2 / top-k 300 (questions) and top-k 100 (answers)
+    # suit a 7B model; a 1,000-token, 200k-parameter one needs a sharper distribution.
+    q_temperature: float = 0.8
+    q_top_k: int = 20
+    a_temperature: float = 1.0
+    a_top_k: int = 20
+    n_answers: int = 2
+    heldout_share: float = 0.25
+    dpo_epochs: int = 1
+    dpo_batch: int = 8
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.1
+    rft_epochs: int = 1
+    rft_lr: float = 1e-3
+    eval_max_new_tokens: int = 8
+
+    def replace(self, **changes) -> "LoopSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def _trainable_args(lr: float) -> list[str]:
+    """LoRA + ViT-LoRA + projector, one learning rate: the flags shared by SFT, RFT and DPO."""
+    lr = str(lr)
+    return ["--mm_projector_type", "cluster", "--image_aspect_ratio", "pad",
+            "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128",
+            "--vit_lora_enable", "--lora_r_vit", "16", "--lora_alpha_vit", "32",
+            "--learning_rate", lr, "--mm_projector_lr", lr, "--vision_tower_lr", lr, "--weight_decay", "0.",
+            "--warmup_ratio", "0.03", "--model_max_length", "512", "--dataloader_num_workers", "0",
+            "--report_to", "none", "--disable_tqdm", "False"]
+
+
+def merge(r: Runner, adapter: str, base: str, out: str, log: str) -> None:
+    """Merge a LoRA output folder into one full checkpoint with the user-facing merge command."""
+    r.run([sys.executable, os.path.join(REPO, "scripts", "merge_lora_weights.py"), "--model-path", adapter,
+           "--model-base", base, "--save-model-path", out, "--dtype", "float32"], log)
+
+
+def _train_cmd(procs: int, module: str) -> list[str]:
+    if procs > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                os.path.join(REPO, *module.split(".")) + ".py", "--deepspeed",
+                os.path.join(REPO, "scripts", "zero3.json")]
+    return py(module)
+
+
+def sft(r: Runner, folder: str, base: str, data: str, images: str, s: LoopSettings, seed: int, *,
+        steps: int | None = None, lr: float | None = None, sq_r: float | None = None, log: str = "sft") -> str:
+    """Stage 1 (or continued SFT): ``train_sft`` from ``base`` on ``data``, LoRA + ViT-LoRA +
+    projector, then merged. Returns the merged model folder ``folder/merged``."""
+    steps, lr = steps or s.sft_steps, lr or s.sft_lr
+    sq_r = s.sq_r if sq_r is None else sq_r
+    settings = {"base": base, "data": data, "images": images, "steps": steps, "lr": lr, "sq_r": sq_r,
+                "batch": s.sft_batch, "procs": s.sft_procs, "conv": s.conv, "seed": seed}
+
+    def go():
+        env = {"OMP_NUM_THREADS": "1"} if s.sft_procs > 1 else None
+        r.run(_train_cmd(s.sft_procs, "stllava.train.train_sft") + [
+            "--model_name_or_path", base, "--version", s.conv, "--sq_r", str(sq_r),
+            "--data_path", data, "--image_folder", images,
+            "--group_by_modality_length", "True", "--lora_dropout_vit", "0.0",
+            "--lr_scheduler_type", "constant_with_warmup", "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(s.sft_batch // s.sft_procs), "--gradient_accumulation_steps", "1",
+            "--logging_steps", "10", "--save_strategy", "no", "--seed", str(seed),
+            "--output_dir", os.path.join(folder, "train")] + _trainable_args(lr), log, env)
+        merge(r, os.path.join(folder, "train"), base, os.path.join(folder, "merged"), log + "_merge")
+
+    r.step(log, folder, settings, go)
+    return os.path.join(folder, "merged")
+
+
+def questions(r: Runner, folder: str, model: str, images: str, s: LoopSettings, seed: int,
+              log: str = "questions") -> str:
+    """Stage 2a: the model asks ``n_questions`` questions per unlabelled image. Returns the file."""
+    out = os.path.join(folder, "questions.jsonl")
+    settings = {"model": model, "images": images, "n": s.n_questions, "t": s.q_temperature, "k": s.q_top_k,
+                "conv": s.conv, "seed": seed}
+    r.step(log, folder, settings, lambda: r.run(py(
+        "stllava.selftrain.questions", "--model-path", model, "--image-folder", images, "--out", out,
+        "--conv-mode", s.conv, "--n-questions", str(s.n_questions), "--max-desc-tokens", "24",
+        "--max-question-tokens", "24", "--batch-size", "16", "--temperature", str(s.q_temperature),
+        "--top-k", str(s.q_top_k), "--seed", str(seed), "--dedup", "--device", "cpu", "--no-progress"), log))
+    return out
+
+
+def answers(r: Runner, folder: str, model: str, questions_file: str, images: str, s: LoopSettings, seed: int,
+            log: str = "answers") -> str:
+    """Stage 2b: ``n_answers`` sampled answers per question. Returns the file."""
+    out = os.path.join(folder, "answers.jsonl")
+    settings = {"model": model, "questions": questions_file, "n": s.n_answers, "t": s.a_temperature,
+                "k": s.a_top_k, "conv": s.conv, "seed": seed}
+    extra = ["--n-answers", str(s.n_answers)] if s.n_answers != 2 else []
+    r.step(log, folder, settings, lambda: r.run(py(
+        "stllava.selftrain.answers", "--model-path", model, "--questions", questions_file,
+        "--image-folder", images, "--out", out, "--conv-mode", s.conv, "--max-new-tokens", "12",
+        "--temperature", str(s.a_temperature), "--top-k", str(s.a_top_k), "--batch-size", "32",
+        "--seed", str(seed), "--device", "cpu", "--no-progress", *extra), log))
+    return out
+
+
+def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, log: str = "judge") -> str:
+    """Stage 2c: the phantom judge scores the answers through the real OpenAI client. Returns the file."""
+    from stllava.demo.phantom_judge import JUDGE_NAME, serve
+
+    out = os.path.join(folder, "judged.jsonl")
+
+    def go():
+        server = serve(facts, images)
+        try:
+            r.run(py("stllava.selftrain.judge", "--answers", answers_file, "--image-folder", images, "--out", out,
+                     "--base-url", server.base_url, "--model", JUDGE_NAME, "--api-key-env", JUDGE_KEY_ENV,
+                     "--concurrency", "4", "--price-in", "0", "--price-out", "0"),
+                  log, {JUDGE_KEY_ENV: "local-phantom-judge"})
+        finally:
+            server.stop()
+
+    r.step(log, folder, {"answers": answers_file, "facts": facts}, go)
+    return out
+
+
+def pairs(r: Runner, folder: str, judged_file: str, s: LoopSettings, seed: int, log: str = "pairs") -> tuple[str, str]:
+    """Stage 2d: preference pairs, with a share of the *images* held out for DPO's reward accuracy.
+    Returns ``(train pairs, held-out pairs)``."""
+    train, held = os.path.join(folder, "dpo_train.json"), os.path.join(folder, "dpo_heldout.json")
+
+    def go():
+        everything = os.path.join(folder, "dpo_all.json")
+        r.run(py("stllava.selftrain.build_pairs", "--judged", judged_file, "--out", everything), log)
+        with open(everything) as f:
+            all_pairs = json.load(f)
+        images = sorted({x["image"] for x in all_pairs})
+        random.Random(seed).shuffle(images)
+        out = set(images[: max(1, int(len(images) * s.heldout_share))]) if s.heldout_share > 0 else set()
+        write_json_atomic(train, [x for x in all_pairs if x["image"] not in out], indent=1)
+        write_json_atomic(held, [x for x in all_pairs if x["image"] in out], indent=1)
+
+    r.step(log, folder, {"judged": judged_file, "heldout_share": s.heldout_share, "seed": seed}, go)
+    return train, held
+
+
+def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str, images: str, s: LoopSettings,
+        seed: int, log: str = "dpo") -> str:
+    """Stage 3: DPO from ``model`` (fresh LoRA + ViT-LoRA + projector; reference = ``model`` with the
+    adapters disabled); held-out pairs scored after training. Returns the merged model folder."""
+    settings = {"model": model, "pairs": train_pairs, "heldout": heldout_pairs, "epochs": s.dpo_epochs,
+                "batch": s.dpo_batch, "lr": s.dpo_lr, "beta": s.dpo_beta, "conv": s.conv, "seed": seed}
+
+    def go():
+        with open(heldout_pairs) as f:
+            held = ["--eval_data_path", heldout_pairs] if json.load(f) else []
+        r.run(py("stllava.train.train_dpo") + [
+            "--model_name_or_path", model, "--version", s.conv, "--data_path", train_pairs, *held,
+            "--image_folder", images, "--lr_scheduler_type", "cosine", "--num_train_epochs", str(s.dpo_epochs),
+            "--per_device_train_batch_size", str(s.dpo_batch),
+            "--per_device_eval_batch_size", "256",  # one batch: accuracy over pairs, not batch means
+            "--gradient_accumulation_steps", "1", "--dpo_beta", str(s.dpo_beta), "--dpo_loss_type", "sigmoid",
+            "--ref_model", "adapter_disabled", "--logging_steps", "2", "--save_strategy", "no",
+            "--seed", str(seed), "--output_dir", os.path.join(folder, "train")] + _trainable_args(s.dpo_lr), log)
+        merge(r, os.path.join(folder, "train"), model, os.path.join(folder, "merged"), log + "_merge")
+
+    r.step(log, folder, settings, go)
+    return os.path.join(folder, "merged")
+
+
+def rft(r: Runner, folder: str, model: str, train_pairs: str, images: str, s: LoopSettings, seed: int,
+        log: str = "rft") -> str:
+    """The control: continue SFT from ``model`` on the judge's *chosen* answers of the same pairs
+    (rejection-sampling fine-tuning), as many epochs as DPO runs over them. Returns the merged model."""
+    with open(train_pairs) as f:
+        chosen = [{"id": p["id"], "image": p["image"], "conversations": p["chosen_conversations"]}
+                  for p in json.load(f)]
+    data = os.path.join(folder + "_data", "rft.json")  # beside the step folder, which the step owns
+    write_json_atomic(data, chosen)
+    steps = max(1, -(-len(chosen) * s.rft_epochs // s.sft_batch))
+    return sft(r, folder, model, data, images, s, seed, steps=steps, lr=s.rft_lr, sq_r=0.0, log=log)
+
+
+def evaluate(r: Runner, folder: str, model: str, eval_dir: str, images: str, s: LoopSettings, bench: str,
+             log: str = "eval") -> dict:
+    """Greedy answers to ``eval_dir/questions.jsonl`` and their LLaVA-Med scores; returns
+    ``metrics.json``'s ``overall`` (``folder`` also holds ``per_question.csv``)."""
+    settings = {"model": model, "eval": eval_dir, "conv": s.conv, "max_new_tokens": s.eval_max_new_tokens}
+
+    def go():
+        answers_file = os.path.join(folder, "answers.jsonl")
+        r.run(py("stllava.eval.model_vqa", "--model-path", model, "--question-file",
+                 os.path.join(eval_dir, "questions.jsonl"), "--image-folder", images, "--answers-file",
+                 answers_file, "--conv-mode", s.conv, "--max-new-tokens", str(s.eval_max_new_tokens),
+                 "--batch-size", "32", "--device", "cpu", "--no-progress"), log)
+        r.run(py("stllava.eval.metrics", "--gt", os.path.join(eval_dir, "test.json"), "--pred", answers_file,
+                 "--out", folder, "--benchmark", bench), log + "_metrics")
+
+    r.step(log, folder, settings, go)
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return json.load(f)["overall"]

@@ -1,0 +1,190 @@
+"""The study's numbers: aggregation over seeds, paired comparisons, the markdown tables, figures."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from stllava.demo.stats import fmt_diff, fmt_mean_sd, mean_sd, paired_difference
+from stllava.jsonl import write_json_atomic
+
+logger = logging.getLogger("stllava.demo")
+
+LABELS = {"sft": "SFT only", "st": "SFT + self-training (DPO)", "rft": "SFT + judge-filtered SFT (control)",
+          "nosq": "SFT, self-questioning off", "nosq_st": "SFT, self-questioning off + self-training"}
+# (a, b): the paired difference a − b, and what it answers.
+COMPARISONS = [
+    ("st", "sft", "what self-training adds"),
+    ("rft", "sft", "what the judge's information adds through plain SFT"),
+    ("st", "rft", "DPO vs SFT on the same judged data"),
+    ("nosq", "sft", "turning self-questioning off (SFT alone)"),
+    ("nosq_st", "nosq", "what self-training adds without self-questioning"),
+]
+METRICS = ("closed_acc", "open_recall")
+METRIC_NAMES = {"closed_acc": "closed acc", "open_recall": "open recall"}
+FIGURES = ("study_accuracy.png", "study_effect.png")
+
+
+def aggregate(results: list[dict], cfg) -> dict:
+    """``study.json``: settings, per-run results, mean ± sd per condition, paired comparisons,
+    per-kind accuracy (test) and stage-2 data quality, per labelled-set size."""
+    from stllava.demo.study import SPLITS, config_record
+
+    runs = sorted(results, key=lambda r: (r["n_labelled"], r["seed"]))
+    sizes = sorted({r["n_labelled"] for r in runs})
+    out = {"config": config_record(cfg), "runs": runs, "conditions": {}, "comparisons": {}, "per_kind": {},
+           "stage2": {}}
+    for n in sizes:
+        cell = [r for r in runs if r["n_labelled"] == n]
+        key = str(n)
+        conds = [c for c in LABELS if all(c in r["conditions"] for r in cell)]
+        out["conditions"][key] = {
+            c: {split: {m: mean_sd([r["conditions"][c][split][m] for r in cell]) for m in METRICS}
+                for split in SPLITS} for c in conds}
+        for c in conds:
+            reward = [r["conditions"][c].get("heldout_reward_accuracy") for r in cell]
+            if all(x is not None for x in reward):
+                out["conditions"][key][c]["heldout_reward_accuracy"] = mean_sd(reward)
+        if len(cell) > 1:
+            out["comparisons"][key] = {
+                f"{a} - {b}": {split: {m: paired_difference([r["conditions"][a][split][m] for r in cell],
+                                                            [r["conditions"][b][split][m] for r in cell])
+                                       for m in METRICS} for split in SPLITS}
+                for a, b, _ in COMPARISONS if a in conds and b in conds}
+        out["per_kind"][key] = {
+            c: {form: {k: mean_sd([r["conditions"][c]["test"]["per_kind"][form][k] for r in cell])
+                       for k in cell[0]["conditions"][c]["test"]["per_kind"][form]}
+                for form in ("closed", "open")} for c in conds}
+        out["stage2"][key] = {}
+        for tag in sorted({t for r in cell for t in r["stage2"]}):
+            if all(tag in r["stage2"] for r in cell):
+                q = [r["stage2"][tag]["questions"] for r in cell]
+                p = [r["stage2"][tag]["pair_quality"] for r in cell]
+                out["stage2"][key][tag] = {
+                    "questions": mean_sd([x["questions"] for x in q]),
+                    "answerable_rate": mean_sd([x["answerable_rate"] or 0.0 for x in q]),
+                    "novel": mean_sd([x["novel"] for x in q]),
+                    "identical_rate": mean_sd([x["identical_rate"] or 0.0 for x in p]),
+                    "tie_rate": mean_sd([x["tie_rate"] or 0.0 for x in p]),
+                    "pairs": mean_sd([x["pairs"] for x in p]),
+                    "chosen_right_rejected_wrong": mean_sd([x["chosen_right_rejected_wrong"] or 0.0 for x in p]),
+                }
+    return out
+
+
+def render_markdown(study: dict) -> str:
+    """The study's tables (test set unless said otherwise), as ``study.md`` holds them."""
+    cfg = study["config"]
+    seeds = ", ".join(str(s) for s in cfg["seeds"])
+    lines = ["# Self-training study: results", "",
+             f"Seeds {seeds}; unlabelled pool {cfg['n_unlabelled']} phantoms; validation {cfg['n_val']} and test "
+             f"{cfg['n_test']} phantoms. LLaVA-Med scores ×100 (closed accuracy = substring variant). Cells: "
+             "mean ± sd over seeds. Differences: mean of the per-seed paired differences [95% t interval]; "
+             "bold when the interval excludes 0.", ""]
+    for n, conds in study["conditions"].items():
+        lines += [f"## {n} labelled phantoms", "",
+                  "| condition | test closed acc | test open recall | val closed acc | val open recall | "
+                  "held-out reward acc |", "|---|---|---|---|---|---|"]
+        for c, v in conds.items():
+            reward = fmt_mean_sd(v["heldout_reward_accuracy"], 3) if "heldout_reward_accuracy" in v else "–"
+            lines.append(f"| {LABELS[c]} | {fmt_mean_sd(v['test']['closed_acc'])} | "
+                         f"{fmt_mean_sd(v['test']['open_recall'])} | {fmt_mean_sd(v['val']['closed_acc'])} | "
+                         f"{fmt_mean_sd(v['val']['open_recall'])} | {reward} |")
+        comps = study["comparisons"].get(n, {})
+        if comps:
+            lines += ["", "| paired difference | question | test Δ closed acc | test Δ open recall | "
+                      "val Δ closed acc | val Δ open recall |", "|---|---|---|---|---|---|"]
+            for a, b, why in COMPARISONS:
+                d = comps.get(f"{a} - {b}")
+                if d:
+                    lines.append(f"| {a} − {b} | {why} | {fmt_diff(d['test']['closed_acc'])} | "
+                                 f"{fmt_diff(d['test']['open_recall'])} | {fmt_diff(d['val']['closed_acc'])} | "
+                                 f"{fmt_diff(d['val']['open_recall'])} |")
+        kinds = study["per_kind"].get(n, {})
+        if kinds:
+            closed_kinds = sorted({k for v in kinds.values() for k in v["closed"]})
+            open_kinds = sorted({k for v in kinds.values() for k in v["open"]})
+            lines += ["", "Per question kind (test; closed accuracy | open recall):", "",
+                      "| condition | " + " | ".join(f"closed {k}" for k in closed_kinds) + " | "
+                      + " | ".join(f"open {k}" for k in open_kinds) + " |",
+                      "|---|" + "---|" * (len(closed_kinds) + len(open_kinds))]
+            for c, v in kinds.items():
+                cells = [fmt_mean_sd(v["closed"][k]) if k in v["closed"] else "–" for k in closed_kinds]
+                cells += [fmt_mean_sd(v["open"][k]) if k in v["open"] else "–" for k in open_kinds]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        s2 = study["stage2"].get(n, {})
+        if s2:
+            lines += ["", "Stage-2 data (per run, mean ± sd; rates as fractions):", "",
+                      "| made by | questions | answerable | novel | identical answers | ties | pairs | "
+                      "chosen right & rejected wrong |", "|---|---|---|---|---|---|---|---|"]
+            for tag, v in s2.items():
+                lines.append(f"| {tag} SFT model | {fmt_mean_sd(v['questions'], 0)} | "
+                             f"{fmt_mean_sd(v['answerable_rate'], 3)} | {fmt_mean_sd(v['novel'], 0)} | "
+                             f"{fmt_mean_sd(v['identical_rate'], 3)} | {fmt_mean_sd(v['tie_rate'], 3)} | "
+                             f"{fmt_mean_sd(v['pairs'], 0)} | {fmt_mean_sd(v['chosen_right_rejected_wrong'], 3)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict, out_dir: str) -> list[str]:
+    """``study_accuracy.png`` (accuracy vs labelled phantoms, a line per condition, error bars = sd
+    over seeds) and ``study_effect.png`` (paired differences with 95% intervals); returns names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(int(n) for n in study["conditions"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, METRICS):
+        for c in LABELS:
+            xs = [n for n in sizes if c in study["conditions"][str(n)]]
+            if not xs:
+                continue
+            stats = [study["conditions"][str(n)][c]["test"][metric] for n in xs]
+            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["sd"] or 0.0 for s in stats], marker="o",
+                        capsize=3, label=LABELS[c])
+        ax.set(xscale="log", xlabel="labelled phantoms", ylabel=f"test {METRIC_NAMES[metric]} (×100)",
+               title=f"{METRIC_NAMES[metric]} vs labelled data")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, FIGURES[0]), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, METRICS):
+        for k, (a, b, _) in enumerate(COMPARISONS):
+            xs = [n for n in sizes if f"{a} - {b}" in study["comparisons"].get(str(n), {})]
+            if not xs:
+                continue
+            ds = [study["comparisons"][str(n)][f"{a} - {b}"]["test"][metric] for n in xs]
+            shift = [n * (1 + 0.04 * (k - 2)) for n in xs]  # side by side, not on top of each other
+            ax.errorbar(shift, [d["mean"] for d in ds], capsize=3, marker="o", linestyle="",
+                        yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
+                        label=f"{a} − {b}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set(xscale="log", xlabel="labelled phantoms", ylabel=f"Δ test {METRIC_NAMES[metric]}",
+               title=f"paired differences (95% interval), {METRIC_NAMES[metric]}")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, FIGURES[1]), dpi=110)
+    plt.close(fig)
+    return list(FIGURES)
+
+
+def write_report(study: dict, workdir: str) -> None:
+    """``study.json``, ``study.md`` and the figures in ``workdir``."""
+    write_json_atomic(os.path.join(workdir, "study.json"), study, indent=1)
+    with open(os.path.join(workdir, "study.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(study))
+    plot(study, workdir)
+    logger.info("study report: %s", os.path.join(workdir, "study.md"))
+
+
+def copy_figures(workdir: str, images_dir: str = "images") -> None:
+    """Copy the study's figures into ``images/`` (README shows them)."""
+    os.makedirs(images_dir, exist_ok=True)
+    for name in FIGURES:
+        shutil.copy(os.path.join(workdir, name), os.path.join(images_dir, name))
