@@ -57,7 +57,7 @@ def eval_questions(test: list[dict]) -> list[dict]:
 def write_eval_set(folder: str, records: list[dict]) -> None:
     """``folder/test.json`` (with each question's kind) and ``folder/questions.jsonl``."""
     for r in records:
-        found = question_kind(r["conversations"][0]["value"])
+        found = question_kind(r["conversations"][0]["value"].replace("<image>", ""))
         r["kind"] = found[1] if found else "other"
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(os.path.join(folder, "test.json"), records)

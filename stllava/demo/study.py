@@ -54,11 +54,12 @@ class StudyConfig:
     n_val: int = 60
     n_test: int = 100
     data_seed: int = 0
+    splits: tuple[str, ...] = SPLITS  # evaluation sets: val (settings were chosen on it) and test
     jobs: int = 2
     loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
 
 
-QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, n_val=4, n_test=6,
+QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, n_val=4, n_test=6, splits=("test",),
              loop=LoopSettings(sft_steps=40, sft_batch=8, n_questions=3, dpo_batch=4, eval_max_new_tokens=4,
                                heldout_share=0.0))
 
@@ -92,7 +93,7 @@ class Study:
 
     def eval_sets(self) -> dict[str, tuple[str, str]]:
         return {split: (self.path("data", f"eval_{split}"), self.path("data", "phantoms", split, "images"))
-                for split in SPLITS}
+                for split in self.cfg.splits}
 
     # -- one (seed, size) cell ---------------------------------------------------------------------
     def _evaluate(self, cell: str, name: str, model: str) -> dict:
@@ -120,8 +121,13 @@ class Study:
                 "pair_quality": pair_stats(j, [train, held], facts)}
 
     def _dpo(self, cell: str, tag: str, sft_model: str, data: dict, seed: int) -> tuple[str, dict]:
+        """DPO on the pairs; with no pairs at all (a model that never learned to ask gives none)
+        there is nothing to train on: the SFT model is the result, and that is recorded."""
         unl = self.path("data", "phantoms", "unlabelled", "images")
         train, held = data["pairs"]
+        if not data["pair_quality"]["pairs"] or not _count(train):
+            logger.warning("%s/%s: no preference pairs, so no DPO: the SFT model stands", cell, tag)
+            return sft_model, {"heldout_reward_accuracy": None, "trained": False}
         folder = self.path(cell, tag, "dpo")
         model = steps.dpo(self.r, folder, sft_model, train, held, unl, self.cfg.loop, seed, log=f"{cell}/{tag}_dpo")
         heldout = os.path.join(folder, "train", "eval_results.json")
@@ -129,7 +135,7 @@ class Study:
         if os.path.isfile(heldout):
             with open(heldout) as f:
                 reward = json.load(f).get("eval_rewards/accuracies")
-        return model, {"heldout_reward_accuracy": reward}
+        return model, {"heldout_reward_accuracy": reward, "trained": True}
 
     def run_cell(self, seed: int, n: int) -> dict:
         """Every condition of one seed and labelled-set size; writes and returns ``<cell>/cell.json``."""
@@ -148,11 +154,13 @@ class Study:
                 if "st" in want:
                     model, extra = self._dpo(cell, "st", sft_model, st, seed)
                     res["conditions"]["st"] = {**self._evaluate(cell, "st", model), **extra}
-                if "rft" in want:
+                if "rft" in want and not _count(st["pairs"][0]):
+                    res["conditions"]["rft"] = {**res["conditions"]["sft"], "trained": False}
+                elif "rft" in want:
                     model = steps.rft(self.r, self.path(cell, "rft"), sft_model, st["pairs"][0],
                                       self.path("data", "phantoms", "unlabelled", "images"), s, seed,
                                       log=f"{cell}/rft")
-                    res["conditions"]["rft"] = self._evaluate(cell, "rft", model)
+                    res["conditions"]["rft"] = {**self._evaluate(cell, "rft", model), "trained": True}
         if want & {"nosq", "nosq_st"}:
             nosq = steps.sft(self.r, self.path(cell, "nosq"), tiny, data, images, s, seed, sq_r=0.0,
                              log=f"{cell}/nosq")
@@ -181,6 +189,11 @@ class Study:
         study = aggregate(results, self.cfg)
         write_report(study, self.cfg.workdir)
         return study
+
+
+def _count(json_list_file: str) -> int:
+    with open(json_list_file) as f:
+        return len(json.load(f))
 
 
 def config_record(cfg: StudyConfig) -> dict:

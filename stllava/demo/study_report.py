@@ -25,10 +25,16 @@ METRIC_NAMES = {"closed_acc": "closed acc", "open_recall": "open recall"}
 FIGURES = ("study_accuracy.png", "study_effect.png")
 
 
+def _mean_sd_known(values: list) -> dict | None:
+    """:func:`mean_sd` of the values that are not None (None when all are)."""
+    known = [v for v in values if v is not None]
+    return mean_sd(known) if known else None
+
+
 def aggregate(results: list[dict], cfg) -> dict:
     """``study.json``: settings, per-run results, mean ± sd per condition, paired comparisons,
     per-kind accuracy (test) and stage-2 data quality, per labelled-set size."""
-    from stllava.demo.study import SPLITS, config_record
+    from stllava.demo.study import config_record
 
     runs = sorted(results, key=lambda r: (r["n_labelled"], r["seed"]))
     sizes = sorted({r["n_labelled"] for r in runs})
@@ -40,7 +46,7 @@ def aggregate(results: list[dict], cfg) -> dict:
         conds = [c for c in LABELS if all(c in r["conditions"] for r in cell)]
         out["conditions"][key] = {
             c: {split: {m: mean_sd([r["conditions"][c][split][m] for r in cell]) for m in METRICS}
-                for split in SPLITS} for c in conds}
+                for split in cfg.splits} for c in conds}
         for c in conds:
             reward = [r["conditions"][c].get("heldout_reward_accuracy") for r in cell]
             if all(x is not None for x in reward):
@@ -49,7 +55,7 @@ def aggregate(results: list[dict], cfg) -> dict:
             out["comparisons"][key] = {
                 f"{a} - {b}": {split: {m: paired_difference([r["conditions"][a][split][m] for r in cell],
                                                             [r["conditions"][b][split][m] for r in cell])
-                                       for m in METRICS} for split in SPLITS}
+                                       for m in METRICS} for split in cfg.splits}
                 for a, b, _ in COMPARISONS if a in conds and b in conds}
         out["per_kind"][key] = {
             c: {form: {k: mean_sd([r["conditions"][c]["test"]["per_kind"][form][k] for r in cell])
@@ -62,12 +68,13 @@ def aggregate(results: list[dict], cfg) -> dict:
                 p = [r["stage2"][tag]["pair_quality"] for r in cell]
                 out["stage2"][key][tag] = {
                     "questions": mean_sd([x["questions"] for x in q]),
-                    "answerable_rate": mean_sd([x["answerable_rate"] or 0.0 for x in q]),
+                    "answerable_rate": _mean_sd_known([x["answerable_rate"] for x in q]),
                     "novel": mean_sd([x["novel"] for x in q]),
-                    "identical_rate": mean_sd([x["identical_rate"] or 0.0 for x in p]),
-                    "tie_rate": mean_sd([x["tie_rate"] or 0.0 for x in p]),
+                    "identical_rate": _mean_sd_known([x["identical_rate"] for x in p]),
+                    "tie_rate": _mean_sd_known([x["tie_rate"] for x in p]),
                     "pairs": mean_sd([x["pairs"] for x in p]),
-                    "chosen_right_rejected_wrong": mean_sd([x["chosen_right_rejected_wrong"] or 0.0 for x in p]),
+                    # a run without pairs has no such share: averaged over the runs that have pairs
+                    "chosen_right_rejected_wrong": _mean_sd_known([x["chosen_right_rejected_wrong"] for x in p]),
                 }
     return out
 
@@ -81,25 +88,23 @@ def render_markdown(study: dict) -> str:
              f"{cfg['n_test']} phantoms. LLaVA-Med scores ×100 (closed accuracy = substring variant). Cells: "
              "mean ± sd over seeds. Differences: mean of the per-seed paired differences [95% t interval]; "
              "bold when the interval excludes 0.", ""]
+    splits = [x for x in ("test", "val") if x in cfg["splits"]]
+    cols = [(x, m) for x in splits for m in METRICS]
+    head = " | ".join(f"{x} {METRIC_NAMES[m]}" for x, m in cols)
     for n, conds in study["conditions"].items():
-        lines += [f"## {n} labelled phantoms", "",
-                  "| condition | test closed acc | test open recall | val closed acc | val open recall | "
-                  "held-out reward acc |", "|---|---|---|---|---|---|"]
+        lines += [f"## {n} labelled phantoms", "", f"| condition | {head} | held-out reward acc |",
+                  "|---|" + "---|" * (len(cols) + 1)]
         for c, v in conds.items():
             reward = fmt_mean_sd(v["heldout_reward_accuracy"], 3) if "heldout_reward_accuracy" in v else "–"
-            lines.append(f"| {LABELS[c]} | {fmt_mean_sd(v['test']['closed_acc'])} | "
-                         f"{fmt_mean_sd(v['test']['open_recall'])} | {fmt_mean_sd(v['val']['closed_acc'])} | "
-                         f"{fmt_mean_sd(v['val']['open_recall'])} | {reward} |")
+            lines.append(f"| {LABELS[c]} | " + " | ".join(fmt_mean_sd(v[x][m]) for x, m in cols) + f" | {reward} |")
         comps = study["comparisons"].get(n, {})
         if comps:
-            lines += ["", "| paired difference | question | test Δ closed acc | test Δ open recall | "
-                      "val Δ closed acc | val Δ open recall |", "|---|---|---|---|---|---|"]
+            delta = " | ".join(f"{x} Δ {METRIC_NAMES[m]}" for x, m in cols)
+            lines += ["", f"| paired difference | question | {delta} |", "|---|---|" + "---|" * len(cols)]
             for a, b, why in COMPARISONS:
                 d = comps.get(f"{a} - {b}")
                 if d:
-                    lines.append(f"| {a} − {b} | {why} | {fmt_diff(d['test']['closed_acc'])} | "
-                                 f"{fmt_diff(d['test']['open_recall'])} | {fmt_diff(d['val']['closed_acc'])} | "
-                                 f"{fmt_diff(d['val']['open_recall'])} |")
+                    lines.append(f"| {a} − {b} | {why} | " + " | ".join(fmt_diff(d[x][m]) for x, m in cols) + " |")
         kinds = study["per_kind"].get(n, {})
         if kinds:
             closed_kinds = sorted({k for v in kinds.values() for k in v["closed"]})
@@ -117,11 +122,14 @@ def render_markdown(study: dict) -> str:
             lines += ["", "Stage-2 data (per run, mean ± sd; rates as fractions):", "",
                       "| made by | questions | answerable | novel | identical answers | ties | pairs | "
                       "chosen right & rejected wrong |", "|---|---|---|---|---|---|---|---|"]
+            def f(stat, digits):
+                return "–" if stat is None else fmt_mean_sd(stat, digits)
+
             for tag, v in s2.items():
-                lines.append(f"| {tag} SFT model | {fmt_mean_sd(v['questions'], 0)} | "
-                             f"{fmt_mean_sd(v['answerable_rate'], 3)} | {fmt_mean_sd(v['novel'], 0)} | "
-                             f"{fmt_mean_sd(v['identical_rate'], 3)} | {fmt_mean_sd(v['tie_rate'], 3)} | "
-                             f"{fmt_mean_sd(v['pairs'], 0)} | {fmt_mean_sd(v['chosen_right_rejected_wrong'], 3)} |")
+                lines.append(f"| {LABELS[tag.replace('_st', '') if tag != 'st' else 'sft']} | "
+                             f"{f(v['questions'], 0)} | {f(v['answerable_rate'], 3)} | {f(v['novel'], 0)} | "
+                             f"{f(v['identical_rate'], 3)} | {f(v['tie_rate'], 3)} | {f(v['pairs'], 0)} | "
+                             f"{f(v['chosen_right_rejected_wrong'], 3)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
