@@ -12,6 +12,7 @@ Commands run as subprocesses (``python -m stllava....``, exactly what a research
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -78,9 +79,20 @@ class Runner:
                             fix="use another --workdir, or delete that folder (or --redo its stage) to redo it")
         return True
 
+    @staticmethod
+    def resolve(folder: str, settings: dict) -> str:
+        """``folder`` with ``{key}`` replaced by a short digest of ``settings``: runs that differ in
+        any setting get their own folder, runs that agree share one (the study's variants reuse
+        each other's models this way)."""
+        if "{key}" not in folder:
+            return folder
+        blob = json.dumps(_jsonable(settings), sort_keys=True).encode("utf-8")
+        return folder.replace("{key}", hashlib.sha256(blob).hexdigest()[:10])
+
     def step(self, name: str, folder: str, settings: dict, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` (which fills ``folder``) unless ``folder`` is done with ``settings``; returns
-        True when it ran. A folder left half-written by an interrupted run is cleared first."""
+        """Run ``fn`` (which fills ``folder``, already :meth:`resolve`d) unless ``folder`` is done
+        with ``settings``; returns True when it ran. A folder left half-written by an interrupted
+        run is cleared first."""
         if self.done(folder, settings):
             logger.debug("%s: reused %s", name, folder)
             return False

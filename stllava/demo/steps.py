@@ -90,6 +90,7 @@ def sft(r: Runner, folder: str, base: str, data: str, images: str, s: LoopSettin
     sq_r = s.sq_r if sq_r is None else sq_r
     settings = {"base": base, "data": data, "images": images, "steps": steps, "lr": lr, "sq_r": sq_r,
                 "batch": s.sft_batch, "procs": s.sft_procs, "conv": s.conv, "seed": seed}
+    folder = r.resolve(folder, settings)
 
     def go():
         env = {"OMP_NUM_THREADS": "1"} if s.sft_procs > 1 else None
@@ -110,9 +111,10 @@ def sft(r: Runner, folder: str, base: str, data: str, images: str, s: LoopSettin
 def questions(r: Runner, folder: str, model: str, images: str, s: LoopSettings, seed: int,
               log: str = "questions") -> str:
     """Stage 2a: the model asks ``n_questions`` questions per unlabelled image. Returns the file."""
-    out = os.path.join(folder, "questions.jsonl")
     settings = {"model": model, "images": images, "n": s.n_questions, "t": s.q_temperature, "k": s.q_top_k,
                 "conv": s.conv, "seed": seed}
+    folder = r.resolve(folder, settings)
+    out = os.path.join(folder, "questions.jsonl")
     r.step(log, folder, settings, lambda: r.run(py(
         "stllava.selftrain.questions", "--model-path", model, "--image-folder", images, "--out", out,
         "--conv-mode", s.conv, "--n-questions", str(s.n_questions), "--max-desc-tokens", "24",
@@ -124,9 +126,10 @@ def questions(r: Runner, folder: str, model: str, images: str, s: LoopSettings, 
 def answers(r: Runner, folder: str, model: str, questions_file: str, images: str, s: LoopSettings, seed: int,
             log: str = "answers") -> str:
     """Stage 2b: ``n_answers`` sampled answers per question. Returns the file."""
-    out = os.path.join(folder, "answers.jsonl")
     settings = {"model": model, "questions": questions_file, "n": s.n_answers, "t": s.a_temperature,
                 "k": s.a_top_k, "conv": s.conv, "seed": seed}
+    folder = r.resolve(folder, settings)
+    out = os.path.join(folder, "answers.jsonl")
     extra = ["--n-answers", str(s.n_answers)] if s.n_answers != 2 else []
     r.step(log, folder, settings, lambda: r.run(py(
         "stllava.selftrain.answers", "--model-path", model, "--questions", questions_file,
@@ -140,6 +143,8 @@ def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, lo
     """Stage 2c: the phantom judge scores the answers through the real OpenAI client. Returns the file."""
     from stllava.demo.phantom_judge import JUDGE_NAME, serve
 
+    settings = {"answers": answers_file, "facts": facts}
+    folder = r.resolve(folder, settings)
     out = os.path.join(folder, "judged.jsonl")
 
     def go():
@@ -152,13 +157,15 @@ def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, lo
         finally:
             server.stop()
 
-    r.step(log, folder, {"answers": answers_file, "facts": facts}, go)
+    r.step(log, folder, settings, go)
     return out
 
 
 def pairs(r: Runner, folder: str, judged_file: str, s: LoopSettings, seed: int, log: str = "pairs") -> tuple[str, str]:
     """Stage 2d: preference pairs, with a share of the *images* held out for DPO's reward accuracy.
     Returns ``(train pairs, held-out pairs)``."""
+    settings = {"judged": judged_file, "heldout_share": s.heldout_share, "seed": seed}
+    folder = r.resolve(folder, settings)
     train, held = os.path.join(folder, "dpo_train.json"), os.path.join(folder, "dpo_heldout.json")
 
     def go():
@@ -172,7 +179,7 @@ def pairs(r: Runner, folder: str, judged_file: str, s: LoopSettings, seed: int, 
         write_json_atomic(train, [x for x in all_pairs if x["image"] not in out], indent=1)
         write_json_atomic(held, [x for x in all_pairs if x["image"] in out], indent=1)
 
-    r.step(log, folder, {"judged": judged_file, "heldout_share": s.heldout_share, "seed": seed}, go)
+    r.step(log, folder, settings, go)
     return train, held
 
 
@@ -182,6 +189,7 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
     adapters disabled); held-out pairs scored after training. Returns the merged model folder."""
     settings = {"model": model, "pairs": train_pairs, "heldout": heldout_pairs, "epochs": s.dpo_epochs,
                 "batch": s.dpo_batch, "lr": s.dpo_lr, "beta": s.dpo_beta, "conv": s.conv, "seed": seed}
+    folder = r.resolve(folder, settings)
 
     def go():
         with open(heldout_pairs) as f:
@@ -207,7 +215,7 @@ def rft(r: Runner, folder: str, model: str, train_pairs: str, images: str, s: Lo
     with open(train_pairs) as f:
         chosen = [{"id": p["id"], "image": p["image"], "conversations": p["chosen_conversations"]}
                   for p in json.load(f)]
-    data = os.path.join(folder + "_data", "rft.json")  # beside the step folder, which the step owns
+    data = os.path.join(os.path.dirname(train_pairs), "rft_chosen.json")  # derived from the pairs, beside them
     write_json_atomic(data, chosen)
     steps = max(1, -(-len(chosen) * s.rft_epochs // s.sft_batch))
     return sft(r, folder, model, data, images, s, seed, steps=steps, lr=s.rft_lr, sq_r=0.0, log=log)
@@ -216,8 +224,9 @@ def rft(r: Runner, folder: str, model: str, train_pairs: str, images: str, s: Lo
 def evaluate(r: Runner, folder: str, model: str, eval_dir: str, images: str, s: LoopSettings, bench: str,
              log: str = "eval") -> dict:
     """Greedy answers to ``eval_dir/questions.jsonl`` and their LLaVA-Med scores; returns
-    ``metrics.json``'s ``overall`` (``folder`` also holds ``per_question.csv``)."""
+    ``{"overall": metrics.json's overall, "folder": where they are}`` (with ``per_question.csv``)."""
     settings = {"model": model, "eval": eval_dir, "conv": s.conv, "max_new_tokens": s.eval_max_new_tokens}
+    folder = r.resolve(folder, settings)
 
     def go():
         answers_file = os.path.join(folder, "answers.jsonl")
@@ -230,4 +239,4 @@ def evaluate(r: Runner, folder: str, model: str, eval_dir: str, images: str, s: 
 
     r.step(log, folder, settings, go)
     with open(os.path.join(folder, "metrics.json")) as f:
-        return json.load(f)["overall"]
+        return {"overall": json.load(f)["overall"], "folder": folder}

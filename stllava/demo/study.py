@@ -36,11 +36,10 @@ from stllava.demo.quality import pair_stats, per_kind, question_stats
 from stllava.demo.runner import Runner
 from stllava.demo.steps import LoopSettings
 from stllava.errors import StllavaError, run_cli
-from stllava.jsonl import write_json_atomic
 
 logger = logging.getLogger("stllava.demo")
 
-CONDITIONS = ("sft", "st", "rft", "nosq", "nosq_st")
+CONDITIONS = ("sft", "st", "rft", "nosq", "nosq_st")  # ("nosq_rft" also exists, outside the study's default)
 SPLITS = ("val", "test")
 
 
@@ -96,99 +95,125 @@ class Study:
                 for split in self.cfg.splits}
 
     # -- one (seed, size) cell ---------------------------------------------------------------------
-    def _evaluate(self, cell: str, name: str, model: str) -> dict:
+    # Step folders are named by a digest of their settings ("sft-3fa2...": Runner.resolve), so the
+    # settings search and the study share every model they have in common.
+    def _evaluate(self, model: str, s: LoopSettings, log: str) -> dict:
         out = {}
         for split, (folder, images) in self.eval_sets().items():
-            where = self.path(cell, "eval", name, split)
-            overall = steps.evaluate(self.r, where, model, folder, images, self.cfg.loop, f"phantom_{split}",
-                                     log=f"{cell}/eval_{name}_{split}")
+            where = steps.evaluate(self.r, os.path.join(os.path.dirname(model), f"eval_{split}-{{key}}"), model,
+                                   folder, images, s, f"phantom_{split}", log=f"{log}_eval_{split}")
+            overall = where["overall"]
             out[split] = {"closed_acc": overall["closed_acc"], "open_recall": overall["open_recall"],
-                          "open_f1": overall["open_f1"], "per_kind": per_kind(where, folder)}
+                          "open_f1": overall["open_f1"], "per_kind": per_kind(where["folder"], folder)}
         return out
 
-    def _self_train(self, cell: str, tag: str, sft_model: str, seed: int, sizes_n: int) -> dict:
-        """Stages 2 + 3 from ``sft_model``; returns paths and the data-quality numbers."""
-        s, unl = self.cfg.loop, self.path("data", "phantoms", "unlabelled", "images")
-        facts = self.path("data", "phantoms", "unlabelled", "facts.json")
-        st = self.path(cell, tag)
-        q = steps.questions(self.r, os.path.join(st, "questions"), sft_model, unl, s, seed, log=f"{cell}/{tag}_q")
-        a = steps.answers(self.r, os.path.join(st, "answers"), sft_model, q, unl, s, seed, log=f"{cell}/{tag}_a")
-        j = steps.judge(self.r, os.path.join(st, "judged"), a, unl, facts, log=f"{cell}/{tag}_judge")
-        train, held = steps.pairs(self.r, os.path.join(st, "pairs"), j, s, seed, log=f"{cell}/{tag}_pairs")
+    def _self_train(self, cell: str, sft_model: str, s: LoopSettings, seed: int, n: int, log: str) -> dict:
+        """Stage 2 from ``sft_model``; returns the pair files and the data-quality numbers."""
+        unl, facts = self.path("data", "phantoms", "unlabelled", "images"), self.path("data", "phantoms",
+                                                                                     "unlabelled", "facts.json")
+        q = steps.questions(self.r, self.path(cell, "questions-{key}"), sft_model, unl, s, seed, log=f"{log}_q")
+        a = steps.answers(self.r, self.path(cell, "answers-{key}"), sft_model, q, unl, s, seed, log=f"{log}_a")
+        j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, log=f"{log}_judge")
+        train, held = steps.pairs(self.r, self.path(cell, "pairs-{key}"), j, s, seed, log=f"{log}_pairs")
         with open(self.path(f"seed{seed}", "labelled", "questions.json")) as f:
-            asked_in_training = json.load(f)[str(sizes_n)]
+            asked_in_training = json.load(f)[str(n)]
         return {"pairs": (train, held), "questions": question_stats(q, facts, asked_in_training),
                 "pair_quality": pair_stats(j, [train, held], facts)}
 
-    def _dpo(self, cell: str, tag: str, sft_model: str, data: dict, seed: int) -> tuple[str, dict]:
+    def _dpo(self, cell: str, sft_model: str, data: dict, s: LoopSettings, seed: int, log: str) -> tuple[str, dict]:
         """DPO on the pairs; with no pairs at all (a model that never learned to ask gives none)
         there is nothing to train on: the SFT model is the result, and that is recorded."""
-        unl = self.path("data", "phantoms", "unlabelled", "images")
         train, held = data["pairs"]
-        if not data["pair_quality"]["pairs"] or not _count(train):
-            logger.warning("%s/%s: no preference pairs, so no DPO: the SFT model stands", cell, tag)
+        if not _count(train):
+            logger.warning("%s: no preference pairs, so no DPO: the SFT model stands", log)
             return sft_model, {"heldout_reward_accuracy": None, "trained": False}
-        folder = self.path(cell, tag, "dpo")
-        model = steps.dpo(self.r, folder, sft_model, train, held, unl, self.cfg.loop, seed, log=f"{cell}/{tag}_dpo")
-        heldout = os.path.join(folder, "train", "eval_results.json")
+        model = steps.dpo(self.r, self.path(cell, "dpo-{key}"), sft_model, train, held,
+                          self.path("data", "phantoms", "unlabelled", "images"), s, seed, log=f"{log}_dpo")
+        heldout = os.path.join(os.path.dirname(model), "train", "eval_results.json")
         reward = None
         if os.path.isfile(heldout):
             with open(heldout) as f:
                 reward = json.load(f).get("eval_rewards/accuracies")
         return model, {"heldout_reward_accuracy": reward, "trained": True}
 
-    def run_cell(self, seed: int, n: int) -> dict:
-        """Every condition of one seed and labelled-set size; writes and returns ``<cell>/cell.json``."""
-        c, s = self.cfg, self.cfg.loop
+    def run_cell(self, seed: int, n: int, s: LoopSettings | None = None, conditions=None) -> dict:
+        """The ``conditions`` (default: the study's) of one seed and labelled-set size with loop
+        settings ``s`` (default: the study's); returns the cell's results."""
+        s = s or self.cfg.loop
+        want = set(conditions or self.cfg.conditions)
         cell = os.path.join(f"seed{seed}", f"n{n}")
         tiny, lab = self.path(f"seed{seed}", "tiny"), self.path(f"seed{seed}", "labelled")
         data, images = os.path.join(lab, f"sft_{n}.json"), os.path.join(lab, "images")
         res: dict = {"seed": seed, "n_labelled": n, "conditions": {}, "stage2": {}}
-        want = set(c.conditions)
-        if want & {"sft", "st", "rft"}:
-            sft_model = steps.sft(self.r, self.path(cell, "sft"), tiny, data, images, s, seed, log=f"{cell}/sft")
-            res["conditions"]["sft"] = self._evaluate(cell, "sft", sft_model)
-            if want & {"st", "rft"}:
-                st = self._self_train(cell, "st", sft_model, seed, n)
-                res["stage2"]["st"] = {"questions": st["questions"], "pair_quality": st["pair_quality"]}
-                if "st" in want:
-                    model, extra = self._dpo(cell, "st", sft_model, st, seed)
-                    res["conditions"]["st"] = {**self._evaluate(cell, "st", model), **extra}
-                if "rft" in want and not _count(st["pairs"][0]):
-                    res["conditions"]["rft"] = {**res["conditions"]["sft"], "trained": False}
-                elif "rft" in want:
-                    model = steps.rft(self.r, self.path(cell, "rft"), sft_model, st["pairs"][0],
+        for tag, sq_r in (("", s.sq_r), ("nosq", 0.0)):
+            names = {c: (f"{tag}_{c}" if tag else c) for c in ("sft", "st", "rft")}
+            names["sft"] = tag or "sft"
+            if not want & set(names.values()):
+                continue
+            log = f"{cell}/{names['sft']}"
+            sft_model = steps.sft(self.r, self.path(cell, "sft-{key}"), tiny, data, images, s, seed, sq_r=sq_r,
+                                  log=log)
+            res["conditions"][names["sft"]] = self._evaluate(sft_model, s, log)
+            if not want & {names["st"], names["rft"]}:
+                continue
+            st = self._self_train(cell, sft_model, s, seed, n, log)
+            res["stage2"][names["st"]] = {"questions": st["questions"], "pair_quality": st["pair_quality"]}
+            if names["st"] in want:
+                model, extra = self._dpo(cell, sft_model, st, s, seed, log)
+                res["conditions"][names["st"]] = {**self._evaluate(model, s, f"{log}_st"), **extra}
+            if names["rft"] in want:
+                if not _count(st["pairs"][0]):
+                    res["conditions"][names["rft"]] = {**res["conditions"][names["sft"]], "trained": False}
+                else:
+                    model = steps.rft(self.r, self.path(cell, "rft-{key}"), sft_model, st["pairs"][0],
                                       self.path("data", "phantoms", "unlabelled", "images"), s, seed,
-                                      log=f"{cell}/rft")
-                    res["conditions"]["rft"] = {**self._evaluate(cell, "rft", model), "trained": True}
-        if want & {"nosq", "nosq_st"}:
-            nosq = steps.sft(self.r, self.path(cell, "nosq"), tiny, data, images, s, seed, sq_r=0.0,
-                             log=f"{cell}/nosq")
-            res["conditions"]["nosq"] = self._evaluate(cell, "nosq", nosq)
-            if "nosq_st" in want:
-                st = self._self_train(cell, "nosq_st", nosq, seed, n)
-                res["stage2"]["nosq_st"] = {"questions": st["questions"], "pair_quality": st["pair_quality"]}
-                model, extra = self._dpo(cell, "nosq_st", nosq, st, seed)
-                res["conditions"]["nosq_st"] = {**self._evaluate(cell, "nosq_st", model), **extra}
-        write_json_atomic(self.path(cell, "cell.json"), res)
+                                      log=f"{log}_rft")
+                    res["conditions"][names["rft"]] = {**self._evaluate(model, s, f"{log}_rft"), "trained": True}
         return res
 
+    def _map(self, jobs: list[tuple]) -> list[dict]:
+        """``run_cell(*job)`` for every job, ``cfg.jobs`` at a time; results in job order."""
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.jobs)) as pool:
+            futures = [pool.submit(self.run_cell, *job) for job in jobs]
+            results = []
+            for fut, job in zip(futures, jobs):
+                results.append(fut.result())
+                logger.info("seed %d, %d labelled: done (%.0f s since start)", job[0], job[1], time.time() - t0)
+        return results
+
     def run(self) -> dict:
-        """Prepare, run every cell (``jobs`` at a time), aggregate; returns ``study.json``'s content."""
+        """Prepare, run every cell, aggregate; returns ``study.json``'s content."""
         from stllava.demo.study_report import aggregate, write_report
 
         self.prepare()
-        cells = [(seed, n) for n in sorted(self.cfg.sizes, reverse=True) for seed in self.cfg.seeds]
-        t0 = time.time()
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.jobs)) as pool:
-            futures = {pool.submit(self.run_cell, seed, n): (seed, n) for seed, n in cells}
-            results = []
-            for fut, (seed, n) in futures.items():
-                results.append(fut.result())
-                logger.info("cell seed %d, %d labelled: done (%.0f s since start)", seed, n, time.time() - t0)
+        results = self._map([(seed, n) for n in sorted(self.cfg.sizes, reverse=True) for seed in self.cfg.seeds])
         study = aggregate(results, self.cfg)
         write_report(study, self.cfg.workdir)
         return study
+
+    def search(self, variants: dict[str, dict] | None = None) -> dict:
+        """The settings search: every variant of :data:`SEARCH` (loop-setting overrides) at every size
+        and seed, conditions sft / st / rft, on the *validation* phantoms only; writes and returns
+        ``search.json`` (and ``search.md``)."""
+        from stllava.demo.study_report import write_search
+
+        variants = variants or SEARCH
+        self.prepare()
+        names = [name for name in variants for _ in sorted(self.cfg.sizes) for _ in self.cfg.seeds]
+        jobs = [(seed, n, self.cfg.loop.replace(**over), ("sft", "st", "rft"))
+                for over in variants.values() for n in sorted(self.cfg.sizes) for seed in self.cfg.seeds]
+        rows = [{"variant": name, "overrides": variants[name], **res} for name, res in zip(names, self._map(jobs))]
+        out = {"config": config_record(self.cfg), "variants": variants, "runs": rows}
+        write_search(out, self.cfg.workdir)
+        return out
+
+
+# The settings search, on the validation phantoms (``--search``): each variant overrides the loop
+# settings in LoopSettings; what was tried and what was chosen is in docs/Study.md.
+SEARCH: dict[str, dict] = {
+    "published-demo": {},
+}
 
 
 def _count(json_list_file: str) -> int:
@@ -216,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel, one CPU thread each (default 2)")
     ap.add_argument("--quick", action="store_true", help="a shortened study (minutes) for CI and smoke tests")
     ap.add_argument("--figures", action="store_true", help="also copy the figures into images/ (README's)")
+    ap.add_argument("--search", default=None, nargs="?", const="all",
+                    help="run the settings search on the validation phantoms instead of the study: all variants, "
+                    f"or a comma-separated subset of {','.join(SEARCH)}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = StudyConfig(**(QUICK if args.quick else {}))
@@ -230,6 +258,16 @@ def main(argv=None) -> int:
     if args.unlabelled:
         cfg.n_unlabelled = args.unlabelled
     t0 = time.time()
+    if args.search:
+        cfg.splits = ("val",)
+        names = list(SEARCH) if args.search == "all" else args.search.split(",")
+        unknown = [x for x in names if x not in SEARCH]
+        if unknown:
+            raise StllavaError(f"unknown search variant(s) {unknown}", fix=f"choose from {','.join(SEARCH)}")
+        found = Study(cfg).search({x: SEARCH[x] for x in names})
+        print(f"search finished in {time.time() - t0:.0f} s: {len(found['runs'])} runs; "
+              f"{os.path.join(cfg.workdir, 'search.md')}")
+        return 0
     study = Study(cfg).run()
     if args.figures:
         from stllava.demo.study_report import copy_figures

@@ -196,3 +196,37 @@ def copy_figures(workdir: str, images_dir: str = "images") -> None:
     os.makedirs(images_dir, exist_ok=True)
     for name in FIGURES:
         shutil.copy(os.path.join(workdir, name), os.path.join(images_dir, name))
+
+
+def write_search(found: dict, workdir: str) -> None:
+    """``search.json`` and ``search.md``: per variant and size, validation scores of sft / st / rft
+    (mean ± sd over seeds), the paired st − sft difference, and the stage-2 data."""
+    write_json_atomic(os.path.join(workdir, "search.json"), found, indent=1)
+    lines = ["# Settings search (validation phantoms only)", "",
+             "Variants override the loop settings of `stllava.demo.steps.LoopSettings`. Scores ×100 on the "
+             "validation set, mean ± sd over seeds; Δ = paired st − sft [95% interval] when there are ≥ 2 seeds.", "",
+             "| variant | overrides | labelled | sft closed | st closed | rft closed | sft open | st open | rft open | "
+             "Δ closed (st − sft) | pairs | identical | chosen right & rejected wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for run in found["runs"]:
+        groups.setdefault((run["variant"], run["n_labelled"]), []).append(run)
+    for (variant, n), runs in groups.items():
+        def stat(cond, metric, runs=runs):
+            vals = [r["conditions"][cond]["val"][metric] for r in runs if cond in r["conditions"]]
+            return fmt_mean_sd(mean_sd(vals)) if vals else "–"
+
+        diff = "–"
+        if len(runs) > 1:
+            diff = fmt_diff(paired_difference([r["conditions"]["st"]["val"]["closed_acc"] for r in runs],
+                                              [r["conditions"]["sft"]["val"]["closed_acc"] for r in runs]))
+        q = [r["stage2"]["st"]["pair_quality"] for r in runs]
+        crw = [x["chosen_right_rejected_wrong"] for x in q if x["chosen_right_rejected_wrong"] is not None]
+        over = ", ".join(f"{k}={v}" for k, v in found["variants"][variant].items()) or "(LoopSettings defaults)"
+        lines.append(f"| {variant} | {over} | {n} | {stat('sft', 'closed_acc')} | {stat('st', 'closed_acc')} | "
+                     f"{stat('rft', 'closed_acc')} | {stat('sft', 'open_recall')} | {stat('st', 'open_recall')} | "
+                     f"{stat('rft', 'open_recall')} | {diff} | {fmt_mean_sd(mean_sd([x['pairs'] for x in q]), 0)} | "
+                     f"{fmt_mean_sd(mean_sd([x['identical_rate'] or 0.0 for x in q]), 3)} | "
+                     f"{fmt_mean_sd(mean_sd(crw), 3) if crw else '–'} |")
+    with open(os.path.join(workdir, "search.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")

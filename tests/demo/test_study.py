@@ -1,0 +1,88 @@
+"""The study's machinery: aggregation and paired statistics on known inputs, and the --quick study
+end to end (the test suite checks the machinery, not the effect)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stllava.demo.study import StudyConfig
+from stllava.demo.study_report import aggregate, render_markdown
+
+KINDS = {"closed": {"presence": 90.0, "side": 60.0}, "open": {"count": 50.0},
+         "n_closed": {"presence": 10, "side": 10}, "n_open": {"count": 5}}
+
+
+def _run(seed, closed):
+    """A fake cell: per condition, test closed accuracy ``closed[cond]``, open recall half of it."""
+    conds = {c: {"test": {"closed_acc": v, "open_recall": v / 2, "open_f1": 0.0, "per_kind": KINDS}}
+             for c, v in closed.items()}
+    conds["st"]["heldout_reward_accuracy"] = 0.5 + seed / 10
+    pq = {"questions": 10, "status": {"ok": 4}, "identical_rate": 0.5, "tie_rate": 0.1, "pairs": 4,
+          "chosen_right_rejected_wrong": 1.0 if seed else None}
+    return {"seed": seed, "n_labelled": 100, "conditions": conds,
+            "stage2": {"st": {"questions": {"questions": 10, "answerable_rate": 0.8, "novel": 1},
+                              "pair_quality": pq}}}
+
+
+def test_aggregate_pairs_by_seed_on_known_inputs():
+    cfg = StudyConfig(seeds=(0, 1, 2), sizes=(100,), splits=("test",), conditions=("sft", "st", "rft"))
+    runs = [_run(0, {"sft": 60.0, "st": 64.0, "rft": 61.0}), _run(1, {"sft": 70.0, "st": 73.0, "rft": 70.0}),
+            _run(2, {"sft": 80.0, "st": 85.0, "rft": 82.0})]
+    study = aggregate(list(reversed(runs)), cfg)
+    assert [r["seed"] for r in study["runs"]] == [0, 1, 2]
+    sft = study["conditions"]["100"]["sft"]["test"]["closed_acc"]
+    assert sft["mean"] == 70.0 and sft["sd"] == 10.0
+    d = study["comparisons"]["100"]["st - sft"]["test"]["closed_acc"]
+    assert d["diffs"] == [4.0, 3.0, 5.0] and d["mean"] == 4.0 and d["sd"] == 1.0
+    assert d["ci95"] == pytest.approx([4.0 - 4.303 / 3 ** 0.5, 4.0 + 4.303 / 3 ** 0.5])
+    assert d["significant"]  # 4 - 2.48 > 0, though the seeds' own spread (sd 10) is large
+    assert study["comparisons"]["100"]["st - rft"]["test"]["open_recall"]["diffs"] == [1.5, 1.5, 1.5]
+    assert "nosq - sft" not in study["comparisons"]["100"]  # conditions that were not run
+    assert study["conditions"]["100"]["st"]["heldout_reward_accuracy"]["mean"] == pytest.approx(0.6)
+    # a share that only runs with pairs have is averaged over those runs
+    assert study["stage2"]["100"]["st"]["chosen_right_rejected_wrong"]["n"] == 2
+    assert study["per_kind"]["100"]["sft"]["closed"]["side"]["mean"] == 60.0
+    md = render_markdown(study)
+    assert "| st − sft | what self-training adds | **+4.0 [+1.5, +6.5]** |" in md
+    assert "| SFT only | 70.0 ± 10.0 | 35.0 ± 5.0 | – |" in md
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    work = tmp_path / "study"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "stllava.demo.study", "--quick", "--workdir", str(work), "--jobs", "2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    study = json.load(open(work / "study.json"))
+    assert sorted((r["seed"], r["n_labelled"]) for r in study["runs"]) == [(0, 24), (1, 24)]
+    for run in study["runs"]:
+        assert set(run["conditions"]) == {"sft", "st", "rft", "nosq", "nosq_st"}
+        assert set(run["stage2"]) == {"st", "nosq_st"}
+    comps = study["comparisons"]["24"]
+    assert set(comps) == {"st - sft", "rft - sft", "st - rft", "nosq - sft", "nosq_st - nosq"}
+    for name, d in comps.items():  # each interval is the one of its own per-seed differences
+        a, b = name.split(" - ")
+        diffs = [r["conditions"][a]["test"]["closed_acc"] - r["conditions"][b]["test"]["closed_acc"]
+                 for r in sorted(study["runs"], key=lambda r: r["seed"])]
+        assert d["test"]["closed_acc"]["diffs"] == pytest.approx(diffs)
+    assert "## 24 labelled phantoms" in (work / "study.md").read_text()
+    for fig in ("study_accuracy.png", "study_effect.png"):
+        assert (work / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun reuses every finished step and writes the same study.json, byte for byte
+    before = (work / "study.json").read_bytes()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (work / "study.json").read_bytes() == before
+    assert " → " not in again.stderr  # no step ran again
+
+    # a finished fixed-name step asked for with other settings is refused, naming the folder and
+    # the difference; content-named steps (sft-<digest>, ...) get a folder of their own instead
+    from stllava.demo.runner import Runner, StepError
+
+    with pytest.raises(StepError, match=r"data was made with other settings \(unlabelled: 12 → 99\)"):
+        Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0})
+    assert Runner.resolve("x/sft-{key}", {"a": 1}) != Runner.resolve("x/sft-{key}", {"a": 2})
