@@ -69,6 +69,10 @@ def question_stats(questions_file: str, facts_file: str, training_questions: lis
             "novel_examples": sorted({q for _, q in novel})[:8]}
 
 
+def _question(pair: dict) -> str:
+    return pair["chosen_conversations"][0]["value"].replace("<image>", "").strip()
+
+
 def pair_stats(judged_file: str, pairs_files: list[str], facts_file: str) -> dict:
     """Stage-2 data quality against the phantoms' ground truth (see the module docstring)."""
     with open(facts_file) as f:
@@ -81,8 +85,7 @@ def pair_stats(judged_file: str, pairs_files: list[str], facts_file: str) -> dic
             pairs += json.load(f)
     right_wrong = 0
     for p in pairs:
-        question = p["chosen_conversations"][0]["value"].replace("<image>\n", "")
-        exp = expected_answer(question, facts[p["image"]])
+        exp = expected_answer(_question(p), facts[p["image"]])
         if exp is not None:
             form, truth = exp
             chosen, rejected = p["chosen_conversations"][1]["value"], p["reject_conversations"][1]["value"]
@@ -93,4 +96,4 @@ def pair_stats(judged_file: str, pairs_files: list[str], facts_file: str) -> dic
             "tie_rate": status["tie"] / n if n else None, "pairs": len(pairs),
             "chosen_right_rejected_wrong": right_wrong / len(pairs) if pairs else None,
             "pair_kinds": dict(sorted(collections.Counter(
-                (question_kind(p["chosen_conversations"][0]["value"]) or ("", "other"))[1] for p in pairs).items()))}
+                (question_kind(_question(p)) or ("", "other"))[1] for p in pairs).items()))}

@@ -55,6 +55,7 @@ class Runner:
         self.threads = threads
         self.echo = echo
         self._lock = threading.Lock()
+        self._folder_locks: dict[str, threading.Lock] = {}
         os.makedirs(os.path.join(root, "logs"), exist_ok=True)
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -93,6 +94,12 @@ class Runner:
         """Run ``fn`` (which fills ``folder``, already :meth:`resolve`d) unless ``folder`` is done
         with ``settings``; returns True when it ran. A folder left half-written by an interrupted
         run is cleared first."""
+        with self._lock:  # one thread runs a given step; others asking for it wait, then reuse it
+            lock = self._folder_locks.setdefault(os.path.abspath(folder), threading.Lock())
+        with lock:
+            return self._step(name, folder, settings, fn)
+
+    def _step(self, name: str, folder: str, settings: dict, fn: Callable[[], None]) -> bool:
         if self.done(folder, settings):
             logger.debug("%s: reused %s", name, folder)
             return False
