@@ -29,7 +29,7 @@ import re
 import sys
 from typing import Any, Iterable
 
-from stllava.errors import StllavaError
+from stllava.errors import StllavaError, run_cli
 from stllava.jsonl import JsonlError, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -382,8 +382,10 @@ def _benchmark_of(gt_path: pathlib.Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score VQA answers with the LLaVA-Med metrics.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(prog="python -m stllava.eval.metrics",
+                                     description="Score VQA answers with the LLaVA-Med metrics.")
     parser.add_argument("--gt", required=True, help="test JSON (stllava.eval.convert output)")
     parser.add_argument("--pred", required=True, help="answers JSONL (question_id, text)")
     parser.add_argument("--out", help="folder for metrics.json, per_question.csv, metrics.md")
@@ -391,17 +393,17 @@ def main(argv: list[str] | None = None) -> int:
                         "'benchmark' of stats.json beside --gt)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score only the answered questions (counted as n_missing)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     gt_path = pathlib.Path(args.gt)
     try:
         result = score(load_gt(gt_path), load_jsonl(args.pred), allow_missing=args.allow_missing)
-    except EvalInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except OSError as exc:
-        print(f"error: {exc}; fix: check the --gt / --pred paths", file=sys.stderr)
-        return 2
+        raise EvalInputError(f"{exc}; fix: check the --gt / --pred paths") from None
     meta = {"benchmark": args.benchmark or _benchmark_of(gt_path), "gt": str(gt_path),
             "pred": str(args.pred), "allow_missing": args.allow_missing}
     if args.out:
@@ -409,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wrote %s/{metrics.json,per_question.csv,metrics.md}", args.out)
     print(render_markdown(result["overall"], meta["benchmark"] or ""), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input; see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
