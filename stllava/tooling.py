@@ -98,14 +98,16 @@ def resolve_conv_mode(requested: str | None, model_path: str, default: str) -> t
     from stllava.conversation import get_conv_template
 
     recorded = None if requested else checkpoint_conv_mode(model_path)
+    config = os.path.join(model_path, "config.json")
     if requested:
-        mode, why = requested, "from --conv-mode"
+        mode, source, why = requested, "--conv-mode", "from --conv-mode"
     elif recorded:
-        mode, why = recorded, f"recorded in {os.path.join(model_path, 'config.json')}"
+        mode, source, why = recorded, config, f"recorded in {config}"
     else:
-        mode, why = default, "this tool's default; the checkpoint's config.json records no conv_mode"
+        mode, source, why = default, "the tool's default", "this tool's default; the checkpoint's config.json " \
+                                                             "records no conv_mode"
     try:
-        get_conv_template(mode, why)
+        get_conv_template(mode, source)
     except ValueError as e:
         raise ToolError(f"{e}; fix: pass --conv-mode") from None
     return mode, why

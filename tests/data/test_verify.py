@@ -119,7 +119,7 @@ def test_verify_cli_unreadable_file_is_one_line(tmp_path, content, needle):
     proc = subprocess.run([sys.executable, "-m", "stllava.data.verify", "--data_path", str(path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: ") and str(path) in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and str(path) in proc.stderr
     assert needle in proc.stderr and "fix: --data_path" in proc.stderr
 
 
