@@ -101,16 +101,20 @@ class BadDataError(StllavaError, ValueError):
 
 
 class DataFileError(StllavaError, ValueError):
-    """The data file as a whole cannot be read: missing, empty, cut short, not JSON, not a list."""
+    """The data file as a whole cannot be read: empty, cut short, not JSON, not a list."""
+
+
+class DataFileNotFound(StllavaError, FileNotFoundError):
+    """``--data_path`` names no file."""
 
 
 def load_records(data_path: str) -> list[dict]:
     """Return the records of a JSON list file (LLaVA-Med format) or a JSON Lines file.
-    Refuses anything else (:class:`DataFileError`, or :class:`~stllava.jsonl.JsonlError` for a bad
-    JSONL line) with one message naming the file and the fix."""
+    Refuses anything else (:class:`DataFileNotFound`, :class:`DataFileError`, or
+    :class:`~stllava.jsonl.JsonlError` for a bad JSONL line) with one message naming the file and the fix."""
     fix = "fix: --data_path must name a JSON list of records with 'id', 'image' and 'conversations'"
     if not os.path.isfile(data_path):
-        raise DataFileError(f"--data_path {data_path} does not exist; {fix}")
+        raise DataFileNotFound(f"--data_path {data_path} does not exist; {fix}")
     if data_path.endswith(".jsonl"):
         from stllava.jsonl import read_jsonl
 
@@ -126,7 +130,7 @@ def load_records(data_path: str) -> list[dict]:
         raise DataFileError(f"{data_path} is not valid JSON{' (cut short?)' if cut else ''}: {e.msg} (line "
                             f"{e.lineno}, column {e.colno}); {fix}") from None
     if not isinstance(data, list):
-        raise DataFileError(f"{data_path} holds a JSON {type(data).__name__}, not a list of records; {fix}")
+        raise DataFileError(f"{data_path} holds a JSON {type(data).__name__}, expected a list of records; {fix}")
     return data
 
 

@@ -108,7 +108,7 @@ def test_verify_cli(tmp_path, tiny_bundle, capsys):
 @pytest.mark.parametrize("content,needle", [
     ("", "is empty"),                                            # an interrupted copy left nothing
     ('[{"id": "a", "image": "good.png", "conversa', "is not valid JSON (cut short?)"),
-    ('{"id": "a"}', "holds a JSON dict, not a list of records"),
+    ('{"id": "a"}', "holds a JSON dict, expected a list of records"),
     (None, "does not exist"),
 ])
 def test_verify_cli_unreadable_file_is_one_line(tmp_path, content, needle):
