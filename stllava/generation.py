@@ -23,11 +23,10 @@ batch (KV cache), stops each row at ``</s>`` and returns the stripped texts in p
   draw. A row's random stream is thus a function of its seed only: sampled outputs are identical
   between batch sizes 1 and 8 (and any order), and still generated batched.
 
-:func:`add_model_args` adds the command-line flags the three generating CLIs share.
+The three generating CLIs share their flags and loop through :mod:`stllava.tooling`.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import logging
@@ -337,20 +336,3 @@ class ImageError(StllavaError, ValueError):
     def __init__(self, path: str, kind: str, detail: str = ""):
         self.path, self.kind, self.detail = str(path), kind, detail
         super().__init__(f"{kind}: {path}" + (f" ({detail})" if detail else ""))
-
-
-def add_model_args(parser: argparse.ArgumentParser, *, model_help: str = "checkpoint folder",
-                   underscore_aliases: bool = False) -> None:
-    """Add the flags of every generating CLI (``eval.model_vqa``, ``selftrain.questions``,
-    ``selftrain.answers``) to ``parser``: ``--model-path`` (required; help ``model_help``),
-    ``--model-base``, ``--device`` and ``--no-progress``. ``underscore_aliases`` also accepts
-    ``--model_path`` and ``--model_base`` (LLaVA's scripts mix both spellings). Returns nothing;
-    argparse refuses (ArgumentError) a parser that already has one of these flags."""
-    def names(flag: str) -> tuple[str, ...]:
-        return (flag, "--" + flag[2:].replace("-", "_")) if underscore_aliases else (flag,)
-
-    parser.add_argument(*names("--model-path"), dest="model_path", required=True, help=model_help)
-    parser.add_argument(*names("--model-base"), dest="model_base", default=None,
-                        help="base LLM when --model-path is a LoRA adapter")
-    parser.add_argument("--device", default="cuda", help="cuda (falls back to cpu when absent), cpu, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

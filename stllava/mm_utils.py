@@ -3,7 +3,6 @@
 - :func:`tokenizer_image_token`: prompt → ids with ``IMAGE_TOKEN_INDEX`` where ``<image>`` was.
 - :func:`expand2square`, :func:`process_images`: the image preprocessing of SPEC §2, identical in
   training, generation and evaluation.
-- :class:`KeywordsStoppingCriteria`: stop generation at a keyword (e.g. ``</s>``), per sequence.
 - :func:`get_model_name_from_path`: LLaVA's model-name rule.
 """
 from __future__ import annotations
@@ -12,7 +11,6 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
@@ -74,60 +72,6 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg) ->
         background = tuple(int(x * 255) for x in image_processor.image_mean)
         images = [expand2square(im, background) for im in images]
     return image_processor(images, return_tensors="pt")["pixel_values"]
-
-
-class KeywordsStoppingCriteria(StoppingCriteria):
-    """Stop each sequence once its generated text ends with (token ids) or contains (decoded text)
-    one of ``keywords``; ``"</s>"`` is matched by its id since decoding skips special tokens.
-
-    Works for batches: ``__call__`` returns a bool tensor of shape ``[B]`` (transformers ≥ 4.39).
-    ``input_ids`` is the prompt: when the ids given to ``__call__`` start with it, only what follows
-    is searched; when they do not (``generate(inputs_embeds=...)`` passes only new tokens), all of
-    them are. Only the generated part is ever searched, never the prompt.
-    """
-
-    def __init__(self, keywords: Sequence[str], tokenizer, input_ids: torch.Tensor | None = None):
-        if isinstance(keywords, str):
-            keywords = [keywords]
-        if not keywords:
-            raise ValueError("KeywordsStoppingCriteria: no keywords given")
-        self.keywords = list(keywords)
-        self.tokenizer = tokenizer
-        self.keyword_ids = []
-        for kw in self.keywords:
-            ids = tokenizer(kw, add_special_tokens=False).input_ids
-            if ids:
-                self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
-        self.max_keyword_len = max([len(k) for k in self.keyword_ids] + [1])
-        self.prompt = None if input_ids is None else torch.as_tensor(input_ids)
-        if self.prompt is not None and self.prompt.dim() == 1:
-            self.prompt = self.prompt.unsqueeze(0)
-
-    def _generated_start(self, output_ids: torch.Tensor) -> int:
-        if self.prompt is None:
-            return 0
-        n = self.prompt.shape[1]
-        if output_ids.shape[1] < n or self.prompt.shape[0] not in (1, output_ids.shape[0]):
-            return 0
-        prompt = self.prompt.to(output_ids.device).expand(output_ids.shape[0], n)
-        # Prompt ids may hold IMAGE_TOKEN_INDEX, which never appears in generated output.
-        return n if torch.equal(output_ids[:, :n], prompt) else 0
-
-    def _row_stops(self, row: torch.Tensor) -> bool:
-        for kw in self.keyword_ids:
-            if row.shape[0] >= kw.shape[0] and torch.equal(row[-kw.shape[0]:], kw.to(row.device)):
-                return True
-        # Decode a window a little wider than the longest keyword: a keyword's text can tokenize
-        # differently in context than alone.
-        window = row[-(self.max_keyword_len + 3):]
-        text = self.tokenizer.decode(window.tolist(), skip_special_tokens=True)
-        return any(kw in text for kw in self.keywords)
-
-    def __call__(self, output_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        start = self._generated_start(output_ids)
-        done = [bool(output_ids.shape[1] > start and self._row_stops(output_ids[i, start:]))
-                for i in range(output_ids.shape[0])]
-        return torch.tensor(done, dtype=torch.bool, device=output_ids.device)
 
 
 def get_model_name_from_path(model_path: str) -> str:

@@ -1,4 +1,4 @@
-"""tokenizer_image_token, image padding/preprocessing, stopping criteria, model names."""
+"""tokenizer_image_token, image padding/preprocessing, model names."""
 import pytest
 import torch
 from PIL import Image
@@ -6,7 +6,6 @@ from transformers import CLIPImageProcessor, LlamaTokenizer
 
 from stllava.constants import IMAGE_TOKEN_INDEX
 from stllava.mm_utils import (
-    KeywordsStoppingCriteria,
     expand2square,
     get_model_name_from_path,
     process_images,
@@ -166,31 +165,6 @@ def test_process_images_pad_on_grey_and_batch(processor):
     assert _rgb255(out[0], 28, 0) == list(BG)  # left strip of the tall image is the mean colour
     with pytest.raises(ValueError):
         process_images([], processor, {"image_aspect_ratio": "pad"})
-
-
-# ---------------------------------------------------------------- stopping criteria
-def test_stopping_criteria_per_sequence(tiny_tok):
-    prompt = torch.tensor([tokenizer_image_token("A chat. USER: hi</s>USER: Is it a CT? ASSISTANT:", tiny_tok)] * 3)
-    yes = tiny_tok(" Yes", add_special_tokens=False).input_ids
-    gen = torch.tensor([yes + [tiny_tok.eos_token_id], yes + yes, [tiny_tok.eos_token_id] + yes])
-    crit = KeywordsStoppingCriteria(["</s>"], tiny_tok, prompt)
-    done = crit(torch.cat([prompt, gen], dim=1), None)
-    assert done.dtype == torch.bool and done.shape == (3,)
-    # Row 0 ends with </s>; row 1 never says it; row 2 said it earlier (caught at that step, not now).
-    assert done.tolist() == [True, False, False]
-    # The prompt itself holds "</s>": with nothing generated yet, nothing stops.
-    assert crit(prompt, None).tolist() == [False, False, False]
-
-
-def test_stopping_criteria_text_keyword_and_new_tokens_only(tiny_tok):
-    prompt = torch.tensor(tokenizer_image_token("USER: hi ASSISTANT:", tiny_tok))
-    crit = KeywordsStoppingCriteria(["###"], tiny_tok, prompt)
-    a = tiny_tok(" The liver ###", add_special_tokens=False).input_ids
-    b = tiny_tok(" The liver is", add_special_tokens=False).input_ids
-    n = max(len(a), len(b))
-    pad = tiny_tok.unk_token_id
-    new_only = torch.tensor([[pad] * (n - len(a)) + a, [pad] * (n - len(b)) + b])  # generate(inputs_embeds=...)
-    assert crit(new_only, None).tolist() == [True, False]
 
 
 # ---------------------------------------------------------------- model names

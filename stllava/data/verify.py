@@ -7,7 +7,8 @@ images; a record that is not ``{"conversations": [...]}``; roles out of order or
 ``<image>`` missing where an image is given (or present where none is); and, given a tokenizer, a
 conversation too long for ``model_max_length`` once its image is expanded to ``image_tokens``
 positions (it would be cut). Prints one line per problem, then a summary; exits 1 when any record
-is bad, 0 otherwise.
+is bad (like a linter), 0 otherwise, and 2 with one ``error: ...`` line when the file itself cannot
+be read (missing, empty, cut short, not JSON, not a list).
 
 Training (``stllava.train.train_sft``) calls :func:`verify_records` at start-up and applies
 ``--on_bad_sample``: ``stop`` (default) raises :class:`BadDataError` carrying this report;
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.data.images import check_image, image_path
-from stllava.errors import StllavaError
+from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +100,37 @@ class BadDataError(StllavaError, ValueError):
             "--image_folder ...`), or pass --on_bad_sample skip to train without them.")
 
 
+class DataFileError(StllavaError, ValueError):
+    """The data file as a whole cannot be read: empty, cut short, not JSON, not a list."""
+
+
+class DataFileNotFound(StllavaError, FileNotFoundError):
+    """``--data_path`` names no file."""
+
+
 def load_records(data_path: str) -> list[dict]:
     """Return the records of a JSON list file (LLaVA-Med format) or a JSON Lines file.
-    Refuses anything else with an error naming the file."""
+    Refuses anything else (:class:`DataFileNotFound`, :class:`DataFileError`, or
+    :class:`~stllava.jsonl.JsonlError` for a bad JSONL line) with one message naming the file and the fix."""
+    fix = "fix: --data_path must name a JSON list of records with 'id', 'image' and 'conversations'"
     if not os.path.isfile(data_path):
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        raise DataFileNotFound(f"--data_path {data_path} does not exist; {fix}")
     if data_path.endswith(".jsonl"):
         from stllava.jsonl import read_jsonl
 
         return read_jsonl(data_path)
-    with open(data_path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{data_path} is not valid JSON ({e}); expected a list of records "
-                             "with 'id', 'image' and 'conversations'") from None
+    with open(data_path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataFileError(f"{data_path} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
+        raise DataFileError(f"{data_path} is not valid JSON{' (cut short?)' if cut else ''}: {e.msg} (line "
+                            f"{e.lineno}, column {e.colno}); {fix}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{data_path} holds a JSON {type(data).__name__}, expected a list of records")
+        raise DataFileError(f"{data_path} holds a JSON {type(data).__name__}, expected a list of records; {fix}")
     return data
 
 
@@ -233,8 +248,10 @@ def apply_bad_sample_policy(records: Sequence[Any], report: VerifyReport, policy
     return [i for i in range(len(records)) if i not in bad]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (underscores: they are training's flags)."""
+    ap = argparse.ArgumentParser(prog="python -m stllava.data.verify", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_path", required=True, help="LLaVA-Med-format JSON list (or .jsonl) of records")
     ap.add_argument("--image_folder", default=None, help="folder the records' 'image' paths are relative to")
     ap.add_argument("--version", default="v1_sq", help="conversation template the data will be trained with")
@@ -245,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="positions one image takes (576 for CLIP ViT-L/14-336 'patch')")
     ap.add_argument("--workers", type=int, default=8, help="threads decoding images")
     ap.add_argument("--limit", type=int, default=None, help="print at most this many problems")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tokenizer = None
     if args.tokenizer:
@@ -257,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                             tokenizer=tokenizer, model_max_length=args.model_max_length,
                             image_tokens=args.image_tokens, workers=args.workers)
     print(report.format(args.limit))
-    return 0 if report.ok else 1
+    return 0 if report.ok else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 0 (all good), 1 (bad records, listed) or 2 (the file
+    itself is unreadable: one line; see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 
-from stllava.selftrain.judge import split_prompt
+from stllava.selftrain.judge_prompt import split_prompt
 from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import sys
 from typing import Any, Callable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
-from stllava.errors import StllavaError
+from stllava.errors import StllavaError, run_cli
 from stllava.jsonl import JsonlError, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -306,10 +306,12 @@ def write(items: list[dict], stats: dict, out_dir: str | pathlib.Path) -> pathli
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a raw VQA benchmark to LLaVA-Med "
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(prog="python -m stllava.eval.convert",
+                                     description="Convert a raw VQA benchmark to LLaVA-Med "
                                      "evaluation files (test.json, questions.jsonl, stats.json).")
-    parser.add_argument("benchmark", choices=BENCHMARKS)
+    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark the raw file holds")
     parser.add_argument("--src", required=True, help="raw benchmark file (see docs/Evaluation.md)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", default="auto",
@@ -317,23 +319,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="source layout: VQA-RAD public|split, PathVQA lxmert|hf (default: "
                         "detected from the fields)")
     parser.add_argument("--image-folder", help="if given, check every image exists in it")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     valid = {"vqa_rad": ("auto", "public", "split"), "slake": ("auto",),
              "pvqa": ("auto", "lxmert", "hf")}[args.benchmark]
     if args.format not in valid:
         parser.error(f"--format {args.format} does not apply to {args.benchmark}; use {valid}")
-    try:
-        items, stats = convert(args.benchmark, args.src, args.format, args.image_folder)
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    items, stats = convert(args.benchmark, args.src, args.format, args.image_folder)
     write(items, stats, args.out)
     logger.info("%s: %d questions (%d open / %d closed) on %d images → %s", args.benchmark,
                 stats["n_questions"], stats["n_open"], stats["n_closed"], stats["n_images"],
                 args.out)
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input; see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -25,64 +25,23 @@ import csv
 import json
 import logging
 import pathlib
-import re
 import sys
 from typing import Any, Iterable
 
-from stllava.errors import StllavaError
+from stllava.errors import StllavaError, run_cli
+from stllava.eval.glossary import (
+    ARTICLES,
+    COMMA_STRIP,
+    CONTRACTIONS,
+    NUMBER_WORDS,
+    PERIOD_CAP,
+    PERIOD_STRIP,
+    PUNCTUATION,
+)
 from stllava.jsonl import JsonlError, read_jsonl
 
 logger = logging.getLogger(__name__)
 
-# --- normalisation tables (LLaVA-Med glossary.py == the VQA evaluation's processPunctuation /
-# processDigitArticle tables) -------------------------------------------------------------------
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-               "@", "`", ",", "?", "!"]
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = ("a", "an", "the")
-# The standard VQA contractions map, verbatim (its capitalised keys such as "Im" can never match
-# after lower-casing; kept as in the reference).
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}
-# Verbatim reference patterns. "(?!<=\d)" is a look-ahead that never fires before a ".", so the
-# period rule is "remove a period not followed by a digit".
-PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-PERIOD_CAP = 32  # re.UNICODE (== 32) landed in re.sub's `count` in the reference
 OPEN, CLOSED = "OPEN", "CLOSED"
 
 # Per-question CSV columns (also read by stllava.eval.report).
@@ -382,8 +341,10 @@ def _benchmark_of(gt_path: pathlib.Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score VQA answers with the LLaVA-Med metrics.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(prog="python -m stllava.eval.metrics",
+                                     description="Score VQA answers with the LLaVA-Med metrics.")
     parser.add_argument("--gt", required=True, help="test JSON (stllava.eval.convert output)")
     parser.add_argument("--pred", required=True, help="answers JSONL (question_id, text)")
     parser.add_argument("--out", help="folder for metrics.json, per_question.csv, metrics.md")
@@ -391,17 +352,17 @@ def main(argv: list[str] | None = None) -> int:
                         "'benchmark' of stats.json beside --gt)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score only the answered questions (counted as n_missing)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     gt_path = pathlib.Path(args.gt)
     try:
         result = score(load_gt(gt_path), load_jsonl(args.pred), allow_missing=args.allow_missing)
-    except EvalInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except OSError as exc:
-        print(f"error: {exc}; fix: check the --gt / --pred paths", file=sys.stderr)
-        return 2
+        raise EvalInputError(f"{exc}; fix: check the --gt / --pred paths") from None
     meta = {"benchmark": args.benchmark or _benchmark_of(gt_path), "gt": str(gt_path),
             "pred": str(args.pred), "allow_missing": args.allow_missing}
     if args.out:
@@ -409,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wrote %s/{metrics.json,per_question.csv,metrics.md}", args.out)
     print(render_markdown(result["overall"], meta["benchmark"] or ""), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input; see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 import pathlib
 import sys
 
-from stllava.errors import StllavaError
+from stllava.errors import StllavaError, run_cli
 from stllava.eval.metrics import ROW_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -209,28 +209,34 @@ def build_report(runs: list[tuple[str, str]], out_dir: str | pathlib.Path, paper
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Tabulate and plot scored evaluation runs.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(prog="python -m stllava.eval.report",
+                                     description="Tabulate and plot scored evaluation runs.")
     parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                         help="a run name and its metrics folder (repeatable)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--paper", action="store_true",
                         help="show the published STLLaVA-Med-7B numbers beside ours")
     parser.add_argument("--no-plot", action="store_true", help="skip report.png (no matplotlib)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    runs = [parse_run_arg(r) for r in args.run]
     try:
-        runs = [parse_run_arg(r) for r in args.run]
         table = build_report(runs, args.out, args.paper, not args.no_plot)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except ImportError as exc:
-        print(f"error: {exc}; fix: pip install 'stllava[report]' or pass --no-plot",
-              file=sys.stderr)
-        return 2
+        raise ReportError(f"{exc}; fix: pip install 'stllava[report]' or pass --no-plot") from None
     print(render_markdown(table), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input; see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

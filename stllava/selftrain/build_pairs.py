@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Iterable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
-from stllava.errors import StllavaError
-from stllava.jsonl import JsonlError, iter_jsonl, write_json_atomic
+from stllava.errors import StllavaError, run_cli
+from stllava.jsonl import iter_jsonl, write_json_atomic
 
 logger = logging.getLogger("stllava.selftrain.build_pairs")
 
@@ -155,8 +155,8 @@ def stats_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".stats.json")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0, or 2 on a bad judged file."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m stllava.selftrain.build_pairs",
                                 description="Judged answers -> DPO training JSON (SPEC §5).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -164,17 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="DPO JSON to write (stats go to <out>.stats.json)")
     p.add_argument("--min-margin", type=float, default=0.0,
                    help="keep a pair only when score(chosen) - score(rejected) >= this")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         pairs, stats = build_pairs(iter_jsonl(args.judged), source=str(args.judged), min_margin=args.min_margin)
-    except (JsonlError, PairsError) as e:
-        logger.error("%s", e)
-        return 2
     except FileNotFoundError:
-        logger.error("%s: judged file not found", args.judged)
-        return 2
+        raise PairsError(f"{args.judged}: judged file not found; fix: --judged") from None
     stats = {"judged_file": str(args.judged), "out": str(args.out), **stats}
     write_json_atomic(args.out, pairs)
     write_json_atomic(stats_path(args.out), stats)
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("wrote %d pairs to %s (stats: %s)", len(pairs), args.out, stats_path(args.out))
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 0, or 2 on a bad judged file (see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

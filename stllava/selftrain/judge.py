@@ -12,14 +12,9 @@
      ...}                                 # any other fields (model, seeds, ...) are provenance,
                                           # copied to the output unchanged
 
-**Request** (SPEC §5): one user message whose content is ``[text, image]`` -- the text part first,
-then the image, the order of the published ``eval_gpt4v_review.py`` -- with temperature 0.2::
-
-    [Question]\\n{q}\\n\\n[Answer 1]\\n{a1}\\n\\n[End of Answer 1]\\n\\n\
-    [Answer 2]\\n{a2}\\n\\n[End of Answer 2]\\n\\n[System]\\n{rule}\\n\\n
-
-The image is a ``data:<mime>;base64,...`` URL; the MIME type comes from the image bytes (PIL),
-not the file name. Formats the API does not take (not JPEG/PNG/GIF/WEBP) are re-encoded as PNG.
+**Request** (SPEC §5, built by :mod:`stllava.selftrain.judge_prompt`): one user message, the
+``[Question]/[Answer 1]/[Answer 2]/[System]`` text then the image as a data URL, temperature 0.2;
+sent by :mod:`stllava.selftrain.judge_client` (the ``openai`` client and its retries).
 
 **Output** (``judged.jsonl``): every input record in input order, unchanged, plus a ``"judge"``
 object: ``status`` ("ok", "tie", "unparsable", or "identical" when both answers are the same text
@@ -44,34 +39,21 @@ not by a wrong index; bounded, logged retries; the openai>=1 client.
 from __future__ import annotations
 
 import argparse
-import base64
-import email.utils
 import hashlib
-import io
 import json
 import logging
-import math
 import os
-import random
-import re
 import sys
-import threading
-import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import openai
-from PIL import Image, UnidentifiedImageError
-
-from stllava.errors import StllavaError
+from stllava.errors import EXIT_FAILED, run_cli
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
+from stllava.selftrain.judge_client import Item, Judge, JudgeError, JudgeInputError, _Stopped
+from stllava.selftrain.judge_prompt import DEFAULT_RULE, encode_image, load_rule
 
 logger = logging.getLogger("stllava.selftrain.judge")
 
-RULES_DIR = Path(__file__).with_name("rules")
-DEFAULT_RULE = RULES_DIR / "medical_v1.txt"
 # USD per 1M tokens (input, output), OpenAI list prices for standard requests (2025).
 # Override with --price-in/--price-out; unknown models are reported without a cost.
 PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
@@ -84,141 +66,9 @@ PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
     "gpt-4.1": (2.00, 8.00),
     "gpt-4.1-mini": (0.40, 1.60),
 }
-API_IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
-RETRY_AFTER_CEILING_S = 600.0
-EXIT_ERROR, EXIT_INCOMPLETE = 2, 3
-
-
-class JudgeError(StllavaError, RuntimeError):
-    """A run cannot go on: bad input, a refused request, or retries used up. The message says why."""
-
-
-class JudgeInputError(JudgeError):
-    """A record of the answers file cannot be judged (malformed line, bad fields, missing image)."""
-
-
-class JudgeAPIError(JudgeError):
-    """The server refused a request (4xx other than 408/429) or kept failing past --max-retries."""
-
-
-class _Stopped(Exception):
-    """Internal: the run is stopping (another item failed, or --max-requests was reached)."""
-
-
-# ---------------------------------------------------------------------------- the prompt and reply
-@dataclass(frozen=True)
-class Rule:
-    """The [System] rule text, its version (file stem) and the sha256 of the text."""
-
-    text: str
-    version: str
-    sha256: str
-
-
-def load_rule(path: str | os.PathLike = DEFAULT_RULE) -> Rule:
-    """Read a rule file (surrounding whitespace stripped). Refuses an empty file (ValueError)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise ValueError(f"{path}: the rule file is empty; give the [System] instruction text.")
-    return Rule(text, path.stem, hashlib.sha256(text.encode("utf-8")).hexdigest())
-
-
-def build_prompt(question: str, answer1: str, answer2: str, rule_text: str) -> str:
-    """The text part of the judge request, exactly the SPEC §5 layout."""
-    return (f"[Question]\n{question}\n\n"
-            f"[Answer 1]\n{answer1}\n\n[End of Answer 1]\n\n"
-            f"[Answer 2]\n{answer2}\n\n[End of Answer 2]\n\n"
-            f"[System]\n{rule_text}\n\n")
-
-
-_PROMPT_RE = re.compile(r"\A\[Question\]\n(.*?)\n\n\[Answer 1\]\n(.*?)\n\n\[End of Answer 1\]\n\n"
-                        r"\[Answer 2\]\n(.*?)\n\n\[End of Answer 2\]\n\n\[System\]\n(.*)\n\n\Z", re.S)
-
-
-def split_prompt(text: str) -> tuple[str, str, str, str]:
-    """Inverse of :func:`build_prompt`: (question, answer1, answer2, rule). For test/phantom judges.
-
-    Refuses (ValueError) text that does not have the SPEC §5 layout.
-    """
-    m = _PROMPT_RE.match(text)
-    if m is None:
-        raise ValueError("text does not follow the [Question]/[Answer 1]/[Answer 2]/[System] layout")
-    return m.group(1), m.group(2), m.group(3), m.group(4)
-
-
-def parse_scores(reply: str | None) -> tuple[float, float] | None:
-    """The two scores on the reply's first line, or None when it is not exactly two finite numbers.
-
-    As SPEC §5: first line (after leading blank space), commas read as spaces. "8 6", "8,6",
-    "7.5, 9" parse; "Scores: 8 6", "8/10 6/10", "8" and "8 6 5" do not.
-    """
-    if not reply or not reply.strip():
-        return None
-    first = reply.strip().splitlines()[0]
-    parts = first.replace(",", " ").split()
-    if len(parts) != 2:
-        return None
-    try:
-        scores = float(parts[0]), float(parts[1])
-    except ValueError:
-        return None
-    return scores if all(math.isfinite(s) for s in scores) else None
-
-
-def encode_image(data: bytes) -> tuple[str, bytes]:
-    """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
-
-    JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
-    Refuses (ValueError) bytes that are not a readable image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            img.verify()
-        if fmt in API_IMAGE_FORMATS:
-            return API_IMAGE_FORMATS[fmt], data
-        with Image.open(io.BytesIO(data)) as img:
-            buf = io.BytesIO()
-            img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
-        return "image/png", buf.getvalue()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-
-
-def build_messages(prompt: str, mime: str, data: bytes) -> list[dict]:
-    """The chat ``messages``: one user message, content = [text, image data URL]."""
-    url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return [{"role": "user", "content": [
-        {"type": "text", "text": prompt},
-        {"type": "image_url", "image_url": {"url": url}},
-    ]}]
-
-
-def cache_key(image_sha256: str, question: str, answers: list[str], model: str, rule_sha256: str,
-              temperature: float, ask: int) -> str:
-    """The content key of one request (sha256 hex). ``ask`` 0 is the first ask, 1 the re-ask."""
-    blob = json.dumps([image_sha256, question, list(answers), model, rule_sha256, temperature, ask],
-                      ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------- input
-@dataclass
-class Item:
-    """One question to judge: its input record, where it came from and its image."""
-
-    index: int
-    line: int
-    record: dict
-    image_path: Path
-    image_sha256: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.record['question_id']} (line {self.line})"
-
-
 def _check_fields(record: dict) -> str | None:
     """What is wrong with an input record's fields, or None."""
     qid = record.get("question_id")
@@ -291,234 +141,6 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
     return items, skipped
 
 
-# ---------------------------------------------------------------------------- requests
-@dataclass
-class RetryPolicy:
-    """Bounded exponential backoff with jitter: retry k (0-based) waits in [d/2, d], d = min(cap, base*2^k).
-
-    A Retry-After (or retry-after-ms) header on a 429 is used instead, up to 600 s.
-    """
-
-    max_retries: int = 6
-    base: float = 1.0
-    cap: float = 60.0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def delay(self, retry: int, retry_after: float | None = None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), RETRY_AFTER_CEILING_S)
-        d = min(self.cap, self.base * (2 ** retry))
-        return d / 2 + self.rng.uniform(0, d / 2)
-
-
-def retry_after_seconds(headers) -> float | None:
-    """Seconds asked for by ``retry-after-ms`` / ``retry-after`` (number or HTTP date), or None."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / scale
-            if math.isfinite(seconds):
-                return seconds
-        except ValueError:
-            parsed = email.utils.parsedate_tz(value)
-            if parsed is not None:
-                return email.utils.mktime_tz(parsed) - time.time()
-    return None
-
-
-def _transient(exc: BaseException) -> tuple[str, float | None] | None:
-    """(kind, retry_after) when ``exc`` is worth retrying, None when it must stop the run."""
-    if isinstance(exc, openai.RateLimitError):
-        return "429", retry_after_seconds(exc.response.headers)
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500:
-            return "5xx", None
-        if exc.status_code == 408:
-            return "408", None
-        return None
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout", None
-    if isinstance(exc, openai.APIConnectionError):
-        return "connection", None
-    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
-        return "malformed response", None
-    return None
-
-
-@dataclass
-class Stats:
-    """Counters of one run (thread-safe through ``lock``)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    http_requests: int = 0
-    paid: int = 0
-    cache_hits: int = 0
-    retries: dict[str, int] = field(default_factory=dict)
-    fresh_tokens: list[int] = field(default_factory=lambda: [0, 0])
-
-    def count_retry(self, kind: str) -> None:
-        with self.lock:
-            self.retries[kind] = self.retries.get(kind, 0) + 1
-
-
-class Judge:
-    """Judges items with an ``openai.OpenAI`` client: cache first, then bounded, logged retries.
-
-    ``cache`` maps cache keys to finished-request entries (loaded from the cache file); every new
-    completion is added to it and appended to ``cache_writer`` before it is used.
-    ``max_requests`` caps HTTP requests (retries included) for this run; reaching it, or ``stop``
-    being set, makes :meth:`judge_item` raise ``_Stopped`` (the item stays pending).
-    """
-
-    def __init__(self, client: openai.OpenAI, rule: Rule, *, model: str = "gpt-4o",
-                 temperature: float = 0.2, max_tokens: int = 1024, retry: RetryPolicy | None = None,
-                 cache: dict[str, dict] | None = None, cache_writer: JsonlWriter | None = None,
-                 max_requests: int | None = None, reask_ties: bool = False, secret: str | None = None):
-        self.client, self.rule, self.model = client, rule, model
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self.retry = retry or RetryPolicy()
-        self.cache = cache if cache is not None else {}
-        self.cache_writer = cache_writer
-        self.max_requests = max_requests
-        self.reask_ties = reask_ties
-        self.secret = secret
-        self.stop = threading.Event()
-        self.stats = Stats()
-        self._key_locks: dict[str, threading.Lock] = {}
-        self._key_locks_lock = threading.Lock()
-
-    def redact(self, text: str) -> str:
-        return text.replace(self.secret, "***") if self.secret else text
-
-    def _key_lock(self, key: str) -> threading.Lock:
-        with self._key_locks_lock:
-            return self._key_locks.setdefault(key, threading.Lock())
-
-    def _take_request_slot(self) -> None:
-        with self.stats.lock:
-            if self.stop.is_set():
-                raise _Stopped("stopping")
-            if self.max_requests is not None and self.stats.http_requests >= self.max_requests:
-                raise _Stopped(f"--max-requests {self.max_requests} reached")
-            self.stats.http_requests += 1
-
-    def _request(self, item: Item, ask: int) -> Any:
-        """One completion for ``item``, retrying transient failures; the ChatCompletion."""
-        data = item.image_path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != item.image_sha256:
-            raise JudgeInputError(f"{item.image_path} changed while the judge was running ({item.name})")
-        mime, payload = encode_image(data)
-        q, (a1, a2) = item.record["question"], item.record["answers"]
-        messages = build_messages(build_prompt(q, a1, a2, self.rule.text), mime, payload)
-        for attempt in range(self.retry.max_retries + 1):
-            self._take_request_slot()
-            try:
-                return self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature,
-                    max_tokens=self.max_tokens)
-            except Exception as exc:  # classified below; anything unknown is re-raised
-                kind = _transient(exc)
-                if kind is None:
-                    if isinstance(exc, openai.APIStatusError):
-                        raise JudgeAPIError(self.redact(
-                            f"the server refused the request for {item.name} with HTTP {exc.status_code}: "
-                            f"{exc}. Nothing was retried; fix the cause (model name, key, request "
-                            f"size) and rerun -- finished items are reused from the cache.")) from None
-                    raise
-                why, retry_after = kind
-                if attempt == self.retry.max_retries:
-                    raise JudgeAPIError(self.redact(
-                        f"giving up on {item.name} after {attempt + 1} attempts; last error: {why} "
-                        f"({exc}). Rerun later (finished items are reused) or raise --max-retries."
-                    )) from None
-                self.stats.count_retry(why)
-                delay = self.retry.delay(attempt, retry_after if why == "429" else None)
-                logger.warning("%s, ask %d: %s; retry %d/%d in %.2f s", item.name, ask, why,
-                               attempt + 1, self.retry.max_retries, delay)
-                if self.stop.wait(delay):
-                    raise _Stopped("stopping") from None
-        raise AssertionError("unreachable")
-
-    def ask(self, item: Item, ask: int) -> dict:
-        """The cache entry of ask number ``ask`` for ``item``: from the cache, or asked and stored."""
-        q, answers = item.record["question"], item.record["answers"]
-        key = cache_key(item.image_sha256, q, answers, self.model, self.rule.sha256, self.temperature, ask)
-        with self._key_lock(key):  # two identical items never pay twice, even concurrently
-            entry = self.cache.get(key)
-            if entry is not None:
-                with self.stats.lock:
-                    self.stats.cache_hits += 1
-                return entry
-            response = self._request(item, ask)
-            usage = response.usage
-            tokens = [usage.prompt_tokens, usage.completion_tokens] if usage else [0, 0]
-            content = response.choices[0].message.content if response.choices else None
-            entry = {"key": key, "question_id": str(item.record["question_id"]), "ask": ask,
-                     "reply": content, "served_model": response.model,
-                     "usage": {"prompt_tokens": tokens[0], "completion_tokens": tokens[1]}}
-            if self.cache_writer is not None:
-                self.cache_writer.write(entry)
-            self.cache[key] = entry
-            with self.stats.lock:
-                self.stats.paid += 1
-                self.stats.fresh_tokens[0] += tokens[0]
-                self.stats.fresh_tokens[1] += tokens[1]
-            logger.debug("%s: ask %d answered: %r", item.name, ask, (content or "")[:80])
-            return entry
-
-    def judge_item(self, item: Item) -> dict:
-        """The ``judge`` block for ``item`` (see the module docstring). Raises _Stopped or JudgeError.
-
-        A JudgeError sets ``stop`` before it leaves the worker thread, so no queued item starts
-        a request after it.
-        """
-        try:
-            return self._judge_item(item)
-        except JudgeError:
-            self.stop.set()
-            raise
-
-    def _judge_item(self, item: Item) -> dict:
-        answers = item.record["answers"]
-        block: dict[str, Any] = {"status": None, "scores": None, "chosen": None, "margin": None,
-                                 "reply": None, "replies": [], "usage": None, "model": self.model,
-                                 "served_model": None, "rule_version": self.rule.version,
-                                 "rule_sha256": self.rule.sha256, "temperature": self.temperature,
-                                 "image_sha256": item.image_sha256}
-        if answers[0].strip() == answers[1].strip():
-            block.update(status="identical", usage={"prompt_tokens": 0, "completion_tokens": 0})
-            return block
-        entries = [self.ask(item, 0)]
-        scores = parse_scores(entries[0]["reply"])
-        if scores is None or (scores[0] == scores[1] and self.reask_ties):
-            logger.info("%s: %s first reply %r; asking once more", item.name,
-                        "unparsable" if scores is None else "tied", (entries[0]["reply"] or "")[:60])
-            entries.append(self.ask(item, 1))
-            rescored = parse_scores(entries[1]["reply"])
-            if rescored is not None or scores is None:
-                scores = rescored
-                used = entries[1]
-            else:  # a tie re-asked into garbage stays the tie it was
-                used = entries[0]
-        else:
-            used = entries[0]
-        block.update(reply=used["reply"], replies=[e["reply"] for e in entries],
-                     served_model=used["served_model"],
-                     usage={"prompt_tokens": sum(e["usage"]["prompt_tokens"] for e in entries),
-                            "completion_tokens": sum(e["usage"]["completion_tokens"] for e in entries)})
-        if scores is None:
-            block["status"] = "unparsable"
-        else:
-            block.update(scores=list(scores), margin=abs(scores[0] - scores[1]),
-                         status="tie" if scores[0] == scores[1] else "ok",
-                         chosen=None if scores[0] == scores[1] else int(scores[1] > scores[0]))
-        return block
-
-
 # ---------------------------------------------------------------------------- the run
 def load_cache(path: Path) -> dict[str, dict]:
     """Finished requests from a cache file (first entry per key wins); {} when there is none.
@@ -570,13 +192,15 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
     cache = load_cache(cache_path)
     logger.info("%d items to judge (%d bad input skipped); %d finished requests in %s",
                 len(items), len(skipped), len(cache), cache_path)
-    client = openai.OpenAI(base_url=args.base_url, api_key=secret, max_retries=0, timeout=args.timeout)
-    retry = RetryPolicy(args.max_retries, args.backoff_base, args.backoff_cap)
     with JsonlWriter(cache_path) as writer:
-        judge = Judge(client, rule, model=args.model, temperature=args.temperature,
-                      max_tokens=args.max_tokens, retry=retry, cache=cache, cache_writer=writer,
-                      max_requests=args.max_requests, reask_ties=args.reask_ties, secret=secret)
-        results, error = _judge_all(judge, items, args.concurrency)
+        judge = Judge(rule, base_url=args.base_url, api_key=secret, timeout=args.timeout,
+                      max_retries=args.max_retries, model=args.model, temperature=args.temperature,
+                      max_tokens=args.max_tokens, cache=cache, cache_writer=writer,
+                      max_requests=args.max_requests, reask_ties=args.reask_ties)
+        try:
+            results, error = _judge_all(judge, items, args.concurrency)
+        finally:
+            judge.close()
     statuses: dict[str, int] = {}
     all_tokens = [0, 0]
     for block in results.values():
@@ -608,12 +232,12 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
                 judge.stats.cache_hits, *judge.stats.fresh_tokens, summary["cost_usd_this_run"], summary_path)
     if error:
         logger.error("%s", error)
-        return EXIT_ERROR, summary
+        return EXIT_FAILED, summary
     if pending:
         logger.warning("%d of %d items not judged (--max-requests %s reached); %s not written. "
                        "Rerun the same command to finish: nothing already paid is asked again.",
                        pending, len(items), args.max_requests, out)
-        return EXIT_INCOMPLETE, summary
+        return EXIT_FAILED, summary
     write_jsonl_atomic(out, ({**item.record, "judge": results[item.index]} for item in items))
     logger.info("wrote %d judged items to %s", len(items), out)
     return 0, summary
@@ -673,6 +297,7 @@ class _RedactFilter(logging.Filter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m stllava.selftrain.judge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--answers", required=True, help="answers.jsonl from the answers stage")
@@ -683,48 +308,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible server (default: OpenAI, or $OPENAI_BASE_URL)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--rule", default=str(DEFAULT_RULE), help="[System] rule text file (its stem is the rule version)")
-    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature of the judge model")
     p.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each judge reply")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--max-requests", type=int, default=None,
                    help="stop after this many HTTP requests (retries count) in this run; rerun to continue")
     p.add_argument("--max-retries", type=int, default=6,
-                   help="retries per request on 429/5xx/timeout/connection errors")
+                   help="the openai client's retries per request (408/409/429/5xx, timeouts, connection errors; "
+                        "exponential backoff, Retry-After honoured up to 2 min)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
-    p.add_argument("--backoff-base", type=float, default=1.0, help="first retry waits 0.5-1x this many seconds")
-    p.add_argument("--backoff-cap", type=float, default=60.0, help="longest backoff in seconds")
     p.add_argument("--price-in", type=float, default=None, help="USD per 1M prompt tokens (overrides the table)")
     p.add_argument("--price-out", type=float, default=None, help="USD per 1M completion tokens (overrides the table)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad input records instead of stopping")
     p.add_argument("--reask-ties", action="store_true",
                    help="ask once more on a tie (still recorded 'tie' if it repeats)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 done, 2 error, 3 incomplete)."""
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     secret = os.environ.get(args.api_key_env, "")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in ("httpx", "httpx2"):  # one INFO line per HTTP request is noise at 50k requests
             logging.getLogger(name).setLevel(logging.WARNING)
-    if secret:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_RedactFilter(secret))
     if not secret:
-        logger.error("no API key: set $%s (for a local server without auth any value works, e.g. EMPTY)",
-                     args.api_key_env)
-        return EXIT_ERROR
+        raise JudgeError(f"no API key: set ${args.api_key_env} (for a local server without auth any value works, "
+                         "e.g. EMPTY)")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactFilter(secret))
     try:
         code, summary = run(args, secret)
-    except JudgeError as e:
-        logger.error("%s", str(e).replace(secret, "***"))
-        return EXIT_ERROR
+    except JudgeError as e:  # printed by run_cli: never with the key in it
+        raise type(e)(str(e).replace(secret, "***")) from None
     printable = {k: v for k, v in summary.items() if k != "skipped"}
     print(json.dumps(printable, indent=2))
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code: 0 when judged.jsonl is written, 1 when the
+    run stopped without it (a refused request, retries used up, or --max-requests reached: rerun
+    to finish), 2 for bad input or flags (see stllava.errors)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Loads any checkpoint layout (``stllava.model.builder.load_pretrained_model``), t
 from the terminal: the answer is printed token by token as it is generated; each question continues
 the same conversation about the same image (the first carries ``<image>``). An empty line or EOF
 (Ctrl-D) ends the chat. ``--image-file`` is a local path; an http(s) URL is fetched only with
-``--allow-url``.
+``--allow-url``. The template is ``--conv-mode``, else the ``conv_mode`` training recorded in the
+checkpoint's config, else inferred (:func:`infer_conv_mode`); the chat's first line says which and
+why. Exit codes as every ``stllava`` command (:mod:`stllava.errors`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from PIL import Image
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
-from stllava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
+from stllava.errors import EXIT_FAILED, StllavaError, run_cli
+from stllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from stllava.tooling import checkpoint_conv_mode
 
 logger = logging.getLogger("stllava.serve.cli")
 
@@ -32,44 +36,56 @@ logger = logging.getLogger("stllava.serve.cli")
 V1_NAMES = ("stllava", "sqllava", "sq-llava", "sq_llava", "sophon", "med")
 
 
-def infer_conv_mode(model_path: str) -> str:
-    """The conversation template a checkpoint was trained with.
+class ChatInputError(StllavaError, ValueError):
+    """A chat that cannot start: the image or the template given is unusable."""
 
-    ``v1`` for our checkpoints (config ``model_type`` ``llava_llama``) and for released SQ-LLaVA /
-    STLLaVA-Med ones (by name); otherwise LLaVA's name rule: ``llava_v1`` for ``llava*v1*`` names
-    (LLaVA-1.5), ``plain`` for pretraining (projector-only) runs, else ``v1``.
+
+def infer_conv_mode(model_path: str) -> tuple[str, str]:
+    """``(template, why)``: the conversation template a checkpoint was trained with.
+
+    The ``conv_mode`` training recorded in its ``config.json`` when present (refused with
+    ChatInputError when no such template exists); else ``v1`` for our checkpoints (config
+    ``model_type`` ``llava_llama``) and for released SQ-LLaVA / STLLaVA-Med ones (by name);
+    otherwise LLaVA's name rule: ``llava_v1`` for ``llava*v1*`` names (LLaVA-1.5), ``plain`` for
+    pretraining (projector-only) runs, else ``v1``.
     """
     cfg_file = os.path.join(model_path, "config.json")
+    recorded = checkpoint_conv_mode(model_path)
+    if recorded:
+        if recorded not in conv_templates:
+            raise ChatInputError(f"{cfg_file} records conv_mode {recorded!r}, which is not a template "
+                                 f"({sorted(conv_templates)}); fix: pass --conv-mode")
+        return recorded, f"recorded in {cfg_file}"
     mtype = None
     if os.path.isfile(cfg_file):
         with open(cfg_file) as f:
             mtype = json.load(f).get("model_type")
     if mtype == "llava_llama":
-        return "v1"
+        return "v1", "inferred: a stllava checkpoint that records no conv_mode"
     name = get_model_name_from_path(model_path).lower()
     if any(k in name for k in V1_NAMES):
-        return "v1"
+        return "v1", "inferred from the checkpoint's name (SQ-LLaVA / STLLaVA-Med)"
     if "llava" in name and "v1" in name:
-        return "llava_v1"
+        return "llava_v1", "inferred from the checkpoint's name (LLaVA-1.5)"
     if "pretrain" in name or os.path.isfile(os.path.join(model_path, "mm_projector.bin")):
-        return "plain"
-    return "v1"
+        return "plain", "inferred: a pretraining (projector-only) checkpoint"
+    return "v1", "the default; nothing in the checkpoint names a template"
 
 
 def load_image(src: str, allow_url: bool = False) -> Image.Image:
     """The RGB image at local path ``src``, or at an http(s) URL when ``allow_url``.
 
-    Raises ValueError for a URL without ``allow_url`` and FileNotFoundError for a missing file.
+    Raises ChatInputError for a URL without ``allow_url`` and for a missing file.
     """
     if src.startswith(("http://", "https://")):
         if not allow_url:
-            raise ValueError(f"--image-file {src} is a URL; pass --allow-url to download it, or give a local file")
+            raise ChatInputError(f"--image-file {src} is a URL; pass --allow-url to download it, or give a local file")
         import urllib.request
 
         with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
             return Image.open(io.BytesIO(r.read())).convert("RGB")
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"--image-file {src} does not exist")
+        raise ChatInputError(f"--image-file {src} does not exist")
     return Image.open(src).convert("RGB")
 
 
@@ -111,9 +127,10 @@ class ChatSession:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sampling = self.temperature > 0
         kwargs = dict(images=pixels, max_new_tokens=self.max_new_tokens, do_sample=sampling, streamer=streamer,
-                      use_cache=True, pad_token_id=self.tokenizer.pad_token_id)
-        if stop:
-            kwargs["stopping_criteria"] = [KeywordsStoppingCriteria([stop], self.tokenizer, ids)]
+                      use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.tokenizer.eos_token_id)
+        if stop and stop != self.tokenizer.eos_token:  # e.g. "\n" of `plain`; "</s>" is the EOS token itself
+            kwargs.update(stop_strings=[stop], tokenizer=self.tokenizer)
         if sampling:
             kwargs["temperature"] = self.temperature
         errors: list[BaseException] = []
@@ -145,12 +162,14 @@ class ChatSession:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command-line flags (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m stllava.serve.cli", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="checkpoint folder (any layout, see docs/Checkpoints.md)")
     ap.add_argument("--model-base", default=None, help="base folder for LoRA / projector-only checkpoints")
     ap.add_argument("--image-file", required=True, help="the image to chat about (a local path)")
     ap.add_argument("--conv-mode", default=None, choices=sorted(conv_templates),
-                    help="conversation template (default: inferred from the checkpoint)")
+                    help="conversation template (default: the checkpoint's recorded conv_mode, else inferred)")
     ap.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 = greedy")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda", "mps"],
@@ -163,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, read=input, write=None) -> int:
-    """Run the chat; returns the exit status (0, or 1 after an error printed to stderr)."""
+    """Run the chat; returns the exit code: 0, 2 for a bad image, template or checkpoint (one line
+    on stderr), 1 when the model cannot be loaded here (e.g. 8-bit without bitsandbytes)."""
+    return run_cli(lambda a: _chat(a, read, write), argv)
+
+
+def _chat(argv, read, write) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -171,24 +195,25 @@ def main(argv=None, read=input, write=None) -> int:
         def write(s):
             sys.stdout.write(s)
             sys.stdout.flush()
-    try:
-        image = load_image(args.image_file, args.allow_url)
-        from stllava.model.builder import load_pretrained_model
+    image = load_image(args.image_file, args.allow_url)
+    conv_mode, why = (args.conv_mode, "from --conv-mode") if args.conv_mode else infer_conv_mode(args.model_path)
+    from stllava.model.builder import load_pretrained_model
 
+    try:
         tokenizer, model, processor, _ = load_pretrained_model(
             args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device)
-    except (ValueError, OSError) as e:
+    except StllavaError:
+        raise
+    except (ValueError, OSError) as e:  # an environment that cannot load it (no bitsandbytes, no CUDA)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if processor is None:
-        print(f"error: {args.model_path} has no vision tower (no mm_vision_tower in its config); it cannot chat about "
-              "an image", file=sys.stderr)
-        return 1
-    conv_mode = args.conv_mode or infer_conv_mode(args.model_path)
-    if args.conv_mode is None:
-        logger.info("conversation template %s (inferred; override with --conv-mode)", conv_mode)
+        raise ChatInputError(f"{args.model_path} has no vision tower (no mm_vision_tower in its config); it cannot "
+                             "chat about an image")
     session = ChatSession(model, tokenizer, processor, image, conv_mode, args.temperature, args.max_new_tokens,
                           args.debug)
+    logger.info("conversation template %s (%s)", conv_mode, why)
+    write(f"template {conv_mode} ({why})\n")
     write(f"[{args.model_path} | {conv_mode} | {model.device}] empty line or Ctrl-D to quit\n")
     while True:
         try:

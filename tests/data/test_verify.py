@@ -105,6 +105,24 @@ def test_verify_cli(tmp_path, tiny_bundle, capsys):
     assert proc.stdout.strip() == f"{clean}: 1 records checked, all good"
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("", "is empty"),                                            # an interrupted copy left nothing
+    ('[{"id": "a", "image": "good.png", "conversa', "is not valid JSON (cut short?)"),
+    ('{"id": "a"}', "holds a JSON dict, expected a list of records"),
+    (None, "does not exist"),
+])
+def test_verify_cli_unreadable_file_is_one_line(tmp_path, content, needle):
+    """A file that cannot be read at all: exit 2 and one line naming it and the fix, no traceback."""
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "stllava.data.verify", "--data_path", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and str(path) in proc.stderr
+    assert needle in proc.stderr and "fix: --data_path" in proc.stderr
+
+
 def test_policy_stop_and_skip(tmp_path, caplog):
     path, folder, expected = write_bad_dataset(str(tmp_path))
     records = load_records(path)

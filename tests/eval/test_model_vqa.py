@@ -1,6 +1,7 @@
 """stllava.eval.model_vqa: batched answering, sharding, resume, missing images, VQA-RAD end to end."""
 import json
 import logging
+import shutil
 import time
 
 import pytest
@@ -8,20 +9,10 @@ import torch
 from PIL import Image
 
 from stllava.eval import convert, metrics
-from stllava.eval.model_vqa import ModelVQAError, build_parser, get_chunk, main, run, split_list
+from stllava.eval.model_vqa import build_parser, main, run
+from stllava.tooling import ToolError
 
 logger = logging.getLogger(__name__)
-
-
-def test_split_list_and_get_chunk_follow_llava():
-    ten = list(range(10))
-    assert [len(c) for c in split_list(ten, 4)] == [3, 3, 3, 1]  # ceil(10/4) = 3 per chunk
-    assert sum(split_list(ten, 4), []) == ten
-    assert split_list(list(range(5)), 4) == [[0, 1], [2, 3], [4]]  # only 3 chunks exist
-    assert get_chunk(list(range(5)), 4, 3) == []  # LLaVA raised IndexError here
-    assert get_chunk(ten, 1, 0) == ten
-    with pytest.raises(ValueError):
-        get_chunk(ten, 2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +63,11 @@ def test_batched_answers_equal_one_at_a_time(tiny_bundle, loaded, vqa):
     assert [r["text"] for r in batched] == [r["text"] for r in single]
     assert all(r["text"] for r in batched) and len({r["text"] for r in batched}) >= 5
     r = batched[0]
-    assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata", "settings"}
     assert r["prompt"] == "Is there a fracture?" and r["metadata"] == {}
+    assert r["settings"] == {"model_path": tiny_bundle["model"], "model_base": None, "conv_mode": "vicuna_v1",
+                             "max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None,
+                             "min_new_tokens": 8, "num_beams": 1, "seed": 0}
     assert r["model_id"] == tiny_bundle["model"].rstrip("/").split("/")[-1]
     ids = [x["answer_id"] for x in batched + single]
     assert len(set(ids)) == 20 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
@@ -120,27 +114,71 @@ def test_missing_image_is_an_error_or_a_counted_skip(tiny_bundle, loaded, vqa):
     (vqa["folder"] / "img2.png").unlink()  # questions 102 and 107 use it
     (vqa["folder"] / "img4.png").write_bytes(b"garbage")  # 104 and 109: unreadable
     out = vqa["tmp"] / "a.jsonl"
-    with pytest.raises(ModelVQAError, match=r"line 3 \(question_id 102\): image 'img2.png' not found.*"
-                                            r"2 of 10.*--skip-missing-images"):
+    with pytest.raises(ToolError, match=r"line 3 \(question_id 102\): image 'img2.png' not found.*"
+                                        r"2 of 10.*--skip-bad"):
         run(_args(tiny_bundle, vqa, out), loaded)
     (vqa["folder"] / "img2.png").write_bytes(b"")  # now present but empty
-    with pytest.raises(ModelVQAError, match=r"question_id 102\): empty image file"):
+    with pytest.raises(ToolError, match=r"question_id 102\): empty image file.*--skip-bad"):
         run(_args(tiny_bundle, vqa, out), loaded)
     (vqa["folder"] / "img2.png").unlink()
-    s = run(_args(tiny_bundle, vqa, out, "--skip-missing-images", "--batch-size", "3"), loaded)
-    assert s["answered"] == 6 and s["skipped_missing_images"] == 4
+    s = run(_args(tiny_bundle, vqa, out, "--skip-bad", "--batch-size", "3"), loaded)
+    assert s["answered"] == 6 and s["skipped_bad"] == 4
     assert sorted(x["question_id"] for x in s["skipped"]) == [102, 104, 107, 109]
     assert {x["reason"] for x in s["skipped"]} == {"missing image", "unreadable image"}
     assert sorted(r["question_id"] for r in _read(out)) == [100, 101, 103, 105, 106, 108]
 
 
+def test_resume_with_other_settings_refuses_or_starts_over(tiny_bundle, loaded, vqa):
+    """The VQA-RAD trap: a rerun with another template must not report the old template's answers."""
+    out = vqa["tmp"] / "a.jsonl"
+    run(_args(tiny_bundle, vqa, out), loaded)
+    first = _read(out)
+    with pytest.raises(ToolError, match=r"a.jsonl, line 1: written with settings \{'conv_mode': 'vicuna_v1'\}, "
+                                        r"this run has \{'conv_mode': 'v1_sq'\}.*--overwrite"):
+        run(_args(tiny_bundle, vqa, out, "--conv-mode", "v1_sq"), loaded)
+    with pytest.raises(ToolError, match=r"with settings \{'temperature': 0.0\}, this run has \{'temperature': 0.5\}"):
+        run(_args(tiny_bundle, vqa, out, "--temperature", "0.5"), loaded)
+    assert _read(out) == first  # refused before anything was written
+    s = run(_args(tiny_bundle, vqa, out, "--conv-mode", "v1_sq", "--overwrite"), loaded)
+    assert s["answered"] == 10 and s["already_answered"] == 0
+    redone = _read(out)
+    assert len(redone) == 10 and {r["settings"]["conv_mode"] for r in redone} == {"v1_sq"}
+    assert [r["text"] for r in redone] != [r["text"] for r in first]  # the template changes the answers
+
+
+def _checkpoint_recording(tiny_bundle, folder, conv_mode):
+    """A copy of the tiny checkpoint whose config.json records ``conv_mode`` (as training writes it)."""
+    shutil.copytree(tiny_bundle["model"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "conv_mode": conv_mode}))
+    return folder
+
+
+def test_template_defaults_to_the_one_the_checkpoint_records(tiny_bundle, loaded, vqa, caplog):
+    ckpt = _checkpoint_recording(tiny_bundle, vqa["tmp"] / "ckpt-sq", "v1_sq")
+    explicit, recorded = vqa["tmp"] / "explicit.jsonl", vqa["tmp"] / "recorded.jsonl"
+    run(_args(tiny_bundle, vqa, explicit, "--conv-mode", "v1_sq"), loaded)
+    with caplog.at_level(logging.INFO, logger="stllava.tooling"):
+        assert main(["--model-path", str(ckpt), "--question-file", str(vqa["qfile"]), "--image-folder",
+                     str(vqa["folder"]), "--answers-file", str(recorded), "--device", "cpu", "--max-new-tokens", "8",
+                     "--min-new-tokens", "8", "--no-progress"]) == 0
+    assert f"conversation template v1_sq (recorded in {ckpt / 'config.json'})" in caplog.text
+    got = _read(recorded)
+    assert {r["settings"]["conv_mode"] for r in got} == {"v1_sq"}
+    assert [r["text"] for r in got] == [r["text"] for r in _read(explicit)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stllava.tooling"):  # the flag still wins
+        run(_args(tiny_bundle, vqa, vqa["tmp"] / "flag.jsonl", "--conv-mode", "llava_v1"), loaded)
+    assert "conversation template llava_v1 (from --conv-mode)" in caplog.text
+
+
 def test_bad_question_file_names_the_line(tiny_bundle, loaded, vqa):
     vqa["qfile"].write_text('{"question_id": 1, "image": "img0.png", "text": "a"}\n'
                             '{"question_id": 1, "image": "img1.png", "text": "b"}\n')
-    with pytest.raises(ModelVQAError, match="line 2: question_id 1 already used on line 1"):
+    with pytest.raises(ToolError, match="line 2: question_id 1 already used on line 1"):
         run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
     vqa["qfile"].write_text('{"question_id": 1, "text": "a"}\n')
-    with pytest.raises(ModelVQAError, match="line 1 .*'image'"):
+    with pytest.raises(ToolError, match="line 1 .*'image'"):
         run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
 
 

@@ -85,18 +85,19 @@ def test_default_margin_keeps_every_non_tie(tmp_path):
     (judged("z", "ok", [3, 8], 0), "'chosen' pointing at the higher one"),
     (judged("a", "tie", [1, 1]), "question_id 'a' already used on line 1"),
 ])
-def test_bad_records_are_named(tmp_path, bad, message, caplog):
+def test_bad_records_are_named(tmp_path, bad, message, capsys):
     src = write(tmp_path / "judged.jsonl", [judged("a", "ok", [8, 3], 0), bad])
     assert bp.main(["--judged", str(src), "--out", str(tmp_path / "dpo.json")]) == 2
-    assert f"{src}, line 2: " in caplog.text and message in caplog.text
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}, line 2: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "dpo.json").exists()
 
 
-def test_malformed_line_is_named(tmp_path, caplog):
+def test_malformed_line_is_named(tmp_path, capsys):
     src = tmp_path / "judged.jsonl"
     src.write_text(json.dumps(judged("a", "ok", [8, 3], 0)) + "\n{oops\n")
     assert bp.main(["--judged", str(src), "--out", str(tmp_path / "dpo.json")]) == 2
-    assert f"{src}, line 2: not valid JSON" in caplog.text
+    assert f"error: {src}, line 2: not valid JSON" in capsys.readouterr().err
 
 
 def test_end_to_end_from_the_judge(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ from PIL import Image
 
 from stllava.selftrain import answers as answers_mod
 from stllava.selftrain import questions as questions_mod
-from stllava.selftrain.questions import SelfTrainError, finish_questions, list_images
+from stllava.selftrain.questions import finish_questions, list_images
+from stllava.tooling import ToolError
 
 
 def test_list_images_recursive_sorted_filtered(tmp_path):
@@ -21,7 +22,7 @@ def test_list_images_recursive_sorted_filtered(tmp_path):
     assert list_images(tmp_path) == everything
     assert list_images(tmp_path, offset=2, limit=3) == everything[2:5]
     assert list_images(tmp_path, offset=6, limit=5) == everything[6:]
-    with pytest.raises(SelfTrainError, match="no such folder"):
+    with pytest.raises(ToolError, match="no such folder"):
         list_images(tmp_path / "nope")
 
 
@@ -44,7 +45,7 @@ def test_question_prompt_is_the_v1_sq_layout():
                                                            "detail? ASSISTANT:")
     # an "<image>" the model wrote into its description must not become a second image slot
     assert questions_mod.question_prompt("v1_sq", "See <image> here.").count("<image>") == 1
-    with pytest.raises(SelfTrainError, match="no VUSER role"):
+    with pytest.raises(ToolError, match="no VUSER role"):
         questions_mod.question_prompt("llava_v1", "x")
 
 
@@ -130,7 +131,7 @@ def test_questions_resume_after_a_cut_last_line(tiny_bundle, loaded, images, tmp
     assert part.read_text() == full.read_text()
     assert "cut-short last line" in caplog.text
     # a different setting is refused instead of mixing two runs in one file
-    with pytest.raises(SelfTrainError, match=r"line 1: written with settings .*'seed': 0.*'seed': 3"):
+    with pytest.raises(ToolError, match=r"line 1: written with settings .*'seed': 0.*'seed': 3"):
         questions_mod.run(_q_args(tiny_bundle, images, part, "--seed", "3"), loaded)
 
 
@@ -157,7 +158,8 @@ def test_answers_identical_between_batch_sizes_and_read_by_the_judge(tiny_bundle
     assert len(r["answers"]) == 2 and len(set(r["answer_seeds"])) == 2
     assert sum(a != b for a, b in (x["answers"] for x in recs)) >= n_q - 1  # two different draws
     assert [x["answers"] for x in _read(seed1)] != [x["answers"] for x in recs]
-    assert r["settings"] == {"conv_mode": "llava_v1", "temperature": 1.2, "top_k": 100, "top_p": 0.95,
+    assert r["settings"] == {"model_path": tiny_bundle["model"], "model_base": None,
+                             "conv_mode": "llava_v1", "temperature": 1.2, "top_k": 100, "top_p": 0.95,
                              "max_new_tokens": 8, "min_new_tokens": 0, "seed": 0}
     items, skipped = load_items(b8, images)  # the judge's own loader accepts the file
     assert len(items) == n_q and skipped == []
@@ -176,9 +178,10 @@ def test_answers_resume_and_missing_images(tiny_bundle, loaded, images, tmp_path
 
     (images / "b.jpg").unlink()
     out = tmp_path / "m.jsonl"
-    with pytest.raises(SelfTrainError, match=r"questions.jsonl, line 2: image 'b.jpg' not found"):
+    with pytest.raises(ToolError, match=r"questions.jsonl, line 2 \(question 'b.jpg#q0'\): image 'b.jpg' not found"
+                                        r".*--skip-bad"):
         answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
-    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--skip-missing-images"), loaded)
+    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--skip-bad"), loaded)
     n_b = len(_read(qfile)[1]["questions"])
     assert len(s["skipped"]) == n_b and {x["image"] for x in s["skipped"]} == {"b.jpg"}
     assert {r["image"] for r in _read(out)} == {"a.png", "sub/c.png"}
@@ -191,7 +194,49 @@ def test_answers_accept_the_reference_layout_and_refuse_bad_records(tiny_bundle,
     answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
     assert [r["question_id"] for r in _read(out)] == ["a.png#q0", "a.png#q1"]
     qfile.write_text('{"image": "a.png", "questions": ["x"]}\n{"image": "a.png", "questions": "x"}\n')
-    with pytest.raises(SelfTrainError, match="line 2: field 'questions' must be a list"):
+    with pytest.raises(ToolError, match="line 2: field 'questions' must be a list"):
         answers_mod.run(_a_args(tiny_bundle, images, qfile, tmp_path / "b.jsonl"), loaded)
-    with pytest.raises(SelfTrainError, match="temperature must be > 0"):
+    with pytest.raises(ToolError, match="temperature must be > 0"):
         answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--temperature", "0"), loaded)
+
+
+def test_questions_and_answers_chunks_concatenate_to_the_single_run(tiny_bundle, loaded, images, tmp_path):
+    """Sharding: chunk files, concatenated in chunk order, are byte-identical to one process's file."""
+    whole = tmp_path / "q.jsonl"
+    questions_mod.run(_q_args(tiny_bundle, images, whole, "--min-new-tokens", "2"), loaded)
+    parts = []
+    for k in range(3):  # 4 images in 3 chunks: ceil(4/3) = 2 per chunk, so chunk 2 is empty
+        part = tmp_path / f"q.{k}.jsonl"
+        s = questions_mod.run(_q_args(tiny_bundle, images, part, "--min-new-tokens", "2", "--num-chunks", "3",
+                                      "--chunk-idx", str(k), "--batch-size", "1"), loaded)
+        assert s["chunk"] == [2, 2, 0][k]
+        parts.append(part.read_text() if part.exists() else "")
+    assert "".join(parts) == whole.read_text()
+
+    answers = tmp_path / "a.jsonl"
+    answers_mod.run(_a_args(tiny_bundle, images, whole, answers), loaded)
+    n = len(answers.read_text().splitlines())
+    parts = []
+    for k in range(2):
+        part = tmp_path / f"a.{k}.jsonl"
+        s = answers_mod.run(_a_args(tiny_bundle, images, whole, part, "--num-chunks", "2", "--chunk-idx", str(k)),
+                            loaded)
+        assert s["written"] == s["chunk"] == [(n + 1) // 2, n // 2][k]
+        parts.append(part.read_text())
+    assert "".join(parts) == answers.read_text()
+    with pytest.raises(ToolError, match=r"--chunk-idx must be in \[0, --num-chunks\)"):
+        answers_mod.run(_a_args(tiny_bundle, images, whole, answers, "--num-chunks", "2", "--chunk-idx", "2"), loaded)
+
+
+def test_answers_resume_with_other_settings_refuses_or_starts_over(tiny_bundle, loaded, images, tmp_path):
+    qfile = _questions_file(tiny_bundle, loaded, images, tmp_path)
+    out = tmp_path / "a.jsonl"
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
+    before = out.read_text()
+    with pytest.raises(ToolError, match=r"line 1: written with settings \{'conv_mode': 'llava_v1'\}, this run has "
+                                        r"\{'conv_mode': 'v1_sq'\}.*pass --overwrite"):
+        answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--conv-mode", "v1_sq"), loaded)
+    assert out.read_text() == before
+    s = answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--conv-mode", "v1_sq", "--overwrite"), loaded)
+    assert s["already_done"] == 0 and s["written"] == len(before.splitlines())
+    assert {r["settings"]["conv_mode"] for r in _read(out)} == {"v1_sq"}

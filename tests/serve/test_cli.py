@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -101,35 +102,58 @@ def test_main_multi_turn_then_eof(tiny_bundle, caplog):
 
 
 def test_conv_mode_inference(tiny_bundle, tmp_path):
-    assert cli.infer_conv_mode(tiny_bundle["model"]) == "v1"
+    assert cli.infer_conv_mode(tiny_bundle["model"])[0] == "v1"
     for name, mtype, expected in (("stllava-med-7b", "llava", "v1"), ("sqllava-7b-lora", "llava", "v1"),
                                   ("llava-v1.5-7b", "llava", "llava_v1"), ("my-model", "llava", "v1")):
         d = tmp_path / name
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": mtype, "mm_vision_tower": "x"}))
-        assert cli.infer_conv_mode(str(d)) == expected, name
+        assert cli.infer_conv_mode(str(d))[0] == expected, name
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "mm_projector.bin").write_bytes(b"")
-    assert cli.infer_conv_mode(str(tmp_path / "proj")) == "plain"
+    assert cli.infer_conv_mode(str(tmp_path / "proj"))[0] == "plain"
+    # what training records wins over every name rule
+    d = tmp_path / "llava-v1.5-recorded"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "conv_mode": "v1_sq"}))
+    assert cli.infer_conv_mode(str(d)) == ("v1_sq", f"recorded in {d / 'config.json'}")
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "conv_mode": "v9"}))
+    with pytest.raises(cli.ChatInputError, match="records conv_mode 'v9'.*--conv-mode"):
+        cli.infer_conv_mode(str(d))
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--image-file", "https://example.org/x.png"], "--allow-url"),
-    (["--image-file", "/nonexistent/x.png"], "does not exist"),
-    (["--image-file", ASSET_IMAGE, "--load-8bit"], "bitsandbytes"),
+def test_chat_uses_the_template_the_checkpoint_records(tiny_bundle, tmp_path, caplog):
+    ckpt = tmp_path / "recorded"
+    shutil.copytree(tiny_bundle["model"], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "conv_mode": "v1_sq"}))
+    argv = ["--model-path", str(ckpt), "--image-file", ASSET_IMAGE, "--device", "cpu", "--max-new-tokens", "4",
+            "--debug"]
+    with caplog.at_level(logging.INFO, logger="stllava.serve.cli"):
+        status, out = _run(argv, ["hi", EOFError()])
+    assert status == 0
+    assert f"template v1_sq (recorded in {ckpt / 'config.json'})" in out and "| v1_sq | cpu]" in out
+    assert "Again, do not ask about uncertain details" in caplog.text  # v1_sq's system prompt was used
+
+
+@pytest.mark.parametrize("extra,needle,status_want", [
+    (["--image-file", "https://example.org/x.png"], "--allow-url", 2),    # bad input
+    (["--image-file", "/nonexistent/x.png"], "does not exist", 2),
+    (["--image-file", ASSET_IMAGE, "--load-8bit"], "bitsandbytes", 1),    # this machine cannot run it
 ])
-def test_main_errors(extra, needle, tiny_bundle, capsys):
+def test_main_errors(extra, needle, status_want, tiny_bundle, capsys):
     import importlib.util
 
     if "--load-8bit" in extra and importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed here")
     status = cli.main(["--model-path", tiny_bundle["model"], "--device", "cpu"] + extra,
                       read=lambda p: pytest.fail("must not read"), write=lambda s: None)
-    assert status == 1 and needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == status_want and needle in err and err.startswith("error: ") and "Traceback" not in err
 
 
 def test_main_reports_a_bad_checkpoint(tmp_path, capsys):
     status = cli.main(["--model-path", str(tmp_path), "--image-file", ASSET_IMAGE, "--device", "cpu"],
                       read=lambda p: pytest.fail("must not read"), write=lambda s: None)
     err = capsys.readouterr().err
-    assert status == 1 and "no checkpoint layout recognised" in err
+    assert status == 2 and "no checkpoint layout recognised" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,268 @@
+"""The judge client: one judged item = at most two chat completions, cached by content, retried
+by the ``openai`` client itself.
+
+Retries are the client's own (``max_retries``: 408/409/429/5xx, timeouts and connection errors,
+exponential backoff with jitter, a ``Retry-After`` of up to two minutes honoured). What it has no
+setting for is written here, in :class:`_AttemptTransport`, the HTTP transport every attempt of
+the client's retry loop passes through: a cap on HTTP requests per run (``--max-requests``,
+retries included), stopping at once when another item has failed, and retry counts by kind for
+the run's summary. A 200 whose body does not parse is not retried by the client; :meth:`Judge.
+_complete` asks again for that alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+
+from stllava.errors import EXIT_FAILED, StllavaError
+from stllava.jsonl import JsonlWriter
+from stllava.selftrain.judge_prompt import Rule, build_messages, build_prompt, cache_key, encode_image, parse_scores
+from stllava.selftrain.judge_prompt import verdict as score_verdict
+
+logger = logging.getLogger("stllava.selftrain.judge")
+
+
+class JudgeError(StllavaError, RuntimeError):
+    """A run cannot go on: bad input, a refused request, or retries used up. The message says why."""
+
+
+class JudgeInputError(JudgeError):
+    """A record of the answers file cannot be judged (malformed line, bad fields, missing image)."""
+
+
+class JudgeAPIError(JudgeError):
+    """The server refused a request (4xx other than 408/409/429) or kept failing past --max-retries."""
+
+    exit_code = EXIT_FAILED
+
+
+class _Stopped(openai.OpenAIError):
+    """Internal: the run is stopping (another item failed, or --max-requests was reached). An
+    ``OpenAIError`` because the client re-raises those untouched instead of retrying them."""
+
+
+@dataclass
+class Item:
+    """One question to judge: its input record, where it came from and its image."""
+
+    index: int
+    line: int
+    record: dict
+    image_path: Path
+    image_sha256: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.record['question_id']} (line {self.line})"
+
+
+@dataclass
+class Stats:
+    """Counters of one run (thread-safe through ``lock``)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    http_requests: int = 0
+    paid: int = 0
+    cache_hits: int = 0
+    retries: dict[str, int] = field(default_factory=dict)
+    fresh_tokens: list[int] = field(default_factory=lambda: [0, 0])
+
+    def count_retry(self, kind: str) -> None:
+        with self.lock:
+            self.retries[kind] = self.retries.get(kind, 0) + 1
+
+
+def _failure_kind(status: int) -> str:
+    return "429" if status == 429 else "5xx" if status >= 500 else str(status)
+
+
+class _AttemptTransport(httpx2.BaseTransport):
+    """Every HTTP attempt of the ``openai`` client passes here (its retry loop has no hooks):
+    takes a request slot (raising :class:`_Stopped` past ``--max-requests`` or once the run is
+    stopping), and records why an attempt failed, so the retry that follows — sent by the same
+    worker thread, the client being synchronous — is counted and logged by kind."""
+
+    def __init__(self, judge: "Judge", inner: httpx2.BaseTransport):
+        self.judge, self.inner = judge, inner
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        judge, ctx = self.judge, self.judge._ctx
+        retry = int(request.headers.get("x-stainless-retry-count") or 0)
+        if retry:
+            kind = getattr(ctx, "failure", None) or "connection"
+            judge.stats.count_retry(kind)
+            logger.warning("%s: %s; retry %d/%d", getattr(ctx, "what", "request"), kind, retry, judge.max_retries)
+        judge._take_request_slot()
+        ctx.attempts = getattr(ctx, "attempts", 0) + 1
+        ctx.failure = None
+        try:
+            response = self.inner.handle_request(request)
+        except httpx2.TimeoutException:
+            ctx.failure = "timeout"
+            raise
+        except httpx2.TransportError:
+            ctx.failure = "connection"
+            raise
+        if response.status_code >= 400:
+            ctx.failure = _failure_kind(response.status_code)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Judge:
+    """Judges items with an ``openai.OpenAI`` client: cache first, then the client's bounded retries.
+
+    ``cache`` maps cache keys to finished-request entries (loaded from the cache file); every new
+    completion is added to it and appended to ``cache_writer`` before it is used.
+    ``max_requests`` caps HTTP requests (retries included) for this run; reaching it, or ``stop``
+    being set, makes :meth:`judge_item` raise ``_Stopped`` (the item stays pending).
+    """
+
+    def __init__(self, rule: Rule, *, base_url: str | None, api_key: str, timeout: float = 120.0,
+                 max_retries: int = 6, model: str = "gpt-4o", temperature: float = 0.2, max_tokens: int = 1024,
+                 cache: dict[str, dict] | None = None, cache_writer: JsonlWriter | None = None,
+                 max_requests: int | None = None, reask_ties: bool = False):
+        self.rule, self.model = rule, model
+        self.temperature, self.max_tokens, self.max_retries = temperature, max_tokens, max_retries
+        self.cache = cache if cache is not None else {}
+        self.cache_writer = cache_writer
+        self.max_requests = max_requests
+        self.reask_ties = reask_ties
+        self.secret = api_key
+        self.stop = threading.Event()
+        self.stats = Stats()
+        self._ctx = threading.local()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._key_locks_lock = threading.Lock()
+        http = openai.DefaultHttpxClient(transport=_AttemptTransport(self, httpx2.HTTPTransport()))
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries,
+                                    timeout=timeout, http_client=http)
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.client.close()
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.secret, "***") if self.secret else text
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._key_locks_lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _take_request_slot(self) -> None:
+        with self.stats.lock:
+            if self.stop.is_set():
+                raise _Stopped("stopping")
+            if self.max_requests is not None and self.stats.http_requests >= self.max_requests:
+                raise _Stopped(f"--max-requests {self.max_requests} reached")
+            self.stats.http_requests += 1
+
+    def _complete(self, item: Item, ask: int, messages: list[dict]) -> Any:
+        """One ChatCompletion for ``item``; raises JudgeAPIError when the server refuses or the
+        retries are used up, _Stopped when the run stops."""
+        self._ctx.what, self._ctx.attempts, self._ctx.failure = f"{item.name}, ask {ask}", 0, None
+        for again in range(self.max_retries + 1):
+            try:
+                return self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+                # A 200 whose body does not parse (a proxy cut it short) is not retried by the client.
+                if again == self.max_retries:
+                    raise JudgeAPIError(self.redact(f"giving up on {item.name} after {self._ctx.attempts} attempts; "
+                                                    f"last error: malformed response ({exc})")) from None
+                self.stats.count_retry("malformed response")
+                logger.warning("%s, ask %d: malformed response; asking again", item.name, ask)
+            except openai.APIStatusError as exc:
+                if self._ctx.failure in ("429", "5xx", "408", "409"):
+                    raise self._gave_up(item, f"{exc.status_code} ({exc})") from None
+                raise JudgeAPIError(self.redact(
+                    f"the server refused the request for {item.name} with HTTP {exc.status_code}: {exc}. Nothing "
+                    "was retried; fix the cause (model name, key, request size) and rerun -- finished items "
+                    "are reused from the cache.")) from None
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                raise self._gave_up(item, f"{self._ctx.failure or 'connection'} ({exc})") from None
+        raise AssertionError("unreachable")
+
+    def _gave_up(self, item: Item, why: str) -> JudgeAPIError:
+        return JudgeAPIError(self.redact(
+            f"giving up on {item.name} after {self._ctx.attempts} attempts; last error: {why}. Rerun later "
+            "(finished items are reused) or raise --max-retries."))
+
+    def ask(self, item: Item, ask: int) -> dict:
+        """The cache entry of ask number ``ask`` for ``item``: from the cache, or asked and stored."""
+        q, answers = item.record["question"], item.record["answers"]
+        key = cache_key(item.image_sha256, q, answers, self.model, self.rule.sha256, self.temperature, ask)
+        with self._key_lock(key):  # two identical items never pay twice, even concurrently
+            entry = self.cache.get(key)
+            if entry is not None:
+                with self.stats.lock:
+                    self.stats.cache_hits += 1
+                return entry
+            data = item.image_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != item.image_sha256:
+                raise JudgeInputError(f"{item.image_path} changed while the judge was running ({item.name})")
+            mime, payload = encode_image(data)
+            messages = build_messages(build_prompt(q, answers[0], answers[1], self.rule.text), mime, payload)
+            response = self._complete(item, ask, messages)
+            usage = response.usage
+            tokens = [usage.prompt_tokens, usage.completion_tokens] if usage else [0, 0]
+            content = response.choices[0].message.content if response.choices else None
+            entry = {"key": key, "question_id": str(item.record["question_id"]), "ask": ask,
+                     "reply": content, "served_model": response.model,
+                     "usage": {"prompt_tokens": tokens[0], "completion_tokens": tokens[1]}}
+            if self.cache_writer is not None:
+                self.cache_writer.write(entry)
+            self.cache[key] = entry
+            with self.stats.lock:
+                self.stats.paid += 1
+                self.stats.fresh_tokens[0] += tokens[0]
+                self.stats.fresh_tokens[1] += tokens[1]
+            logger.debug("%s: ask %d answered: %r", item.name, ask, (content or "")[:80])
+            return entry
+
+    def judge_item(self, item: Item) -> dict:
+        """The ``judge`` block for ``item`` (see :mod:`stllava.selftrain.judge`). Raises _Stopped or
+        JudgeError; a JudgeError sets ``stop`` before it leaves the worker thread, so no queued item
+        starts a request after it."""
+        try:
+            return self._judge_item(item)
+        except JudgeError:
+            self.stop.set()
+            raise
+
+    def _judge_item(self, item: Item) -> dict:
+        answers = item.record["answers"]
+        block: dict[str, Any] = {"status": None, "scores": None, "chosen": None, "margin": None,
+                                 "reply": None, "replies": [], "usage": None, "model": self.model,
+                                 "served_model": None, "rule_version": self.rule.version,
+                                 "rule_sha256": self.rule.sha256, "temperature": self.temperature,
+                                 "image_sha256": item.image_sha256}
+        if answers[0].strip() == answers[1].strip():
+            block.update(status="identical", usage={"prompt_tokens": 0, "completion_tokens": 0})
+            return block
+        entries = [self.ask(item, 0)]
+        scores = parse_scores(entries[0]["reply"])
+        used = entries[0]
+        if scores is None or (scores[0] == scores[1] and self.reask_ties):
+            logger.info("%s: %s first reply %r; asking once more", item.name,
+                        "unparsable" if scores is None else "tied", (entries[0]["reply"] or "")[:60])
+            entries.append(self.ask(item, 1))
+            rescored = parse_scores(entries[1]["reply"])
+            if rescored is not None or scores is None:  # a tie re-asked into garbage stays the tie it was
+                scores, used = rescored, entries[1]
+        block.update(reply=used["reply"], replies=[e["reply"] for e in entries],
+                     served_model=used["served_model"],
+                     usage={"prompt_tokens": sum(e["usage"]["prompt_tokens"] for e in entries),
+                            "completion_tokens": sum(e["usage"]["completion_tokens"] for e in entries)})
+        block.update(score_verdict(scores))
+        return block

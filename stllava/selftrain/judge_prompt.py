@@ -1,0 +1,140 @@
+"""The judge's request and the reading of its reply (SPEC §5), without any HTTP client.
+
+What a judge *server* needs as much as the judge client: the phantom judge of the demo parses
+requests with :func:`split_prompt`, and tests build and read replies with these functions, so this
+module imports neither ``openai`` nor anything that does.
+
+The request is one user message whose content is ``[text, image]`` — the text first, then the
+image, the order of the published ``eval_gpt4v_review.py``::
+
+    [Question]\\n{q}\\n\\n[Answer 1]\\n{a1}\\n\\n[End of Answer 1]\\n\\n\
+    [Answer 2]\\n{a2}\\n\\n[End of Answer 2]\\n\\n[System]\\n{rule}\\n\\n
+
+The image is a ``data:<mime>;base64,...`` URL; the MIME type comes from the image bytes (PIL),
+not the file name. Formats the API does not take (not JPEG/PNG/GIF/WEBP) are re-encoded as PNG.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+RULES_DIR = Path(__file__).with_name("rules")
+DEFAULT_RULE = RULES_DIR / "medical_v1.txt"
+API_IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The [System] rule text, its version (file stem) and the sha256 of the text."""
+
+    text: str
+    version: str
+    sha256: str
+
+
+def load_rule(path: str | os.PathLike = DEFAULT_RULE) -> Rule:
+    """Read a rule file (surrounding whitespace stripped). Refuses an empty file (ValueError)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"{path}: the rule file is empty; give the [System] instruction text.")
+    return Rule(text, path.stem, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def build_prompt(question: str, answer1: str, answer2: str, rule_text: str) -> str:
+    """The text part of the judge request, exactly the SPEC §5 layout."""
+    return (f"[Question]\n{question}\n\n"
+            f"[Answer 1]\n{answer1}\n\n[End of Answer 1]\n\n"
+            f"[Answer 2]\n{answer2}\n\n[End of Answer 2]\n\n"
+            f"[System]\n{rule_text}\n\n")
+
+
+_PROMPT_RE = re.compile(r"\A\[Question\]\n(.*?)\n\n\[Answer 1\]\n(.*?)\n\n\[End of Answer 1\]\n\n"
+                        r"\[Answer 2\]\n(.*?)\n\n\[End of Answer 2\]\n\n\[System\]\n(.*)\n\n\Z", re.S)
+
+
+def split_prompt(text: str) -> tuple[str, str, str, str]:
+    """Inverse of :func:`build_prompt`: (question, answer1, answer2, rule). For test/phantom judges.
+
+    Refuses (ValueError) text that does not have the SPEC §5 layout.
+    """
+    m = _PROMPT_RE.match(text)
+    if m is None:
+        raise ValueError("text does not follow the [Question]/[Answer 1]/[Answer 2]/[System] layout")
+    return m.group(1), m.group(2), m.group(3), m.group(4)
+
+
+def parse_scores(reply: str | None) -> tuple[float, float] | None:
+    """The two scores on the reply's first line, or None when it is not exactly two finite numbers.
+
+    As SPEC §5: first line (after leading blank space), commas read as spaces. "8 6", "8,6",
+    "7.5, 9" parse; "Scores: 8 6", "8/10 6/10", "8" and "8 6 5" do not.
+    """
+    if not reply or not reply.strip():
+        return None
+    first = reply.strip().splitlines()[0]
+    parts = first.replace(",", " ").split()
+    if len(parts) != 2:
+        return None
+    try:
+        scores = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    return scores if all(math.isfinite(s) for s in scores) else None
+
+
+def encode_image(data: bytes) -> tuple[str, bytes]:
+    """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
+
+    JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
+    Refuses (ValueError) bytes that are not a readable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.verify()
+        if fmt in API_IMAGE_FORMATS:
+            return API_IMAGE_FORMATS[fmt], data
+        with Image.open(io.BytesIO(data)) as img:
+            buf = io.BytesIO()
+            img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
+        return "image/png", buf.getvalue()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def build_messages(prompt: str, mime: str, data: bytes) -> list[dict]:
+    """The chat ``messages``: one user message, content = [text, image data URL]."""
+    url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return [{"role": "user", "content": [
+        {"type": "text", "text": prompt},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]}]
+
+
+def cache_key(image_sha256: str, question: str, answers: list[str], model: str, rule_sha256: str,
+              temperature: float, ask: int) -> str:
+    """The content key of one request (sha256 hex). ``ask`` 0 is the first ask, 1 the re-ask."""
+    blob = json.dumps([image_sha256, question, list(answers), model, rule_sha256, temperature, ask],
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def verdict(scores: tuple[float, float] | None) -> dict:
+    """The judge block's ``status``/``scores``/``chosen``/``margin`` for parsed ``scores``:
+    ``unparsable`` (None), ``tie`` (equal: nobody is chosen) or ``ok`` (``chosen`` = index of the
+    higher score)."""
+    if scores is None:
+        return {"status": "unparsable", "scores": None, "chosen": None, "margin": None}
+    tie = scores[0] == scores[1]
+    return {"status": "tie" if tie else "ok", "scores": list(scores), "margin": abs(scores[0] - scores[1]),
+            "chosen": None if tie else int(scores[1] > scores[0])}
