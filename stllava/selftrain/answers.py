@@ -1,4 +1,4 @@
-"""Stage 2(c): the stage-1 model answers each of its own questions twice, by sampling (SPEC §5).
+"""Stage 2(c): the stage-1 model answers each of its own questions twice (or K times), by sampling (SPEC §5).
 
     python -m stllava.selftrain.answers --model-path CKPT [--model-base BASE] \\
         --questions questions.jsonl --image-folder IMAGES --out answers.jsonl \\
@@ -10,7 +10,8 @@
 
 **Per question** (the published ``model_collectA.py``, batched and seeded): the prompt
 ``"<image>\\n" + question`` as the USER turn of the template (``--conv-mode``, else the
-checkpoint's recorded ``conv_mode``, else ``llava_v1`` as the reference), two answers sampled with
+checkpoint's recorded ``conv_mode``, else ``llava_v1`` as the reference), two answers (``--n-answers``
+K; the judge then pairs the best with the worst) sampled with
 T = ``--temperature`` 1.2, ``--top-k`` 100, ``--top-p`` 0.95, ≤ ``--max-new-tokens`` 1024,
 ``</s>`` stripped. Answer j of question ``qid`` uses seed ``derive_seed(--seed, qid, j)`` (the
 reference used ``set_seed(40)`` / ``set_seed(42)`` for every question, so each question's two
@@ -20,7 +21,7 @@ resume point.
 **Output** — the input of :mod:`stllava.selftrain.judge`, one line per question, in input order::
 
     {"question_id": "img1.jpg#q0", "image": "img1.jpg", "question": "...",
-     "answers": ["...", "..."],                        # exactly two
+     "answers": ["...", "..."],                        # --n-answers of them (2)
      "answer_seeds": [s1, s2], "seed": 0, "model": "ckpt-name", "settings": {...}}
 
 Resume, sharding (over questions) and bad images work as in every generating tool
@@ -56,7 +57,7 @@ from stllava.tooling import (
 
 logger = logging.getLogger("stllava.selftrain.answers")
 
-N_ANSWERS = 2  # the judge compares exactly two answers
+N_ANSWERS = 2  # the paper's two answers per question (the default of --n-answers)
 DEFAULT_CONV_MODE = "llava_v1"
 
 
@@ -114,7 +115,7 @@ def settings_of(args) -> dict:
     return {"model_path": model_path_setting(args.model_path), "model_base": model_path_setting(args.model_base),
             "conv_mode": args.conv_mode, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": args.min_new_tokens, "seed": args.seed}
+            "min_new_tokens": args.min_new_tokens, "seed": args.seed, "n_answers": args.n_answers}
 
 
 def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
         raise ToolError(f"invalid decoding flags: {e}") from None
     if not gen.do_sample:
         raise ToolError("--temperature must be > 0: two greedy answers would be identical")
+    if args.n_answers < 2:
+        raise ToolError(f"--n-answers must be ≥ 2 (a pair needs two answers), got {args.n_answers}")
+    k = args.n_answers
     conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
     settings, model_id = settings_of(args), model_name(args.model_path)
     questions = load_questions(args.questions)
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
 
     def process(block: list[Question], prepared) -> list[dict]:
         keep, pics = prepared
-        items = [(q, pic, j) for q, pic in zip(keep, pics) for j in range(N_ANSWERS)]
+        items = [(q, pic, j) for q, pic in zip(keep, pics) for j in range(k)]
         if not items:
             return []
         seeds = [derive_seed(args.seed, q.question_id, j) for q, _, j in items]
@@ -159,12 +163,11 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
                          [pic for _, pic, _ in items], gen, seeds)
         summary["written"] += len(keep)
         return [{"question_id": q.question_id, "image": q.image, "question": q.text,
-                 "answers": texts[n * N_ANSWERS:(n + 1) * N_ANSWERS],
-                 "answer_seeds": seeds[n * N_ANSWERS:(n + 1) * N_ANSWERS], "seed": args.seed,
+                 "answers": texts[n * k:(n + 1) * k], "answer_seeds": seeds[n * k:(n + 1) * k], "seed": args.seed,
                  "model": model_id, "settings": settings} for n, q in enumerate(keep)]
 
-    # Blocks of whole questions (N_ANSWERS sequences each), about --batch-size sequences per call.
-    per_block = max(1, args.batch_size // N_ANSWERS)
+    # Blocks of whole questions (k sequences each), about --batch-size sequences per call.
+    per_block = max(1, args.batch_size // k)
     summary["seconds"] = run_batches(pending, per_block, images.load, process, args.out,
                                      desc="answers", unit="q", progress=not args.no_progress)
     return summary
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=100, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="sampling top-p (1 = off)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit")
+    p.add_argument("--n-answers", type=int, default=N_ANSWERS,
+                   help="sampled answers per question (the paper: 2; more gives the judge best-vs-worst pairs)")
     p.add_argument("--min-new-tokens", type=int, default=0,
                    help="forbid </s> before this many tokens (smoke tests of random-init models)")
     return p
@@ -195,7 +200,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     s = run(args)
-    print(f"{s['written']} questions answered ({N_ANSWERS} answers each) in {s['seconds']:.1f} s; "
+    print(f"{s['written']} questions answered ({args.n_answers} answers each) in {s['seconds']:.1f} s; "
           f"{s['already_done']} already done; {len(s['skipped'])} skipped (missing/unreadable image) → {args.out}")
     return 0
 

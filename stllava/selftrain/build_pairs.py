@@ -56,19 +56,25 @@ def rationale(reply: str | None) -> str:
     return "\n".join(lines[1:]).strip()
 
 
+def rejected_index(judge: dict) -> int:
+    """The rejected answer: the judge's ``rejected`` (best against worst of K > 2 answers), else the
+    other one of two."""
+    return judge["rejected"] if judge.get("rejected") is not None else 1 - judge["chosen"]
+
+
 def make_pair(record: dict) -> dict:
     """The DPO pair of one judged record with status "ok" (see the module docstring)."""
     judge = record["judge"]
-    chosen = judge["chosen"]
+    chosen, rejected = judge["chosen"], rejected_index(judge)
     scores = judge["scores"]
     q, answers = record["question"], record["answers"]
     return {
         "id": str(record["question_id"]),
         "image": record["image"],
         "chosen_conversations": conversation(q, answers[chosen]),
-        "reject_conversations": conversation(q, answers[1 - chosen]),
-        "scores": {"chosen": scores[chosen], "rejected": scores[1 - chosen]},
-        "margin": scores[chosen] - scores[1 - chosen],
+        "reject_conversations": conversation(q, answers[rejected]),
+        "scores": {"chosen": scores[chosen], "rejected": scores[rejected]},
+        "margin": scores[chosen] - scores[rejected],
         "chosen_index": chosen,
         "judge": judge.get("model"),
         "rule_version": judge.get("rule_version"),
@@ -85,14 +91,17 @@ def _check(record: dict) -> str | None:
     judge = record["judge"]
     if not isinstance(judge, dict) or judge.get("status") not in ("ok", *NOT_PAIRS):
         return "field 'judge' has no known 'status' (ok, tie, unparsable, identical)"
-    if judge["status"] == "ok":
-        scores, chosen = judge.get("scores"), judge.get("chosen")
-        if not (isinstance(scores, list) and len(scores) == 2 and chosen in (0, 1)
-                and scores[chosen] > scores[1 - chosen]):
-            return "status 'ok' needs two scores and 'chosen' pointing at the higher one"
     answers = record["answers"]
-    if not (isinstance(answers, list) and len(answers) == 2):
-        return "field 'answers' must hold two answers"
+    if not (isinstance(answers, list) and len(answers) >= 2):
+        return "field 'answers' must hold at least two answers"
+    if judge["status"] == "ok":
+        scores, chosen, rejected = judge.get("scores"), judge.get("chosen"), judge.get("rejected")
+        k = len(answers)
+        if not (isinstance(scores, list) and len(scores) == k and chosen in range(k)
+                and (rejected in range(k) if k > 2 or rejected is not None else True)
+                and scores[chosen] is not None and scores[rejected_index(judge)] is not None
+                and scores[chosen] > scores[rejected_index(judge)]):
+            return "status 'ok' needs a score per answer and 'chosen' pointing at the higher one (than 'rejected')"
     return None
 
 
@@ -141,7 +150,8 @@ def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
             logger.warning("%s, line %d: skipping %s: its text contains %s", source, line, qid, DEFAULT_IMAGE_TOKEN)
             stats["image_token_in_text"] += 1
             continue
-        stats["chosen_position"]["answer1" if pair["chosen_index"] == 0 else "answer2"] += 1
+        position = f"answer{pair['chosen_index'] + 1}"
+        stats["chosen_position"][position] = stats["chosen_position"].get(position, 0) + 1
         pairs.append(pair)
     stats["pairs"] = len(pairs)
     stats["margin_histogram"] = {_margin_bin(k): hist[k] for k in sorted(hist)}

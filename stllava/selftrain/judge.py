@@ -8,7 +8,7 @@
     {"question_id": "img1_q0",            # unique string (an int is accepted)
      "image": "img1.jpg",                 # path relative to --image-folder
      "question": "What organ is shown?",
-     "answers": ["The liver ...", "A kidney ..."],   # exactly two strings
+     "answers": ["The liver ...", "A kidney ..."],   # two strings (or K > 2: best vs worst)
      ...}                                 # any other fields (model, seeds, ...) are provenance,
                                           # copied to the output unchanged
 
@@ -22,7 +22,10 @@ and no request is made), ``scores`` [s1, s2] or null, ``chosen`` (0 or 1, the in
 better answer; null unless ok), ``margin``, ``reply`` (the reply the scores came from),
 ``replies`` (every reply, in order: a garbage first reply and its re-ask both appear), ``usage``
 (prompt/completion tokens), ``model``, ``served_model`` (what the server said it ran),
-``rule_version``, ``rule_sha256``, ``temperature``, ``image_sha256``. The file is written once,
+``rule_version``, ``rule_sha256``, ``temperature``, ``image_sha256``. With K > 2 answers (``answers
+--n-answers K``, an extension the paper's method allows), the distinct answers are judged in pairs
+(``matches``: each pair, its scores and reply), ``scores`` holds one mean score per answer, and
+``chosen``/``rejected`` are the best- and the worst-scored answer. The file is written once,
 atomically, when every item is judged; it does not depend on faults, retries, concurrency or
 resumes.
 
@@ -79,9 +82,9 @@ def _check_fields(record: dict) -> str | None:
     if not isinstance(record.get("question"), str):
         return "field 'question' must be a string"
     answers = record.get("answers")
-    if not (isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)):
+    if not (isinstance(answers, list) and len(answers) >= 2 and all(isinstance(a, str) for a in answers)):
         found = f"{len(answers)} items" if isinstance(answers, list) else type(answers).__name__
-        return f"field 'answers' must be a list of exactly two strings (found {found})"
+        return f"field 'answers' must be a list of at least two strings (found {found})"
     return None
 
 

@@ -24,7 +24,17 @@ import openai
 
 from stllava.errors import EXIT_FAILED, StllavaError
 from stllava.jsonl import JsonlWriter
-from stllava.selftrain.judge_prompt import Rule, build_messages, build_prompt, cache_key, encode_image, parse_scores
+from stllava.selftrain.judge_prompt import (
+    Rule,
+    best_worst,
+    build_messages,
+    build_prompt,
+    cache_key,
+    distinct_answers,
+    encode_image,
+    pair_up,
+    parse_scores,
+)
 from stllava.selftrain.judge_prompt import verdict as score_verdict
 
 logger = logging.getLogger("stllava.selftrain.judge")
@@ -198,9 +208,10 @@ class Judge:
             f"giving up on {item.name} after {self._ctx.attempts} attempts; last error: {why}. Rerun later "
             "(finished items are reused) or raise --max-retries."))
 
-    def ask(self, item: Item, ask: int) -> dict:
-        """The cache entry of ask number ``ask`` for ``item``: from the cache, or asked and stored."""
-        q, answers = item.record["question"], item.record["answers"]
+    def ask(self, item: Item, ask: int, pair: tuple[int, int] = (0, 1)) -> dict:
+        """The cache entry of ask number ``ask`` for the answers ``pair`` of ``item``: from the cache,
+        or asked and stored."""
+        q, answers = item.record["question"], [item.record["answers"][i] for i in pair]
         key = cache_key(item.image_sha256, q, answers, self.model, self.rule.sha256, self.temperature, ask)
         with self._key_lock(key):  # two identical items never pay twice, even concurrently
             entry = self.cache.get(key)
@@ -240,6 +251,21 @@ class Judge:
             self.stop.set()
             raise
 
+    def _judge_pair(self, item: Item, pair: tuple[int, int]) -> tuple[tuple[float, float] | None, list[dict], dict]:
+        """Scores of the two answers ``pair`` (None when unparsable), every entry asked, the one used.
+        An unparsable reply (or, with ``reask_ties``, a tie) is asked once more."""
+        entries = [self.ask(item, 0, pair)]
+        scores = parse_scores(entries[0]["reply"])
+        used = entries[0]
+        if scores is None or (scores[0] == scores[1] and self.reask_ties):
+            logger.info("%s: %s first reply %r; asking once more", item.name,
+                        "unparsable" if scores is None else "tied", (entries[0]["reply"] or "")[:60])
+            entries.append(self.ask(item, 1, pair))
+            rescored = parse_scores(entries[1]["reply"])
+            if rescored is not None or scores is None:  # a tie re-asked into garbage stays the tie it was
+                scores, used = rescored, entries[1]
+        return scores, entries, used
+
     def _judge_item(self, item: Item) -> dict:
         answers = item.record["answers"]
         block: dict[str, Any] = {"status": None, "scores": None, "chosen": None, "margin": None,
@@ -247,22 +273,23 @@ class Judge:
                                  "served_model": None, "rule_version": self.rule.version,
                                  "rule_sha256": self.rule.sha256, "temperature": self.temperature,
                                  "image_sha256": item.image_sha256}
-        if answers[0].strip() == answers[1].strip():
+        distinct = distinct_answers(answers)
+        if len(distinct) == 1:
             block.update(status="identical", usage={"prompt_tokens": 0, "completion_tokens": 0})
             return block
-        entries = [self.ask(item, 0)]
-        scores = parse_scores(entries[0]["reply"])
-        used = entries[0]
-        if scores is None or (scores[0] == scores[1] and self.reask_ties):
-            logger.info("%s: %s first reply %r; asking once more", item.name,
-                        "unparsable" if scores is None else "tied", (entries[0]["reply"] or "")[:60])
-            entries.append(self.ask(item, 1))
-            rescored = parse_scores(entries[1]["reply"])
-            if rescored is not None or scores is None:  # a tie re-asked into garbage stays the tie it was
-                scores, used = rescored, entries[1]
-        block.update(reply=used["reply"], replies=[e["reply"] for e in entries],
-                     served_model=used["served_model"],
+        matches = [(0, 1)] if len(answers) == 2 else pair_up(distinct)
+        entries, results = [], []
+        for pair in matches:
+            scores, asked, used = self._judge_pair(item, pair)
+            entries += asked
+            results.append({"pair": list(pair), "scores": list(scores) if scores else None, "reply": used["reply"],
+                            "served_model": used["served_model"]})
+        block.update(reply=results[-1]["reply"], replies=[e["reply"] for e in entries],
+                     served_model=results[-1]["served_model"],
                      usage={"prompt_tokens": sum(e["usage"]["prompt_tokens"] for e in entries),
                             "completion_tokens": sum(e["usage"]["completion_tokens"] for e in entries)})
-        block.update(score_verdict(scores))
+        if len(answers) == 2:
+            block.update(score_verdict(None if results[0]["scores"] is None else tuple(results[0]["scores"])))
+        else:
+            block.update(best_worst(answers, distinct, results), matches=results)
         return block

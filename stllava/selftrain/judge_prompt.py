@@ -138,3 +138,49 @@ def verdict(scores: tuple[float, float] | None) -> dict:
     tie = scores[0] == scores[1]
     return {"status": "tie" if tie else "ok", "scores": list(scores), "margin": abs(scores[0] - scores[1]),
             "chosen": None if tie else int(scores[1] > scores[0])}
+
+
+# --- more than two answers per question (``answers --n-answers K``): best against worst -----------
+# The judge prompt compares two answers and scores each on an absolute 1-10 scale. With K > 2
+# sampled answers, the distinct ones are judged in pairs (each distinct answer in at least one
+# request), each answer's score is the mean of its scores, and the pair is the best- against the
+# worst-scored answer. K = 2 is exactly the paper's single comparison.
+def distinct_answers(answers: list[str]) -> list[int]:
+    """Indices of the first occurrence of each distinct answer (compared stripped), in order."""
+    seen: dict[str, int] = {}
+    for i, a in enumerate(answers):
+        seen.setdefault(a.strip(), i)
+    return list(seen.values())
+
+
+def pair_up(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive pairs of ``indices`` ((0,1), (2,3), ...); an odd one out is paired with the first."""
+    pairs = [(indices[i], indices[i + 1]) for i in range(0, len(indices) - 1, 2)]
+    if len(indices) % 2:
+        pairs.append((indices[-1], indices[0]))
+    return pairs
+
+
+def best_worst(answers: list[str], distinct: list[int], matches: list[dict]) -> dict:
+    """The judge block's ``status``/``scores``/``chosen``/``rejected``/``margin`` for K answers from the
+    judged ``matches`` (``{"pair": [i, j], "scores": [si, sj] or None}``). An answer's score is the
+    mean of its scores; copies of an answer share its score. ``unparsable`` when fewer than two
+    distinct answers got a score, ``tie`` when the best and worst score are equal, else ``ok``
+    with ``chosen`` the best (first on equal scores) and ``rejected`` the worst."""
+    got: dict[int, list[float]] = {}
+    for m in matches:
+        if m["scores"] is not None:
+            for i, s in zip(m["pair"], m["scores"]):
+                got.setdefault(i, []).append(s)
+    mean = {i: sum(v) / len(v) for i, v in got.items()}
+    rep = {answers[i].strip(): i for i in distinct}
+    scores = [mean.get(rep[a.strip()]) for a in answers]
+    scored = [i for i in distinct if i in mean]
+    if len(scored) < 2:
+        return {"status": "unparsable", "scores": scores, "chosen": None, "rejected": None, "margin": None}
+    best = max(scored, key=lambda i: (mean[i], -i))
+    worst = min(scored, key=lambda i: (mean[i], i))
+    margin = mean[best] - mean[worst]
+    if margin == 0:
+        return {"status": "tie", "scores": scores, "chosen": None, "rejected": None, "margin": 0.0}
+    return {"status": "ok", "scores": scores, "chosen": best, "rejected": worst, "margin": margin}

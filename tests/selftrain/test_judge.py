@@ -395,7 +395,7 @@ def test_malformed_line_is_named_or_skipped(tmp_path, key_env, capsys):
     summary = json.loads((tmp_path / "j.summary.json").read_text())
     assert summary["skipped_bad_input"] == 2
     assert [s["line"] for s in summary["skipped"]] == [3, 6]
-    assert "exactly two strings (found 1 items)" in summary["skipped"][1]["reason"]
+    assert "at least two strings (found 1 items)" in summary["skipped"][1]["reason"]
 
 
 def test_missing_or_unreadable_image_is_named_or_skipped(tmp_path, key_env):

@@ -160,10 +160,18 @@ def test_answers_identical_between_batch_sizes_and_read_by_the_judge(tiny_bundle
     assert [x["answers"] for x in _read(seed1)] != [x["answers"] for x in recs]
     assert r["settings"] == {"model_path": tiny_bundle["model"], "model_base": None,
                              "conv_mode": "llava_v1", "temperature": 1.2, "top_k": 100, "top_p": 0.95,
-                             "max_new_tokens": 8, "min_new_tokens": 0, "seed": 0}
+                             "max_new_tokens": 8, "min_new_tokens": 0, "seed": 0, "n_answers": 2}
     items, skipped = load_items(b8, images)  # the judge's own loader accepts the file
     assert len(items) == n_q and skipped == []
     assert items[0].record["answers"] == r["answers"]
+
+    # K = 4 answers: answer j keeps its own seed, so the first two are the K = 2 answers
+    four = tmp_path / "a4.jsonl"
+    answers_mod.run(_a_args(tiny_bundle, images, qfile, four, "--n-answers", "4", "--batch-size", "6"), loaded)
+    for k2, k4 in zip(recs, _read(four)):
+        assert len(k4["answers"]) == 4 and k4["answers"][:2] == k2["answers"]
+        assert k4["answer_seeds"][:2] == k2["answer_seeds"] and len(set(k4["answer_seeds"])) == 4
+    assert len(load_items(four, images)[0]) == n_q
 
 
 def test_answers_resume_and_missing_images(tiny_bundle, loaded, images, tmp_path):
