@@ -15,7 +15,8 @@ released ``ZachSun/STLLaVA-Med-DPO`` data plus provenance::
 
 Ties, unparsable replies, identical answers and pairs below the margin are never turned into
 pairs; they are counted. A question or answer that itself contains the ``<image>`` token would give
-the sample two image tokens and break training, so it is skipped and counted too. The counts and a
+the sample two image tokens and break training, so it is skipped and counted too, as is a pair with
+an empty answer (a sample that ended at once), which no training turn may be. The counts and a
 margin histogram are printed and written to ``<out>.stats.json`` (``dpo.json`` -> ``dpo.stats.json``).
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
     pairs: list[dict] = []
     seen: dict[str, int] = {}
     stats = {"judged": 0, "pairs": 0, "tie": 0, "unparsable": 0, "identical": 0, "below_margin": 0,
-             "image_token_in_text": 0, "min_margin": min_margin,
+             "image_token_in_text": 0, "empty_answer": 0, "min_margin": min_margin,
              "chosen_position": {"answer1": 0, "answer2": 0}, "margin_histogram": {}, "judges": {}}
     hist: dict[int, int] = {}
     for line, record in lines:
@@ -149,6 +150,11 @@ def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
         if any(DEFAULT_IMAGE_TOKEN in t for t in texts):
             logger.warning("%s, line %d: skipping %s: its text contains %s", source, line, qid, DEFAULT_IMAGE_TOKEN)
             stats["image_token_in_text"] += 1
+            continue
+        if not all(c[1]["value"].strip() for c in (pair["chosen_conversations"], pair["reject_conversations"])):
+            # a sampled answer can be empty (</s> first); a training turn cannot
+            logger.warning("%s, line %d: skipping %s: an answer of the pair is empty", source, line, qid)
+            stats["empty_answer"] += 1
             continue
         position = f"answer{pair['chosen_index'] + 1}"
         stats["chosen_position"][position] = stats["chosen_position"].get(position, 0) + 1

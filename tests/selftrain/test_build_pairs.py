@@ -72,6 +72,23 @@ def test_counts_margin_filter_and_histogram(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["pairs"] == 3  # printed too
 
 
+def test_empty_answer_and_best_against_worst(tmp_path):
+    records = [
+        judged("empty", "ok", [9, 2], 0, answers=("Yes.", "")),  # a sample that ended at once
+        judged("k4", "ok", [9, 2, 9, 5], 0, answers=("Yes.", "No.", "Yes.", "Maybe.")),
+    ]
+    records[1]["judge"]["rejected"] = 1
+    pairs, stats = bp.build_pairs(bp.iter_jsonl(write(tmp_path / "judged.jsonl", records)))
+    assert [p["id"] for p in pairs] == ["k4"] and stats["empty_answer"] == 1
+    assert pairs[0]["reject_conversations"][1]["value"] == "No." and pairs[0]["margin"] == 7
+    records[1]["judge"]["rejected"] = 3  # "Maybe." scored 5
+    pairs, _ = bp.build_pairs(bp.iter_jsonl(write(tmp_path / "judged.jsonl", records)))
+    assert pairs[0]["reject_conversations"][1]["value"] == "Maybe." and pairs[0]["scores"]["rejected"] == 5
+    records[1]["judge"]["rejected"] = 2  # as good as the chosen one: not a pair
+    with pytest.raises(bp.PairsError, match="pointing at the higher one"):
+        bp.build_pairs(bp.iter_jsonl(write(tmp_path / "judged.jsonl", records)))
+
+
 def test_default_margin_keeps_every_non_tie(tmp_path):
     src = write(tmp_path / "judged.jsonl", [judged("a", "ok", [6, 5.5], 0), judged("b", "tie", [5, 5])])
     pairs, stats = bp.build_pairs(bp.iter_jsonl(src))
