@@ -131,7 +131,8 @@ def build_prompt(messages: list[Message], conv_mode: str, limits: ImageLimits) -
         where = f"messages[{i + (system is not None)}]"
         want = "user" if i % 2 == 0 else "assistant"
         if m.role != want:
-            raise APIError(400, f"{where}: expected a {want} message (after an optional system message, user "
+            raise APIError(400, f"{where}: expected {'a' if want == 'user' else 'an'} {want} message (after an "
+                           "optional system message, user "
                            f"and assistant turns alternate, starting with user), got {m.role}", param=where)
         urls = m.image_urls()
         if urls and m.role != "user":
