@@ -12,7 +12,7 @@ import pytest
 import torch
 from checkpoint_factory import ASSET_IMAGE
 from PIL import Image
-from serve_utils import data_url, image_message, post
+from serve_utils import data_url, post
 
 from stllava.serve.inputs import ImageLimits
 
