@@ -67,19 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_backend(tokenizer, model, processor, context_len: int, *, name: str, conv_mode: str,
-                  max_batch: int = 8, window_s: float = 0.01, max_queue: int = 64, limits=None):
-    """A :class:`~stllava.serve.model_backend.ModelBackend` over a loaded model (used by the CLI,
-    the tests and the benchmark)."""
-    from stllava.serve.engine import BatchingEngine
-    from stllava.serve.model_backend import ModelBackend
-
-    tower = model.get_model().get_vision_tower() if hasattr(model, "get_model") else None
-    engine = BatchingEngine(model, tokenizer, processor, max_batch=max_batch, window_s=window_s, max_queue=max_queue)
-    return ModelBackend(engine, name, conv_mode, context_len, tower.num_patches if tower is not None else 1,
-                        limits)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,6 +75,7 @@ def main(argv=None) -> int:
             raise ServeError(f"--{flag.replace('_', '-')} must be ≥ {0 if flag == 'port' else 1}")
     try:
         from stllava.serve.inputs import ImageLimits
+        from stllava.serve.model_backend import build_backend
         from stllava.serve.protocol import create_app
         from stllava.serve.server import UvicornServer
     except ImportError as e:

@@ -143,8 +143,9 @@ def build_prompt(messages: list[Message], conv_mode: str, limits: ImageLimits) -
         for url in urls:
             images.append(decode_image(image_bytes(url, limits, f"{where}.content"), limits, f"{where}.content"))
         text = m.text().replace(DEFAULT_IMAGE_TOKEN, "")
-        if m.role == "assistant" and not text.strip():
-            raise APIError(400, f"{where}: an assistant message needs text content", param=where)
+        if not (text.strip() or urls):  # an empty turn would render as an open generation slot
+            raise APIError(400, f"{where}: {'an assistant' if m.role == 'assistant' else 'a user'} message needs "
+                           "text content" + (" or an image" if m.role == "user" else ""), param=where)
         if len(urls) == 1:
             text = image_prompt_text(text)
         elif urls:

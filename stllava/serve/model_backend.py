@@ -139,3 +139,13 @@ class ModelBackend:
             raise APIError(499, "client closed the request")
         return JSONResponse(completion_body(cid, self.name, result.text, result.finish_reason,
                                             result.prompt_tokens, result.completion_tokens))
+
+
+def build_backend(tokenizer, model, processor, context_len: int, *, name: str, conv_mode: str,
+                  max_batch: int = 8, window_s: float = 0.01, max_queue: int = 64,
+                  limits: ImageLimits | None = None) -> ModelBackend:
+    """A :class:`ModelBackend` (and its :class:`BatchingEngine`) over a loaded model, as
+    ``load_pretrained_model`` returns it: the server CLI, the tests and the benchmark use it."""
+    tower = model.get_model().get_vision_tower() if hasattr(model, "get_model") else None
+    engine = BatchingEngine(model, tokenizer, processor, max_batch=max_batch, window_s=window_s, max_queue=max_queue)
+    return ModelBackend(engine, name, conv_mode, context_len, tower.num_patches if tower is not None else 1, limits)

@@ -2,7 +2,7 @@
 import pytest
 from serve_utils import Running
 
-from stllava.serve.api import build_backend
+from stllava.serve.model_backend import build_backend
 from stllava.serve.protocol import create_app
 from stllava.serve.server import UvicornServer
 

@@ -45,6 +45,7 @@ def test_conversation_golden_with_system_and_literal_image_tags_removed():
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}, {"role": "user", "content": "b"}],
      "needs text content"),
     ([{"role": "system", "content": "s"}], "last message must be a user message"),
+    ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "a user message needs text content or an image"),
     ([{"role": "user", "content": [IMG]}, {"role": "assistant", "content": "x"}, {"role": "user", "content": [IMG]}],
      "more images than this model takes"),
 ])
