@@ -5,8 +5,9 @@
         [--max-batch 16] [--window-ms 20] [--device cpu] [--json out.json]
 
 Without ``--model-path`` a tiny random-init bundle is built in a temporary folder. The server is
-the real one (``stllava.serve.api``'s app on uvicorn, in this process) and the clients are the
-real ``openai`` client, each asking a VQA-RAD question about one of the package's radiographs
+the real one (``python -m stllava.serve.api``, its own process, so the clients do not compete
+with it for the GIL) and the clients are the real ``openai`` client, each asking a VQA-RAD
+question about one of the package's radiographs
 (~1000 px JPEGs, sent as base64 data URLs). Every answer has exactly ``--new-tokens`` tokens
 (vLLM's ``min_tokens`` = ``max_tokens``), so both modes do the same decoding work. Prints the
 throughput ratio (goal ≥ 5×), p50/p95 request latency of each mode, the generate-call sizes the
@@ -19,14 +20,17 @@ import base64
 import json
 import logging
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from importlib import resources
 
 import openai
-import torch
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,22 +49,31 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from stllava.model.builder import load_pretrained_model
-    from stllava.serve.model_backend import build_backend
-    from stllava.serve.protocol import create_app
-    from stllava.serve.server import UvicornServer
-
-    tmp = None
+    tmp = tempfile.TemporaryDirectory()
     model_path = args.model_path
     if model_path is None:
         from stllava.model.tiny import build_tiny_bundle
 
-        tmp = tempfile.TemporaryDirectory()
         model_path = build_tiny_bundle(tmp.name)["model"]
-    tok, model, proc, ctx = load_pretrained_model(model_path, device=args.device)
-    backend = build_backend(tok, model, proc, ctx, name="bench", conv_mode="v1", max_batch=args.max_batch,
-                            window_s=args.window_ms / 1000, max_queue=max(64, args.requests))
-    server = UvicornServer(create_app(backend)).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(tmp.name, "server.log")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stllava.serve.api", "--model-path", model_path, "--device", args.device,
+         "--port", str(port), "--served-model-name", "bench", "--conv-mode", "v1", "--max-batch",
+         str(args.max_batch), "--batch-window-ms", str(args.window_ms), "--max-queue", str(max(64, args.requests))],
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    def health() -> dict:
+        with urllib.request.urlopen(url + "/health") as r:
+            return json.load(r)
+
+    while "Application startup complete" not in open(log_path).read():
+        if server.poll() is not None:
+            raise SystemExit(f"the server did not start:\n{open(log_path).read()}")
+        time.sleep(0.2)
 
     assets = resources.files("stllava") / "assets" / "vqa_rad"
     qa = json.loads((assets / "vqa_rad_subset.json").read_text())
@@ -69,7 +82,7 @@ def main(argv=None) -> dict:
     for r in qa:
         data = (assets / "images" / r["image_name"]).read_bytes()
         urls.append("data:image/jpeg;base64," + base64.b64encode(data).decode())
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
     def ask(i: int) -> tuple[str, float]:
         t0 = time.perf_counter()
@@ -80,34 +93,39 @@ def main(argv=None) -> dict:
         assert r.usage.completion_tokens == args.new_tokens
         return r.choices[0].message.content, time.perf_counter() - t0
 
-    ask(0)  # warm-up
+    def concurrently() -> tuple[list, float]:
+        results: list = [None] * args.requests
+        start = threading.Barrier(args.requests + 1)
+
+        def client_thread(i: int) -> None:
+            start.wait()
+            results[i] = ask(i)
+
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(args.requests)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        return results, time.perf_counter() - t0
+
+    # Warm-up: the model, and one connection per client in the client's pool (as in steady use).
+    concurrently()
     t0 = time.perf_counter()
     sequential = [ask(i) for i in range(args.requests)]
     t_seq = time.perf_counter() - t0
-    backend.engine.batch_sizes.clear()
-
-    results: list = [None] * args.requests
-    start = threading.Barrier(args.requests + 1)
-
-    def client_thread(i: int) -> None:
-        start.wait()
-        results[i] = ask(i)
-
-    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(args.requests)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    t_conc = time.perf_counter() - t0
-    batches = list(backend.engine.batch_sizes)
-    server.stop()
+    calls_before = health()["batches"]
+    results, t_conc = concurrently()
+    stats = health()
+    batches = stats["recent_batch_sizes"][calls_before - stats["batches"]:]
+    server.terminate()
+    server.wait(60)
 
     lat_seq, lat_conc = [s[1] for s in sequential], [r[1] for r in results]
     n = args.requests
     res = {
-        "device": str(model.device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": args.device, "server_threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpus": os.cpu_count(),
         "model": model_path if args.model_path else "tiny random-init bundle", "requests": n,
         "new_tokens": args.new_tokens, "max_batch": args.max_batch, "window_ms": args.window_ms,
         "sequential": {"seconds": t_seq, "req_per_s": n / t_seq, "p50_s": percentile(lat_seq, 50),
@@ -118,7 +136,7 @@ def main(argv=None) -> dict:
         "answers_equal": [s[0] for s in sequential] == [r[0] for r in results],
     }
     print(f"{n} requests, {args.new_tokens} new tokens each, max batch {args.max_batch}, window {args.window_ms:g} ms, "
-          f"device {res['device']}, {res['threads']} torch threads on {res['cpus']} CPUs")
+          f"device {res['device']}, OMP_NUM_THREADS={res['server_threads']} on {res['cpus']} CPUs")
     for key, label in (("sequential", "one after another"), ("concurrent", f"{n} concurrent clients")):
         r = res[key]
         print(f"  {label:22s} {r['req_per_s']:6.2f} req/s   latency p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s")
@@ -127,8 +145,7 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return res
 
 

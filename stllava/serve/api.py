@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="cuda (falls back to cpu when absent), cuda:N, mps, cpu")
     p.add_argument("--max-batch", type=int, default=8, help="most requests in one generate call")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long the first queued request waits for batch-mates")
+                   help="how long the first queued request waits for batch-mates (up to 100 ms more while "
+                   "requests that already arrived are still decoding their images)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests beyond this get 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies get 413")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="larger images (encoded) get 400")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from stllava.generation import STOP_STR, GenerationSettings, generate_prepared, prepare_batch
+from stllava.generation import STOP_STR, GenerationSettings, PreparedBatch, generate_prepared, left_pad
 from stllava.serve.protocol import APIError, Result
 
 logger = logging.getLogger(__name__)
@@ -35,12 +35,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One request's generation: its prompt and images, limits, decoding settings, and the asyncio
+    """One request's generation: its inputs (``prepared`` by ``stllava.generation.prepare_batch``
+    for this one prompt, in the request's thread), limits, decoding settings, and the asyncio
     queue (``events`` on ``loop``) its ``("delta", text)``, ``("done", Result)`` or
     ``("error", APIError)`` events go to. ``cancelled`` is set when its client disconnects."""
 
-    prompt: str
-    images: list
+    prepared: PreparedBatch
+    n_images: int
     prompt_tokens: int
     max_tokens: int
     seed: int
@@ -94,6 +95,14 @@ def byte_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
 
 
+def merge_rows(rows: list[PreparedBatch], pad_id: int) -> PreparedBatch:
+    """One left-padded batch of single-prompt batches: the ids, mask and pixels ``prepare_batch``
+    gives for all the prompts at once (images are preprocessed one by one either way)."""
+    ids, mask = left_pad([r.input_ids[0][r.attention_mask[0].bool()].tolist() for r in rows], pad_id)
+    pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
+    return PreparedBatch(ids, mask, torch.cat(pixels) if pixels else None)
+
+
 class RowTracker(StoppingCriteria):
     """Per-row state of one batched ``generate`` call (see the module docstring). ``generate``
     calls it with the ids generated so far; it returns the rows that are finished. Text is streamed
@@ -141,11 +150,12 @@ class BatchingEngine:
     """The worker thread and its queue. ``submit`` a :class:`Job`; ``stats`` for ``/health``."""
 
     def __init__(self, model, tokenizer, image_processor, *, max_batch: int = 8, window_s: float = 0.01,
-                 max_queue: int = 64):
+                 max_queue: int = 64, prepare_wait_s: float = 0.1):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be ≥ 1, got {max_batch} and {max_queue}")
         self.model, self.tokenizer, self.processor = model, tokenizer, image_processor
-        self.max_batch, self.window_s = max_batch, window_s
+        self.max_batch, self.window_s, self.prepare_wait_s = max_batch, window_s, prepare_wait_s
+        self.preparing = 0  # requests that arrived and are not queued yet (reading, decoding; set by the backend)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -177,20 +187,26 @@ class BatchingEngine:
 
     def stats(self) -> dict:
         return {"queued": self._queue.qsize(), "running": self.running, "batches": len(self.batch_sizes),
-                "max_batch": self.max_batch, **self.counts}
+                "recent_batch_sizes": list(self.batch_sizes)[-32:], "max_batch": self.max_batch, **self.counts}
 
     # -------------------------------------------------------------------------------- the worker
     def _collect(self) -> list[Job]:
+        """The next batch: the first queued job and those that join it within ``window_s``, or
+        later while requests that already arrived are still being prepared (a burst of clients
+        whose images are being decoded), up to ``prepare_wait_s`` more and ``max_batch`` jobs."""
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
-        jobs, deadline = [first], time.monotonic() + self.window_s
+        jobs, t0 = [first], time.monotonic()
         while len(jobs) < self.max_batch:
-            try:
-                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
+            waited = time.monotonic() - t0
+            if waited >= self.window_s and (self.preparing == 0 or waited >= self.window_s + self.prepare_wait_s):
                 break
+            try:
+                jobs.append(self._queue.get(timeout=0.002))
+            except queue.Empty:
+                continue
         return jobs
 
     def _work(self) -> None:
@@ -226,8 +242,9 @@ class BatchingEngine:
             max_new_tokens=max(j.max_tokens for j in jobs), temperature=head.temperature,
             top_k=head.top_k if head.temperature else None, top_p=head.top_p if head.temperature else None,
             min_new_tokens=head.min_tokens)
-        batch = prepare_batch(self.tokenizer, self.processor, self.model.config, [j.prompt for j in jobs],
-                              [j.images or None for j in jobs])
+        # prepare_batch's padding: the tokenizer's pad, else unk
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
+        batch = merge_rows([j.prepared for j in jobs], pad_id)
         tracker = RowTracker(jobs, self.tokenizer, self.byte_ids)
         seeds = [j.seed for j in jobs] if settings.do_sample else None
         self.batch_sizes.append(len(jobs))

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
-from stllava.mm_utils import tokenizer_image_token
+from stllava.generation import prepare_batch
 from stllava.serve.engine import BatchingEngine, Job
 from stllava.serve.inputs import ImageLimits, build_prompt
 from stllava.serve.protocol import (
@@ -52,6 +52,10 @@ class ModelBackend:
         return {"model": self.name, "conv_mode": self.conv_mode, "context_len": self.context_len,
                 **self.engine.stats()}
 
+    def arriving(self, change: int) -> None:
+        """Count a request whose body is being read as being prepared (the batch may wait for it)."""
+        self.engine.preparing += change
+
     def start(self) -> None:
         self.engine.start()
 
@@ -65,9 +69,12 @@ class ModelBackend:
         chat = build_prompt(req.messages, self.conv_mode, self.limits)
         if chat.images and self.engine.processor is None:
             raise APIError(400, f"model {self.name!r} has no vision tower; send text only", param="messages")
-        n_ids = len(tokenizer_image_token(chat.prompt, self.engine.tokenizer))
         n_images = chat.prompt.count(DEFAULT_IMAGE_TOKEN)
-        positions = n_ids + n_images * (self.image_positions - 1)
+        # Tokenized and its images preprocessed here, in the request's thread: the worker only merges rows.
+        engine = self.engine
+        prepared = prepare_batch(engine.tokenizer, engine.processor, engine.model.config, [chat.prompt],
+                                 [chat.images or None])
+        positions = prepared.input_ids.shape[1] + n_images * (self.image_positions - 1)
         room = self.context_len - positions
         if room < 1:
             raise APIError(400, f"the prompt takes {positions} positions ({self.image_positions} per image) but the "
@@ -83,7 +90,7 @@ class ModelBackend:
         if req.min_tokens > limit:
             raise APIError(400, f"min_tokens={req.min_tokens} is larger than max_tokens={limit}", param="min_tokens")
         temperature = 1.0 if req.temperature is None else req.temperature
-        return Job(prompt=chat.prompt, images=chat.images, prompt_tokens=positions, max_tokens=limit,
+        return Job(prepared=prepared, n_images=n_images, prompt_tokens=positions, max_tokens=limit,
                    seed=req.seed if req.seed is not None else secrets.randbelow(2 ** 63),
                    temperature=temperature, top_p=req.top_p, top_k=req.top_k or None, min_tokens=req.min_tokens,
                    stop=req.stop_list(), stream=req.stream)
@@ -114,16 +121,20 @@ class ModelBackend:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
         t0 = time.perf_counter()
-        job = await run_in_threadpool(self.make_job, req)
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.engine.submit(job)
+        self.engine.preparing += 1  # the batch being collected may wait for this one
+        try:
+            job = await run_in_threadpool(self.make_job, req)
+            job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+            self.engine.submit(job)
+        finally:
+            self.engine.preparing -= 1
         cid = new_completion_id()
 
         async def logged(events):
             async for kind, value in events:
                 if kind == "done":  # one line per request: sizes and time, never content or images
                     logger.info("%s: %d image(s), %d prompt + %d completion tokens, %s, %.2f s%s", cid,
-                                len(job.images), value.prompt_tokens, value.completion_tokens,
+                                job.n_images, value.prompt_tokens, value.completion_tokens,
                                 value.finish_reason, time.perf_counter() - t0, " (streamed)" if job.stream else "")
                 yield kind, value
 

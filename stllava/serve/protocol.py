@@ -14,7 +14,8 @@ scorer backend: the phantom judge and the judge's fault tests). It owns what the
   ending with ``data: [DONE]``.
 
 A backend implements ``model_ids()``, ``health()``, ``async complete(req, body, request)`` (returns
-a Response; raises :class:`APIError` for a refusal) and optionally ``start()`` / ``stop()``.
+a Response; raises :class:`APIError` for a refusal) and optionally ``start()`` / ``stop()`` and
+``arriving(change)`` (told when a request starts and ends reading its body).
 """
 from __future__ import annotations
 
@@ -299,10 +300,17 @@ def create_app(backend, *, api_key: str | None = None, max_body_bytes: int = 32 
         logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return APIError(500, f"internal server error ({type(exc).__name__})").response()
 
+    # A backend that batches may wait for requests whose body is still arriving (see engine.py).
+    arriving = getattr(backend, "arriving", lambda change: None)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request, api_key)
-        body, req = parse_request(await read_body(request, max_body_bytes))
+        arriving(1)
+        try:
+            body, req = parse_request(await read_body(request, max_body_bytes))
+        finally:
+            arriving(-1)
         return await backend.complete(req, body, request)
 
     @app.get("/v1/models")
