@@ -1,10 +1,5 @@
 """stllava.model.export_hf: a merged checkpoint becomes a transformers-native LLaVA that plain
 transformers loads (AutoModelForImageTextToText + AutoProcessor) and that computes our logits."""
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 from checkpoint_factory import ASSET_IMAGE
@@ -16,7 +11,6 @@ from stllava.mm_utils import process_images, tokenizer_image_token
 from stllava.model.builder import load_pretrained_model
 from stllava.model.export_hf import chat_template, export
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 TURNS = ["What is shown in the image?", "A chest X-ray.", "Is there a nodule?"]
 
 
@@ -75,14 +69,15 @@ def test_exported_model_loads_in_plain_transformers_with_equal_logits(exported):
     assert hf_text == ours_text
 
 
-def test_cluster_projector_is_refused_in_one_line(tiny_bundle, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "stllava.model.export_hf", "--model-path", tiny_bundle["model"],
-                           "--out", str(tmp_path / "hf")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
+def test_cluster_projector_is_refused_in_one_line(tiny_bundle, tmp_path, capsys):
+    from stllava.errors import run_cli
+    from stllava.model.export_hf import main
+
+    code = run_cli(main, ["--model-path", tiny_bundle["model"], "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
     assert "'cluster' has no counterpart in transformers' LlavaForConditionalGeneration" in lines[0]
     assert "config.json" in lines[0] and "fix:" in lines[0]
     assert not (tmp_path / "hf").exists()
