@@ -95,17 +95,24 @@ class ModelBackend:
                    temperature=temperature, top_p=req.top_p, top_k=req.top_k or None, min_tokens=req.min_tokens,
                    stop=req.stop_list(), stream=req.stream)
 
+    @staticmethod
+    async def _disconnected(request: Request) -> None:
+        """Returns when the client closes its connection (the body is read: only that can come)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def _events(self, job: Job, request: Request):
         """The job's events until it is done; a client that disconnects cancels its generation."""
         done = False
+        gone = asyncio.ensure_future(self._disconnected(request))
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                get = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                kind, value = get.result()
                 if kind == "error":
                     raise value
                 done = kind == "done"
@@ -113,6 +120,7 @@ class ModelBackend:
                 if done:
                     return
         finally:
+            gone.cancel()
             if not done:  # the client left (or the stream was cancelled): stop generating for it
                 job.cancelled.set()
 

@@ -51,10 +51,9 @@ def test_a_client_that_disconnects_stops_its_generation(start_server):
     first = srv.engine.stats()["generated_tokens"]
     assert first < 400, f"{first} of 800 tokens generated after the client left"
     # whole answer: the client gives up while it is generating
-    conn = open_request(srv.url, body(max_tokens=800, min_tokens=800), timeout=0.5)
+    conn = open_request(srv.url, body(max_tokens=800, min_tokens=800))
     wait_for(lambda: srv.engine.running == 1)
-    with pytest.raises(TimeoutError):
-        conn.getresponse()
+    conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_for(lambda: srv.engine.stats()["cancelled"] == 2 and srv.engine.running == 0)
     assert srv.engine.stats()["generated_tokens"] - first < 400
