@@ -11,8 +11,10 @@ from stllava.model.projector import (
     ClusterProjector,
     IdentityProjector,
     build_vision_projector,
+    QuickGELU,
     cluster_aggregate,
     cluster_aggregate_direct,
+    hard_assign_aggregate,
 )
 
 
@@ -177,6 +179,118 @@ def test_cluster_rejects_bad_input():
         p(torch.randn(5, 4))
     with pytest.raises(ValueError, match="num_centers"):
         ClusterProjector(4, 4, num_centers=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step: same forward bits as plain autograd ops, gradients equal to the published form
+# --------------------------------------------------------------------------------------------------
+def _plain_forward(p: ClusterProjector, x: torch.Tensor) -> torch.Tensor:
+    """The model's forward before the custom autograd Functions: plain ops everywhere."""
+    h = p.mlp[0](cluster_aggregate(x, *p.assign(x)))
+    return p.mlp[2](h * torch.sigmoid(1.702 * h))
+
+
+def _grads(fn, p: ClusterProjector, x: torch.Tensor, weight: torch.Tensor) -> dict:
+    """Gradients of sum(fn(p, x) * weight) w.r.t. x and every parameter that gets one."""
+    p.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    (fn(p, x).double() * weight).sum().backward()
+    out = {name: t.grad.clone() for name, t in p.named_parameters() if t.grad is not None}
+    out["x"] = x.grad.clone()
+    return out
+
+
+def _projector(seed, d, h, n, iters=2, dtype=torch.float32):
+    torch.manual_seed(seed)
+    p = ClusterProjector(d, h, num_centers=n, num_iters=iters).to(dtype)
+    with torch.no_grad():
+        p.sim_alpha.fill_(2.5)
+        p.sim_beta.fill_(-0.3)
+    return p
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_is_bit_identical_to_plain_ops_with_grad(autocast):
+    p = _projector(7, 24, 40, 16)
+    x = torch.randn(2, 50, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = p(x), _plain_forward(p, x)
+        with torch.no_grad():
+            inference = p(x)
+    assert got.dtype == want.dtype and torch.equal(got, want) and torch.equal(inference, got)
+
+
+@pytest.mark.parametrize("seed,b,l,n,d,h,iters", [
+    (0, 1, 12, 4, 8, 12, 2),
+    (1, 2, 37, 8, 16, 20, 2),     # L not divisible by N
+    (2, 3, 50, 16, 24, 8, 1),     # H < D, one iteration
+    (3, 2, 30, 1, 6, 6, 0),       # one centre, no refinement
+    (4, 2, 576, 256, 16, 24, 2),  # the real token / centre counts, small widths
+])
+def test_gradients_equal_published_form_float64(seed, b, l, n, d, h, iters):
+    p = _projector(seed, d, h, n, iters, torch.float64)
+    x = torch.randn(b, l, d, dtype=torch.float64)
+    weight = torch.randn(b, l, h, dtype=torch.float64)
+    got, want = _grads(lambda m, t: m(t), p, x, weight), _grads(_direct_forward, p, x, weight)
+    unused = {"ln_1.weight", "ln_1.bias"} | ({"c.weight", "c.bias", "v.weight", "v.bias"} if iters == 0 else set())
+    assert set(got) == set(want) == {name for name, _ in p.named_parameters()} - unused | {"x"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11, msg=name)
+    assert got["sim_alpha"].abs().item() > 0 and got["sim_beta"].abs().item() > 0
+
+
+def test_gradients_equal_published_form_float32_and_zero_token():
+    p = _projector(8, 32, 40, 64)
+    x = torch.randn(2, 200, 32)
+    x[1, 5] = 0.0  # an all-zero token: the normalisation's eps clamp branch
+    weight = torch.randn(2, 200, 40, dtype=torch.float64)
+    got, want = _grads(lambda m, t: m(t), p, x, weight), _grads(_direct_forward, p, x, weight)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=2e-5, msg=name)
+
+
+def test_custom_functions_pass_gradcheck():
+    torch.manual_seed(9)
+    b, l, n, d = 2, 9, 3, 5
+    args = [torch.randn(b, l, d, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, n, d, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, l, d, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, n, d, dtype=torch.float64, requires_grad=True),
+            torch.full((1, 1, 1), 2.0, dtype=torch.float64, requires_grad=True),
+            torch.full((1, 1, 1), -0.5, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(hard_assign_aggregate, args)
+    z = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(QuickGELU(), (z,))
+
+
+def test_partial_gradients_and_bf16_autocast_match_plain_autograd():
+    p = _projector(10, 16, 24, 8)
+    x = torch.randn(2, 40, 16)
+    weight = torch.randn(2, 40, 24, dtype=torch.float64)
+    # frozen tower output and frozen alpha/beta: only the rest gets gradients, the same ones
+    p.sim_alpha.requires_grad_(False)
+    p.sim_beta.requires_grad_(False)
+    p.zero_grad(set_to_none=True)
+    (p(x).double() * weight).sum().backward()
+    got = {k: t.grad.clone() for k, t in p.named_parameters() if t.grad is not None}
+    p.zero_grad(set_to_none=True)
+    (_plain_forward(p, x).double() * weight).sum().backward()
+    for k, t in p.named_parameters():
+        if t.grad is not None:
+            torch.testing.assert_close(got.pop(k), t.grad, rtol=1e-4, atol=1e-6)
+    assert not got
+    p.requires_grad_(True)
+
+    def under_autocast(fn):
+        def run(m, t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(m, t)
+        return run
+    got, want = _grads(under_autocast(lambda m, t: m(t)), p, x, weight), _grads(under_autocast(_plain_forward), p, x,
+                                                                                weight)
+    for name in want:  # bf16 products: compare at bf16 resolution relative to the gradient's scale
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0.03 * scale + 1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------
