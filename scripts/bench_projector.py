@@ -4,8 +4,8 @@
     python scripts/bench_projector.py --batch 1 2 4 --backward --device cuda
     python scripts/bench_projector.py --small                # D=256, H=512: a quick smoke run
 
-Forms: ``ours`` is `ClusterProjector` as the model runs it (matmul aggregation; in training the
-custom backward of `hard_assign_aggregate` and `QuickGELU`); ``published`` is the published
+Forms: ``ours`` is `ClusterProjector` as the model runs it (matmul aggregation; in training
+`QuickGELU` keeps only its input); ``published`` is the published
 module's forward written with plain autograd ops (`published_forward`: the same steps 1-4, the
 [B, N, L, D] aggregation of `cluster_aggregate_direct`, QuickGELU as x·sigmoid(1.702x)), on the
 same weights and input. Modes: ``aggregate`` = steps 5-6 only (SPEC §2; inputs precomputed, no
@@ -13,8 +13,10 @@ grad), ``forward`` = the whole projector under no_grad, ``train`` = forward + ba
 loss on the output (input and every parameter get gradients), with ``--backward``.
 
 Each (batch, mode, form) runs in a fresh subprocess so that one measurement's memory cannot hide
-another's. Time: the best of --repeats calls after one warm-up (this machine is shared: noise only
-ever adds time). Peak memory: bytes allocated above what was live when the call began — on CUDA
+another's. Time: the best of --repeats calls after one warm-up — on CPU the process's CPU time
+(user + system, page faults included; the calls run on --threads threads), because on a shared
+machine wall time mostly measures the other tenants (wall time is printed too); on CUDA wall time.
+Peak memory: bytes allocated above what was live when the call began — on CUDA
 `torch.cuda.max_memory_allocated`, on CPU the running sum of the torch profiler's allocation/free
 events (the same quantity); on CPU the process's peak-RSS growth (`ru_maxrss`, coarse: the
 allocator may reuse freed pages) is printed alongside as a cross-check. Prints a table and the
@@ -46,6 +48,8 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--small", action="store_true", help="shrink to D=256, H=512 for a quick run")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per row; the best is kept (default 5)")
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                    help="only these modes (default: aggregate forward, and train with --backward)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
@@ -138,14 +142,15 @@ def _worker(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
         peak = _cpu_profiled_peak(call)
-    times = []
+    times, walls = [], []
     for _ in range(args.repeats):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         sync()
-        times.append(time.perf_counter() - t0)
-    return {"batch": batch, "mode": mode, "form": form, "time_s": min(times),
+        walls.append(time.perf_counter() - t0)
+        times.append(walls[-1] if cuda else time.process_time() - c0)
+    return {"batch": batch, "mode": mode, "form": form, "time_s": min(times), "wall_s": min(walls),
             "peak_bytes": peak, "rss_delta_bytes": None if cuda else rss_delta,
             "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{args.threads} threads"}
 
@@ -177,7 +182,7 @@ def main(argv=None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    modes = MODES if args.backward else MODES[:2]
+    modes = args.modes or (MODES if args.backward else MODES[:2])
     rows = []
     for batch in args.batch:
         for mode in modes:
@@ -186,16 +191,17 @@ def main(argv=None) -> None:
                 rows.append(_run_one(passthrough, batch, mode, form))
     print(f"\ncluster projector, L={args.tokens} D={args.dim} H={args.hidden} N={args.centers} "
           f"{args.dtype} on {rows[0]['device']}, best of {args.repeats}")
-    print(f"{'B':>2} {'mode':<9} {'form':<9} {'time ms':>9} {'peak MiB':>9} {'dRSS MiB':>9}")
+    clock = "wall" if args.device.startswith("cuda") else "CPU"
+    print(f"{'B':>2} {'mode':<9} {'form':<9} {clock + ' ms':>9} {'wall ms':>9} {'peak MiB':>9} {'dRSS MiB':>9}")
     for r in rows:
-        print(f"{r['batch']:>2} {r['mode']:<9} {r['form']:<9} {r['time_s'] * 1e3:9.1f} "
+        print(f"{r['batch']:>2} {r['mode']:<9} {r['form']:<9} {r['time_s'] * 1e3:9.1f} {r['wall_s'] * 1e3:9.1f} "
               f"{_mib(r['peak_bytes'])} {_mib(r['rss_delta_bytes'])}")
     print("\nratios published / ours")
     by = {(r["batch"], r["mode"], r["form"]): r for r in rows}
     for batch in args.batch:
         for mode in modes:
             m, d = by[(batch, mode, "ours")], by[(batch, mode, "published")]
-            print(f"B={batch} {mode:<9} time x{d['time_s'] / m['time_s']:6.1f}   "
+            print(f"B={batch} {mode:<9} {clock} time x{d['time_s'] / m['time_s']:6.1f}   "
                   f"peak memory x{d['peak_bytes'] / max(m['peak_bytes'], 1):6.1f}")
 
 

@@ -9,12 +9,10 @@
 
 State-dict keys match the published SQ-LLaVA / STLLaVA-Med checkpoints (``model.mm_projector.*``).
 
-The cluster projector trains in every stage, so its backward is written for the training step:
-two autograd Functions run exactly the forward ops of the plain expressions (same bits) but keep
-less for backward and skip dense work there — `_HardAssignAggregate` (steps 4-6: each token has one
-centre, so every [B, N, L] product of the chain rule is a gather or scatter-add over the tokens)
-and `_QuickGELUFunction` (recomputes its sigmoid). `scripts/bench_projector.py --backward` measures
-the step against the published [B, N, L, D] formulation.
+The cluster projector trains in every stage. Its training step is bound by the Linear layers'
+matmuls (~97% of the time at 7B sizes on CPU, `scripts/bench_projector.py --backward`); what
+autograd keeps beyond them is small, except QuickGELU's sigmoid ([B, L, H]), which
+`_QuickGELUFunction` recomputes instead, with the same bits.
 """
 from __future__ import annotations
 
@@ -36,9 +34,10 @@ _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 class _QuickGELUFunction(torch.autograd.Function):
-    """x·sigmoid(1.702 x) with the plain expression's forward ops (same bits), keeping only x for
-    backward: autograd would also keep sigmoid(1.702 x), one more [B, L, H] activation per step,
-    while recomputing it is one cheap elementwise pass."""
+    """x·sigmoid(1.702 x) keeping only x for backward. Autograd on the plain expression also keeps
+    sigmoid(1.702 x), one more [B, L, H] activation per step (19 MiB at 7B sizes, batch 2, fp32);
+    recomputing it costs one elementwise pass. Forward and backward run the plain expression's ops
+    (backward in place where a buffer is free): outputs and gradients are the same bits."""
 
     @staticmethod
     def forward(ctx, x):
@@ -49,18 +48,15 @@ class _QuickGELUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        dtype = torch.promote_types(grad.dtype, x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            t = 1.702 * x.to(dtype)
-            s = torch.sigmoid(t)
-            grad = grad.to(dtype)
-            # d/dx x·σ(1.702x) = σ + 1.702x·σ(1 − σ); sigmoid_backward(g, σ) = g·σ(1 − σ)
-            return torch.ops.aten.sigmoid_backward(grad, s).mul_(t).addcmul_(grad, s).to(x.dtype)
+        s = torch.sigmoid_(1.702 * x)
+        # autograd's two paths into x, its ops in its order: through σ, (grad·x)·σ(1 − σ)·1.702 ...
+        through_sigmoid = torch.ops.aten.sigmoid_backward(grad * x, s).mul_(1.702)
+        return through_sigmoid.add_(s.mul_(grad))  # ... plus the direct one, grad·σ
 
 
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation, x * sigmoid(1.702 x). No parameters (keeps ``mlp.1`` key-free).
-    Keeps only its input for backward (`_QuickGELUFunction`)."""
+    In training it keeps only its input for backward (`_QuickGELUFunction`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -98,19 +94,10 @@ def cluster_aggregate(
     """
     sim = sim.to(feature.dtype)
     count = mask.sum(dim=-1, keepdim=True, dtype=torch.float32)  # [B, N, 1]
-    return x + sim.transpose(1, 2) @ _centre_values(sim, count, feature, centers_feature)
-
-
-def _centre_values(sim, count, feature, centers_feature) -> torch.Tensor:
-    """O = (Sim @ F + CF) / (count + 1), [B, N, D] in `feature`'s dtype (SPEC §2 step 5), divided
-    in float32 at least (bf16 would round the counts)."""
     total = sim @ feature + centers_feature
-    return (total.to(_work_dtype(total.dtype)) / (count + 1.0)).to(feature.dtype)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 inputs: the precision the cluster steps compute in."""
-    return torch.promote_types(dtype, torch.float32)
+    # float32 at least (float64 stays float64, so float64 checks of the gradients are exact)
+    centres = (total.to(torch.promote_types(total.dtype, torch.float32)) / (count + 1.0)).to(feature.dtype)
+    return x + sim.transpose(1, 2) @ centres
 
 
 def cluster_aggregate_direct(
@@ -127,94 +114,6 @@ def cluster_aggregate_direct(
     centres = (((feature.unsqueeze(1) * sim.unsqueeze(-1)).sum(dim=2) + centers_feature).float()
                / (count + 1.0)).to(feature.dtype)
     return x + (centres.unsqueeze(2) * sim.unsqueeze(-1)).sum(dim=1)
-
-
-def _normalize_backward(grad: torch.Tensor, a: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Gradient w.r.t. ``a`` of F.normalize(a, dim=-1) (a / max(|a|, eps)) given ``grad``, in grad's dtype."""
-    a = a.to(grad.dtype)
-    norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    d = norm.clamp_min(eps)
-    y = a / d
-    # |a| > eps: (g − y<g, y>) / |a|;  |a| <= eps: the clamp is constant, g / eps
-    coef = (grad * y).sum(-1, keepdim=True) * (norm > eps)
-    return (grad - y * coef) / d
-
-
-class _HardAssignAggregate(torch.autograd.Function):
-    """Steps 4-6 of SPEC §2: x + Simᵀ @ O [B, L, D] from the refined centres.
-
-    Forward runs the ops of `ClusterProjector.assign` + `cluster_aggregate` (same bits). Backward
-    uses that each token l has ONE centre a_l: Sim is zero elsewhere, so the chain rule's
-    [B, N, L] × [B, L, D] products (six matmuls and several [B, N, L] temporaries under plain
-    autograd) are gathers and scatter-adds over the L tokens, O(B·L·D). Kept for backward: a_l, the
-    chosen similarity and cosine per token ([B, 1, L] each) and O, C ([B, N, D]) besides the inputs.
-    Gradients are computed in float32 (float64 for float64 inputs), returned in each input's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, centers, feature, centers_feature, alpha, beta):
-        cos = pairwise_cos_sim(centers, x)                                    # [B, N, L]
-        sim = torch.sigmoid(beta + alpha * cos)
-        idx = sim.argmax(dim=1, keepdim=True)                                 # [B, 1, L]
-        mask = torch.zeros_like(sim).scatter_(1, idx, 1.0)
-        sim = sim * mask
-        sim_f = sim.to(feature.dtype)
-        count = mask.sum(dim=-1, keepdim=True, dtype=torch.float32)           # [B, N, 1]
-        values = _centre_values(sim_f, count, feature, centers_feature)       # O, [B, N, D]
-        ctx.save_for_backward(x, centers, feature, values, count, idx, sim.gather(1, idx),
-                              cos.gather(1, idx), alpha.detach().clone())
-        ctx.shapes = (alpha.shape, beta.shape)
-        ctx.dtypes = (x.dtype, centers.dtype, feature.dtype, centers_feature.dtype, alpha.dtype, beta.dtype)
-        return x + sim_f.transpose(1, 2) @ values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, centers, feature, values, count, idx, s, cos, alpha = ctx.saved_tensors
-        need_x, need_c, need_f, need_cf, need_a, need_b = ctx.needs_input_grad
-        b, n, d = values.shape
-        tokens = x.shape[1]
-        with torch.autocast(grad.device.type, enabled=False):
-            # flat row of each token's centre in a [B·N, D] view: gathers and scatter-adds on dim 0
-            rows = (idx.view(b, tokens) + n * torch.arange(b, device=idx.device).view(b, 1)).view(-1)
-            work = _work_dtype(grad.dtype)
-            g = grad.to(work)
-            s_used = s.view(b, tokens, 1).to(feature.dtype).to(work)  # the forward multiplied this (cast) value
-            s = s.view(b, tokens).to(work)
-
-            def gather(t):                                       # [B, N, D] -> each token's row, [B, L, D]
-                return t.reshape(b * n, d).index_select(0, rows).view(b, tokens, d)
-
-            def scatter(t):                                      # [B, L, D] summed into its centre, [B, N, D]
-                return t.new_zeros(b * n, d).index_add_(0, rows, t.reshape(b * tokens, d)).view(b, n, d)
-
-            # out_l = x_l + s_l·O[a_l];  O = (Σ_{l→n} s_l F_l + CF_n) / (count_n + 1)
-            g_values = scatter(g * s_used)
-            g_p = g_values / (count + 1.0)
-            g_p_tok = gather(g_p)
-            g_s = (g * gather(values.to(work))).sum(-1) + (feature.to(work) * g_p_tok).sum(-1)   # [B, L]
-            # s = sigmoid(z), z = beta + alpha·cos(C[a_l], x_l)
-            g_z = g_s * s * (1.0 - s)
-            grad_alpha = (g_z * cos.view(b, tokens).to(work)).sum().reshape(ctx.shapes[0]) if need_a else None
-            grad_beta = g_z.sum().reshape(ctx.shapes[1]) if need_b else None
-            g_cos = (g_z * alpha.to(work).reshape(())).unsqueeze(-1)                            # [B, L, 1]
-            grad_c = grad_x = None
-            if need_c:
-                grad_c = _normalize_backward(scatter(g_cos * F.normalize(x.to(work), dim=-1)), centers)
-            if need_x:
-                grad_x = g + _normalize_backward(g_cos * gather(F.normalize(centers.to(work), dim=-1)), x)
-            grad_f = g_p_tok * s_used if need_f else None
-            grad_cf = g_p if need_cf else None
-        grads = (grad_x, grad_c, grad_f, grad_cf, grad_alpha, grad_beta)
-        return tuple(None if t is None else t.to(dt) for t, dt in zip(grads, ctx.dtypes))
-
-
-def hard_assign_aggregate(x, centers, feature, centers_feature, alpha, beta) -> torch.Tensor:
-    """Steps 4-6 of SPEC §2; returns x + Simᵀ @ O, [B, L, D] (see `_HardAssignAggregate`).
-
-    x [B, L, D], refined centres [B, N, D], feature = f(x) [B, L, D], its pooled centres [B, N, D],
-    ``sim_alpha`` and ``sim_beta``. Equal to ``cluster_aggregate(x, *assign(x))`` bit for bit."""
-    return _HardAssignAggregate.apply(x, centers, feature, centers_feature, alpha, beta)
 
 
 class ClusterProjector(nn.Module):
@@ -245,11 +144,12 @@ class ClusterProjector(nn.Module):
         self.ln_1 = nn.LayerNorm(d)  # unused in forward, as in the reference; kept for checkpoints
         self.mlp = nn.Sequential(nn.Linear(d, h), QuickGELU(), nn.Linear(h, h))
 
-    def refine(self, x: torch.Tensor):
-        """Steps 1-3 of SPEC §2; returns (centers, feature, centers_feature).
+    def assign(self, x: torch.Tensor):
+        """Steps 1-4 of SPEC §2; returns (sim, mask, feature, centers_feature).
 
-        centers [B, N, D] are the refined centres; feature = f(x) [B, L, D]; centers_feature
-        [B, N, D] is feature average-pooled to N along the tokens.
+        sim [B, N, L] is sigmoid(beta + alpha·cos(centre, token)) kept only at each token's arg-max
+        centre; mask [B, N, L] is that one-hot assignment; feature = f(x) [B, L, D];
+        centers_feature [B, N, D] is feature average-pooled to N along the tokens.
         """
         value = self.v(x).transpose(1, 2)                                     # [B, D, L]
         feature = self.f(x)                                                   # [B, L, D]
@@ -262,16 +162,6 @@ class ClusterProjector(nn.Module):
             centers = self.c(centers)
             s = torch.softmax(F.normalize(centers, dim=-1) @ value, dim=-2)   # over centres
             centers = s @ feature                                             # [B, N, D]
-        return centers, feature, centers_feature
-
-    def assign(self, x: torch.Tensor):
-        """Steps 1-4 of SPEC §2 with plain autograd ops; returns (sim, mask, feature, centers_feature).
-
-        sim [B, N, L] is sigmoid(beta + alpha·cos(centre, token)) kept only at each token's arg-max
-        centre; mask [B, N, L] is that one-hot assignment. `forward` does the same inside
-        `hard_assign_aggregate`; this form is for inspection and benchmarks.
-        """
-        centers, feature, centers_feature = self.refine(x)
         sim = torch.sigmoid(self.sim_beta + self.sim_alpha * pairwise_cos_sim(centers, x))
         mask = torch.zeros_like(sim).scatter_(1, sim.argmax(dim=1, keepdim=True), 1.0)
         return sim * mask, mask, feature, centers_feature
@@ -280,8 +170,7 @@ class ClusterProjector(nn.Module):
         """Returns the projected features [B, L, H] for x [B, L, D]."""
         if x.dim() != 3:
             raise ValueError(f"ClusterProjector expects [batch, tokens, dim], got shape {tuple(x.shape)}")
-        centers, feature, centers_feature = self.refine(x)
-        return self.mlp(hard_assign_aggregate(x, centers, feature, centers_feature, self.sim_alpha, self.sim_beta))
+        return self.mlp(cluster_aggregate(x, *self.assign(x)))
 
 
 _WIDTH_FIELDS = {
