@@ -19,8 +19,9 @@ machine wall time mostly measures the other tenants (wall time is printed too); 
 Peak memory: bytes allocated above what was live when the call began — on CUDA
 `torch.cuda.max_memory_allocated`, on CPU the running sum of the torch profiler's allocation/free
 events (the same quantity); on CPU the process's peak-RSS growth (`ru_maxrss`, coarse: the
-allocator may reuse freed pages) is printed alongside as a cross-check. Prints a table and the
-published / ours ratios.
+allocator may reuse freed pages) is printed alongside as a cross-check. In ``train`` mode also "kept":
+what autograd holds from the forward until the backward, which inside the model stays allocated
+while the whole LLM runs. Prints a table and the published / ours ratios.
 """
 from __future__ import annotations
 
@@ -78,6 +79,29 @@ def _cpu_profiled_peak(fn) -> int:
     return peak
 
 
+def _kept_for_backward(forward, exclude) -> int:
+    """Bytes of the tensors autograd keeps from ``forward()`` until backward (distinct storages, the
+    input and the parameters excluded). Inside a model they stay allocated while everything after
+    the projector (the whole LLM) runs forward and backward, so they add to the step's peak."""
+    import torch
+
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return total
+
+
 def published_forward(proj, x):
     """The published module's forward on `proj`'s weights, plain autograd ops: steps 1-4 as
     `ClusterProjector.assign`, steps 5-6 with [B, N, L, D] temporaries, QuickGELU unfused."""
@@ -131,9 +155,11 @@ def _worker(args: argparse.Namespace) -> dict:
     call()  # warm-up, also the peak-RSS cross-check
     sync()
     rss_delta = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # KiB on Linux
+    kept = None
     if mode == "train":  # grads now exist and persist between calls: count them as baseline
         call()
         sync()
+        kept = _kept_for_backward(lambda: run(xg), [xg, *proj.parameters()])
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -150,7 +176,7 @@ def _worker(args: argparse.Namespace) -> dict:
         sync()
         walls.append(time.perf_counter() - t0)
         times.append(walls[-1] if cuda else time.process_time() - c0)
-    return {"batch": batch, "mode": mode, "form": form, "time_s": min(times), "wall_s": min(walls),
+    return {"batch": batch, "mode": mode, "form": form, "time_s": min(times), "wall_s": min(walls), "kept_bytes": kept,
             "peak_bytes": peak, "rss_delta_bytes": None if cuda else rss_delta,
             "device": torch.cuda.get_device_name(dev) if cuda else f"cpu x{args.threads} threads"}
 
@@ -172,7 +198,7 @@ def _run_one(argv: list[str], batch: int, mode: str, form: str) -> dict:
 
 
 def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:9.1f}"
+    return f"{'-':>9}" if n is None else f"{n / 2**20:9.1f}"
 
 
 def main(argv=None) -> None:
@@ -192,17 +218,20 @@ def main(argv=None) -> None:
     print(f"\ncluster projector, L={args.tokens} D={args.dim} H={args.hidden} N={args.centers} "
           f"{args.dtype} on {rows[0]['device']}, best of {args.repeats}")
     clock = "wall" if args.device.startswith("cuda") else "CPU"
-    print(f"{'B':>2} {'mode':<9} {'form':<9} {clock + ' ms':>9} {'wall ms':>9} {'peak MiB':>9} {'dRSS MiB':>9}")
+    print(f"{'B':>2} {'mode':<9} {'form':<9} {clock + ' ms':>9} {'wall ms':>9} {'peak MiB':>9} {'dRSS MiB':>9} "
+          f"{'kept MiB':>9}")
     for r in rows:
         print(f"{r['batch']:>2} {r['mode']:<9} {r['form']:<9} {r['time_s'] * 1e3:9.1f} {r['wall_s'] * 1e3:9.1f} "
-              f"{_mib(r['peak_bytes'])} {_mib(r['rss_delta_bytes'])}")
+              f"{_mib(r['peak_bytes'])} {_mib(r['rss_delta_bytes'])} {_mib(r['kept_bytes'])}")
     print("\nratios published / ours")
     by = {(r["batch"], r["mode"], r["form"]): r for r in rows}
     for batch in args.batch:
         for mode in modes:
             m, d = by[(batch, mode, "ours")], by[(batch, mode, "published")]
+            kept = (f"   kept for backward x{d['kept_bytes'] / max(m['kept_bytes'], 1):6.2f}"
+                    if m.get("kept_bytes") else "")
             print(f"B={batch} {mode:<9} {clock} time x{d['time_s'] / m['time_s']:6.1f}   "
-                  f"peak memory x{d['peak_bytes'] / max(m['peak_bytes'], 1):6.1f}")
+                  f"peak memory x{d['peak_bytes'] / max(m['peak_bytes'], 1):6.1f}{kept}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@
 
 State-dict keys match the published SQ-LLaVA / STLLaVA-Med checkpoints (``model.mm_projector.*``).
 
-The cluster projector trains in every stage. Its training step is bound by the Linear layers'
-matmuls (~97% of the time at 7B sizes on CPU, `scripts/bench_projector.py --backward`); what
-autograd keeps beyond them is small, except QuickGELU's sigmoid ([B, L, H]), which
-`_QuickGELUFunction` recomputes instead, with the same bits.
+The cluster projector trains in every stage. Its training step is bound by matmuls (over 90% of
+its time at 7B sizes on CPU; `scripts/bench_projector.py --backward` compares it with the published
+formulation). Of what autograd keeps for backward — alive while the whole LLM runs — the largest
+avoidable piece is QuickGELU's sigmoid ([B, L, H]), which `_QuickGELUFunction` recomputes instead,
+with the same bits.
 """
 from __future__ import annotations
 

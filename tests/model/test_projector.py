@@ -10,8 +10,8 @@ from torch import nn
 from stllava.model.projector import (
     ClusterProjector,
     IdentityProjector,
-    build_vision_projector,
     QuickGELU,
+    build_vision_projector,
     cluster_aggregate,
     cluster_aggregate_direct,
 )
