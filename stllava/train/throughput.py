@@ -174,10 +174,9 @@ def _projector_flops(projector: nn.Module, tokens: int, crossed: bool) -> tuple[
         lin = _linears(projector)
         return tokens * _matmul_flops(lin, crossed), tokens * _matmul_flops(lin, False, reference=True)
     n, d, iters = projector.num_centers, projector.c.in_features, projector.num_iters
-    per_token = [projector.v, projector.f, projector.mlp[0], projector.mlp[2]]
+    per_token = [(m, False) for m in (projector.v, projector.f, projector.mlp[0], projector.mlp[2])]
+    c = [(projector.c, False)]  # on the N centres, once per iteration
     bmm = (2 * iters + 3) * 2 * n * tokens * d  # per iteration C@V and S@F; cos(C, x); S@F and Sᵀ@O
-    per_token = [(m, False) for m in per_token]
-    c = [(projector.c, False)]
     fwd = tokens * _matmul_flops(per_token, False, True) + iters * n * _matmul_flops(c, False, True) + bmm
     trained = (tokens * _matmul_flops(per_token, crossed) + iters * n * _matmul_flops(c, crossed)
                + bmm * (3 if crossed else 1))
