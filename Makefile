@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test test-fast lint demo install clean
+.PHONY: test test-fast lint demo install clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -26,12 +26,25 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
+# Headless Chromium and its WebDriver from Debian's packages, for the chat-page test
+# (tests/serve/test_page.py). When they cannot be installed (no root, no apt-get, offline) this says
+# why, and the test skips with the same reason.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make browser: installing chromium and chromium-driver (Debian packages) for the chat-page test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "make browser: apt-get could not install chromium and chromium-driver; the chat-page test will skip"; \
+	else echo "make browser: chromium is not installed and installing it needs root and apt-get; the chat-page test will skip"; fi
+
 # Everything: lint, then every test (slow multi-process and end-to-end ones included). CI runs this.
-test: lint
+test: lint browser
 	$(VPY) -m pytest -q tests
 
 # The same without the tests marked `slow` (multi-process, end-to-end): for quick iterations.
-test-fast: lint
+test-fast: lint browser
 	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
     python scripts/bench_sft.py                 # tiny bundle on CPU (what CI machines can run)
     python scripts/bench_sft.py --7b            # 7B-shaped random-init model on a GPU: tokens/s and MFU
+    python scripts/bench_sft.py --7b --tiny_shape --device cpu --batch 2 --seq 128   # smoke run of --7b
 
 One training step = forward + backward + AdamW step of the stage-1 setup (LLM LoRA, ViT-LoRA,
 trainable projector, gradient checkpointing), on the same batches as the real run (the colour
@@ -10,12 +11,10 @@ of the published sizes for ``--7b``). Timers (CUDA-synchronised) around
 ``prepare_inputs_labels_for_multimodal`` and ``encode_images`` give the forward time of the image
 splice alone (the former minus the latter) and of tower + projector.
 
-Tokens are model positions: text tokens plus the image patches spliced in. MFU counts the FLOPs
-the step needs (no recomputation): a frozen weight (the input embedding excluded: a lookup) costs
-2 (forward) + 2 (input gradient) FLOPs per parameter and position, a trainable one 2 more (weight
-gradient), plus attention
-(4·layers·width·positions per position, forward; twice that in backward), over the GPU's dense
-bf16 peak (``--peak_tflops``, default from the device name: H100/H200 989, A100 312).
+Tokens are model positions: text tokens plus the image patches spliced in. FLOPs and MFU come from
+``stllava.train.throughput`` — the count the training logs use (``ModelFlops``: LLM + tower +
+projector, forward + backward, LoRA-aware, no recomputation) over the GPU's dense bf16 peak
+(``--peak_tflops``, default from the device name, ``stllava.train.throughput.PEAK_BF16_TFLOPS``).
 """
 from __future__ import annotations
 
@@ -32,11 +31,6 @@ import torch
 
 logger = logging.getLogger("bench_sft")
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768)
 
 
 class Timers:
@@ -107,11 +101,12 @@ def run_steps(model, batches, optimizer, steps: int, warmup: int, device: torch.
             "splice_s": prep - enc, "tower_projector_s": enc, "loss": last_loss}
 
 
-def spliced_positions(batch: dict, image_tokens: int) -> int:
-    from stllava.constants import IMAGE_TOKEN_INDEX
+def step_flops(model, batch: dict, image_tokens: int) -> tuple[int, float]:
+    """(positions, model FLOPs) of one training step on ``batch`` (``stllava.train.throughput``)."""
+    from stllava.train.throughput import ModelFlops, batch_positions
 
-    n_img = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-    return int(batch["attention_mask"].sum()) + n_img * (image_tokens - 1)
+    lengths, _, images = batch_positions(batch, image_tokens)
+    return sum(lengths), ModelFlops.of(model).step(lengths, images)
 
 
 def bench_tiny(args) -> dict:
@@ -143,91 +138,72 @@ def bench_tiny(args) -> dict:
         model.activation_checkpointing_enable()
     opt = make_optimizer(model, 1e-3, 1e-3, 1e-3)
     res = run_steps(model, batches, opt, args.steps, args.warmup, device)
-    per_batch = [spliced_positions(b, image_tokens) for b in batches]
-    positions = sum(per_batch[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps))
+    per_batch = [step_flops(model, b, image_tokens) for b in batches]
     timed = range(args.warmup, args.warmup + args.steps)
+    positions = sum(per_batch[i % len(batches)][0] for i in timed)
+    flops = sum(per_batch[i % len(batches)][1] for i in timed)
     text = sum(int(batches[i % len(batches)]["attention_mask"].sum()) for i in timed)
     res.update(mode="tiny", device="cpu", batch=args.batch, image_tokens=image_tokens,
                samples_per_s=res["samples"] / res["wall_s"], tokens_per_s=positions / res["wall_s"],
-               text_tokens_per_s=text / res["wall_s"], splice_share=res["splice_s"] / res["wall_s"],
+               text_tokens_per_s=text / res["wall_s"], achieved_tflops=flops / res["wall_s"] / 1e12,
+               splice_share=res["splice_s"] / res["wall_s"],
                tower_projector_share=res["tower_projector_s"] / res["wall_s"], data_s_per_batch=data_s,
                threads=torch.get_num_threads())
     return res
 
 
-def step_flops(n_frozen: int, n_trainable: int, positions: int, layers: int, width: int, seq: int) -> float:
-    """FLOPs of one training step without recomputation (see the module docstring)."""
-    dense = (4 * n_frozen + 6 * n_trainable) * positions
-    attention = 3 * 4 * layers * width * seq * positions  # forward + 2x backward
-    return float(dense + attention)
-
-
 def bench_7b(args) -> dict:
-    from transformers import CLIPVisionConfig
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_7b import build_model  # the GPU check's 7B-shaped model (scripts/bench_7b.py)
 
     from stllava.constants import IMAGE_TOKEN_INDEX
-    from stllava.model import LlavaLlamaConfig, LlavaLlamaForCausalLM
+    from stllava.train.throughput import peak_flops
     from stllava.train.train_sft import attn_implementation, make_trainable
 
     device = torch.device(args.device)
-    llm = dict(LLAMA_7B, num_hidden_layers=args.llm_layers or LLAMA_7B["num_hidden_layers"])
-    vis = CLIPVisionConfig(**dict(CLIP_L_336, num_hidden_layers=args.vision_layers or CLIP_L_336["num_hidden_layers"]))
-    cfg = LlavaLlamaConfig(**llm, mm_vision_tower="openai/clip-vit-large-patch14-336", mm_vision_config=vis.to_dict(),
-                           mm_hidden_size=vis.hidden_size, mm_projector_type="cluster", mm_vision_select_layer=-2,
-                           mm_vision_select_feature="patch", image_aspect_ratio="pad", use_cache=False)
     attn = attn_implementation(args.attn)
     t = time.perf_counter()
-    with torch.device(device):  # random init directly on the device, in bf16
-        model = LlavaLlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    dtype = torch.float32 if args.tiny_shape else torch.bfloat16
+    model = build_model(llm_layers=args.llm_layers, vision_layers=args.vision_layers, tiny=args.tiny_shape, attn=attn,
+                        device=device, dtype=dtype)
+    cfg = model.config
     logger.info("built 7B-shaped model in %.1f s (attention %s)", time.perf_counter() - t, attn)
     image_tokens = model.get_model().get_vision_tower().num_patches
     model = make_trainable(model, trainable_args())
     for p in model.parameters():  # LoRA weights come out in float32; train everything in bf16
-        if p.dtype != torch.bfloat16:
-            p.data = p.data.to(torch.bfloat16)
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
     model.to(device)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     opt = make_optimizer(model)
     g = torch.Generator().manual_seed(0)
     text = args.seq - image_tokens + 1  # the <image> token itself becomes image_tokens positions
+    side = model.get_model().get_vision_tower().config.image_size
     batches = []
     for _ in range(2):
         ids = torch.randint(3, cfg.vocab_size, (args.batch, text), generator=g)
         ids[:, 0] = 1
-        ids[:, 40] = IMAGE_TOKEN_INDEX  # after a system prompt, as in v1_sq
+        ids[:, min(40, text // 2)] = IMAGE_TOKEN_INDEX  # after a system prompt, as in v1_sq
         labels = ids.clone()
         labels[:, :text // 2] = -100
         labels[ids == IMAGE_TOKEN_INDEX] = -100
         batches.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-                        "images": torch.randn(args.batch, 3, 336, 336, generator=g).to(torch.bfloat16)})
+                        "images": torch.randn(args.batch, 3, side, side, generator=g).to(dtype)})
     res = run_steps(model, batches, opt, args.steps, args.warmup, device)
-    positions = args.batch * args.seq * args.steps
+    positions, flops = step_flops(model, batches[0], image_tokens)
+    positions, flops = positions * args.steps, flops * args.steps
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_llm = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "mm_projector" not in n)
     n_vis = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
     n_proj = sum(p.numel() for n, p in model.named_parameters() if "mm_projector" in n)
-    n_lora_llm = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n
-                     and "mm_projector" not in n)
-    n_lora_vit = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "vision_tower" in n)
-    steps = args.steps
-    n_embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n)  # a lookup, no FLOPs
-    flops = step_flops(n_llm - n_embed - n_lora_llm, n_lora_llm, args.batch * args.seq, llm["num_hidden_layers"],
-                       llm["hidden_size"], args.seq) * steps
-    vis_pos = args.batch * (image_tokens + 1) * steps
-    flops += step_flops(n_vis - n_lora_vit, n_lora_vit, vis_pos, vis.num_hidden_layers, vis.hidden_size,
-                        image_tokens + 1)
-    flops += 6 * n_proj * args.batch * image_tokens * steps
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     achieved = flops / res["wall_s"]
     res.update(mode="7b", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                seq=args.seq, attention=attn, trainable_params=n_trainable, llm_params=n_llm, vision_params=n_vis,
                projector_params=n_proj, tokens_per_s=positions / res["wall_s"],
                samples_per_s=res["samples"] / res["wall_s"], achieved_tflops=achieved / 1e12,
-               mfu=(achieved / (peak * 1e12)) if peak else None, peak_tflops=peak,
+               mfu=(achieved / peak) if peak else None, peak_tflops=peak / 1e12 if peak else None,
                splice_share=res["splice_s"] / res["wall_s"],
                tower_projector_share=res["tower_projector_s"] / res["wall_s"],
                max_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None)
@@ -247,6 +223,7 @@ def main(argv=None) -> int:
                     help="7b: attention kernel (default flash_attention_2 if available, else sdpa)")
     ap.add_argument("--llm_layers", type=int, default=None, help="7b: override the 32 LLM layers (smoke tests)")
     ap.add_argument("--vision_layers", type=int, default=None, help="7b: override the 24 CLIP layers (smoke tests)")
+    ap.add_argument("--tiny_shape", action="store_true", help="7b: tiny widths, fp32 (a CPU smoke run of the 7b code)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the GPU for MFU")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)

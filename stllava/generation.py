@@ -238,12 +238,13 @@ def _pad_id(tokenizer) -> int:
 
 
 def generate_prepared(model, tokenizer, batch: PreparedBatch, settings: GenerationSettings,
-                      seeds: Sequence[int] | None = None) -> list[str]:
+                      seeds: Sequence[int] | None = None, stopping_criteria=None) -> list[str]:
     """Run one batched ``model.generate`` on a :class:`PreparedBatch`; return the decoded new
     tokens per row (special tokens removed, stripped, a trailing ``</s>`` removed).
 
     ``seeds``: one per row, required when sampling (``settings.temperature > 0``), ignored for
-    greedy decoding (ValueError when missing or of the wrong length)."""
+    greedy decoding (ValueError when missing or of the wrong length). ``stopping_criteria``: extra
+    per-row criteria, added to ``</s>`` and the length limit (the server ends rows early with them)."""
     if settings.do_sample and (seeds is None or len(seeds) != len(batch)):
         raise ValueError(f"generate: sampling needs one seed per prompt ({len(batch)} prompts, "
                          f"{'no' if seeds is None else len(seeds)} seeds); derive them with derive_seed")
@@ -255,6 +256,8 @@ def generate_prepared(model, tokenizer, batch: PreparedBatch, settings: Generati
                   do_sample=False, num_beams=settings.num_beams, use_cache=True,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer),
                   bos_token_id=tokenizer.bos_token_id)
+    if stopping_criteria is not None:
+        kwargs["stopping_criteria"] = stopping_criteria
     if settings.do_sample:
         kwargs["logits_processor"] = LogitsProcessorList([PerRowSampler(
             seeds, settings.temperature, settings.top_k, settings.top_p, device=device)])

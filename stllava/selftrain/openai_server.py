@@ -1,11 +1,14 @@
-"""A small local server speaking the OpenAI chat-completions protocol, with a pluggable scorer.
+"""A local OpenAI chat-completions server whose answers come from a Python *scorer*.
 
 It exists so the judge (and the end-to-end demo) can be exercised with the *real* ``openai`` client
 and no network: tests script faults (429 + Retry-After, 5xx, hung requests, garbage replies) and a
-demo can plug in a "phantom judge" that knows the ground truth. Standard library only
-(``http.server.ThreadingHTTPServer``); no third-party web framework is needed for three routes.
+demo plugs in a "phantom judge" that knows the ground truth. It is the project's one protocol
+implementation (:func:`stllava.serve.protocol.create_app`, FastAPI on uvicorn) with a scorer
+backend instead of a model, so the phantom judge, the judge's fault tests and
+``python -m stllava.serve.api`` share routes, schema, auth and error JSON.
 
-Routes: ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models``; anything else is 404.
+Routes: ``POST /v1/chat/completions`` (``stream: true`` sends the reply as one SSE chunk),
+``GET /v1/models``, ``GET /health``; anything else is a 404 error object.
 
 The scorer is ``scorer(body: dict) -> str | Reply``: it receives the decoded JSON request body and
 returns the assistant text, or a :class:`Reply` for full control (status, headers, delay, raw
@@ -21,19 +24,30 @@ Example::
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from stllava.errors import StllavaError
+
+try:
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    from stllava.serve import protocol
+    from stllava.serve.server import UvicornServer
+except ImportError as e:  # the serve extra is missing
+    raise StllavaError(f"the local OpenAI-compatible server needs FastAPI and uvicorn ({e})",
+                       fix="pip install 'stllava[serve]'") from None
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChatCompletionServer", "Reply", "request_images", "request_text"]
+__all__ = ["ChatCompletionServer", "Reply", "ScorerBackend", "request_images", "request_text"]
 
 
 @dataclass
@@ -96,108 +110,71 @@ def request_images(body: dict) -> list[tuple[str, bytes]]:
     return images
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
-    # Headers and body leave in one segment: unbuffered writes cost ~40 ms per reply (delayed ACK).
-    wbufsize = -1
-    disable_nagle_algorithm = True
+class ScorerBackend:
+    """The protocol backend that answers with ``scorer(body)``; keeps the request log."""
 
-    def log_message(self, fmt, *args):  # route http.server's stderr chatter to logging
-        logger.debug("%s - %s", self.address_string(), fmt % args)
+    def __init__(self, scorer: Scorer, model: str):
+        self.scorer, self.model = scorer, model
+        self.requests: list[dict[str, Any]] = []
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self._completions = 0
 
-    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+    def model_ids(self) -> list[str]:
+        return [self.model]
+
+    def health(self) -> dict:
+        return {"model": self.model, "requests": len(self.requests)}
+
+    def stop(self) -> None:
+        self.closing.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep ``seconds``, ending early (returns True) when the server stops."""
+        deadline = time.monotonic() + seconds
+        while not self.closing.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.05))
+        return True
+
+    async def complete(self, req, body: dict, request) -> Response:
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(payload)
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            # The client gave up (its timeout fired) while we slept: nothing to send it.
-            self.close_connection = True
-
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                429: "rate_limit_exceeded"}.get(status, "server_error")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": str(status)}}
-        self._send(status, json.dumps(body).encode(), headers)
-
-    def _authorised(self) -> bool:
-        owner = self.server.owner
-        if owner.api_key is None:
-            return True
-        if self.headers.get("Authorization", "") == f"Bearer {owner.api_key}":
-            return True
-        self._error(401, "Incorrect API key provided.")
-        return False
-
-    def do_GET(self):  # noqa: N802 (http.server naming)
-        owner = self.server.owner
-        if self.path.rstrip("/") != "/v1/models":
-            return self._error(404, f"no route {self.path}")
-        if not self._authorised():
-            return
-        data = [{"id": owner.model, "object": "model", "created": 0, "owned_by": "local"}]
-        self._send(200, json.dumps({"object": "list", "data": data}).encode())
-
-    def do_POST(self):  # noqa: N802
-        owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            return self._error(404, f"no route {self.path}")
-        if not self._authorised():
-            return
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as e:
-            return self._error(400, f"request body is not JSON: {e}")
-        if body.get("stream"):
-            return self._error(400, "streaming is not supported by this test server")
-        try:
-            reply = owner.scorer(body)
+            reply = await run_in_threadpool(self.scorer, body)
         except Exception as e:  # a scorer bug must reach the client, not hang it
             logger.exception("scorer failed")
             reply = Reply(status=500, error=f"scorer raised {type(e).__name__}: {e}")
         if isinstance(reply, str):
             reply = Reply(content=reply)
-        owner._record(self.path, body, reply.status)
-        if reply.delay > 0 and owner._closing.wait(reply.delay):
-            self.close_connection = True
-            return
+        with self._lock:
+            self.requests.append({"path": request.url.path, "body": body, "status": reply.status,
+                                  "time": time.monotonic()})
+        if reply.delay > 0 and await self._sleep(reply.delay):
+            return protocol.APIError(503, "server is shutting down").response()
         if reply.raw_body is not None:
-            return self._send(reply.status, reply.raw_body, reply.headers)
+            return Response(reply.raw_body, status_code=reply.status, headers=reply.headers,
+                            media_type="application/json")
         if reply.status != 200:
-            return self._error(reply.status, reply.error, reply.headers)
+            raise protocol.APIError(reply.status, reply.error, headers=reply.headers)
         content = reply.content or ""
         if reply.usage is not None:
             prompt_tokens, completion_tokens = reply.usage
         else:
             prompt_tokens, completion_tokens = len(request_text(body)) // 4 + 1, len(content) // 4 + 1
-        with owner._lock:
-            owner._completions += 1
-            cid = owner._completions
-        out = {
-            "id": f"chatcmpl-local-{cid}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": reply.model or body.get("model", owner.model),
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
-        self._send(200, json.dumps(out).encode(), reply.headers)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler still sleeping never blocks interpreter exit
-    block_on_close = False  # nor server_close()
-    owner: "ChatCompletionServer"
+        with self._lock:
+            self._completions += 1
+            cid = f"chatcmpl-local-{self._completions}"
+        model = reply.model or body.get("model", self.model)
+        if req.stream:
+            async def events():
+                yield "delta", content
+                yield "done", protocol.Result(content, "stop", prompt_tokens, completion_tokens)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return protocol.streaming_response(protocol.sse_stream(cid, model, events(), include_usage),
+                                               reply.headers)
+        return JSONResponse(protocol.completion_body(cid, model, content, "stop", prompt_tokens, completion_tokens),
+                            headers=reply.headers)
 
 
 class ChatCompletionServer:
@@ -213,51 +190,48 @@ class ChatCompletionServer:
 
     def __init__(self, scorer: Scorer, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, model: str = "local-judge"):
-        self.scorer = scorer
         self.api_key = api_key
         self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._completions = 0
-        self._httpd = _Server((host, port), _Handler)
-        self._httpd.owner = self
-        self._thread: threading.Thread | None = None
+        self.backend = ScorerBackend(scorer, model)
+        self._server = UvicornServer(protocol.create_app(self.backend, api_key=api_key, title=model),
+                                     host, port, graceful_s=5)
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.backend.scorer
+
+    @scorer.setter
+    def scorer(self, value: Scorer) -> None:
+        self.backend.scorer = value
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.backend.requests
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._server.port
 
     @property
     def base_url(self) -> str:
-        return f"http://{self._httpd.server_address[0]}:{self.port}/v1"
-
-    def _record(self, path: str, body: dict, status: int) -> None:
-        with self._lock:
-            self.requests.append({"path": path, "body": body, "status": status, "time": time.monotonic()})
+        return f"{self._server.url}/v1"
 
     def start(self) -> "ChatCompletionServer":
         """Start serving in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"openai-server-{self.port}", daemon=True)
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop serving, wake sleeping handlers and close the socket."""
-        self._closing.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-        self._httpd.server_close()
+        self.backend.closing.set()
+        self._server.stop()
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until interrupted (for command-line use)."""
         try:
-            self._httpd.serve_forever(poll_interval=0.2)
+            self._server.run()
         finally:
-            self._closing.set()
-            self._httpd.server_close()
+            self.backend.closing.set()
 
     def __enter__(self) -> "ChatCompletionServer":
         return self.start()

@@ -1,1 +1,2 @@
-"""Serving: ``python -m stllava.serve.cli`` (interactive chat about one image, SPEC §8)."""
+"""Serving (SPEC §8): ``python -m stllava.serve.cli`` (chat about one image in the terminal) and
+``python -m stllava.serve.api`` (the OpenAI-compatible server with a chat page; docs/Serving.md)."""

@@ -298,6 +298,11 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         logger.info("DPO: loss %s, beta %g, reference %s%s", self.loss_type, self.beta, self.ref_mode,
                     " (precomputed)" if self.precompute else "")
 
+    @property
+    def computes_reference_logps(self) -> bool:
+        """Whether each training step runs a reference forward (counted in the throughput log's FLOPs)."""
+        return self.ref_cache is None
+
     # ---- log-probs -------------------------------------------------------------------------
     def forward_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum, count)`` [2B] of the answer log-probs of a :func:`concatenated_batch` under ``model``."""

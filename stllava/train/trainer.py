@@ -33,6 +33,7 @@ from stllava.train.checkpoint import (
     trainable_state_dict,
 )
 from stllava.train.sampler import build_train_sampler
+from stllava.train.throughput import ThroughputLogMixin
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def _deepspeed_offloads_optimizer(args) -> bool:
     return device in ("cpu", "nvme")
 
 
-class LlavaTrainerMixin:
-    """LLaVA's optimizer groups, sampler, checkpoint saving and resume for any HF Trainer subclass.
+class LlavaTrainerMixin(ThroughputLogMixin):
+    """LLaVA's optimizer groups, sampler, checkpoint saving and resume for any HF Trainer subclass;
+    tokens/s, samples/s and MFU in every training log (``stllava.train.throughput``).
 
     Extra constructor keyword: ``image_processor`` (saved as ``preprocessor_config.json``).
     """

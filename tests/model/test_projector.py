@@ -10,6 +10,7 @@ from torch import nn
 from stllava.model.projector import (
     ClusterProjector,
     IdentityProjector,
+    QuickGELU,
     build_vision_projector,
     cluster_aggregate,
     cluster_aggregate_direct,
@@ -177,6 +178,90 @@ def test_cluster_rejects_bad_input():
         p(torch.randn(5, 4))
     with pytest.raises(ValueError, match="num_centers"):
         ClusterProjector(4, 4, num_centers=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step: the same bits as plain autograd ops, gradients equal to the published form
+# --------------------------------------------------------------------------------------------------
+def _plain_forward(p: ClusterProjector, x: torch.Tensor) -> torch.Tensor:
+    """The model's forward with plain autograd ops everywhere (QuickGELU unfused)."""
+    h = p.mlp[0](cluster_aggregate(x, *p.assign(x)))
+    return p.mlp[2](h * torch.sigmoid(1.702 * h))
+
+
+def _grads(fn, p: ClusterProjector, x: torch.Tensor, weight: torch.Tensor, autocast: bool = False) -> dict:
+    """Output and gradients of sum(fn(p, x) * weight) w.r.t. x and every parameter that gets one."""
+    p.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fn(p, x)
+    (y.double() * weight).sum().backward()
+    out = {name: t.grad.clone() for name, t in p.named_parameters() if t.grad is not None}
+    out.update(x=x.grad.clone(), out=y.detach())
+    return out
+
+
+def _projector(seed, d, h, n, iters=2, dtype=torch.float32):
+    torch.manual_seed(seed)
+    p = ClusterProjector(d, h, num_centers=n, num_iters=iters).to(dtype)
+    with torch.no_grad():
+        p.sim_alpha.fill_(2.5)
+        p.sim_beta.fill_(-0.3)
+    return p
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_step_is_bit_identical_to_plain_autograd(autocast):
+    """Outputs and every gradient: same bits as the plain expression (so seeded runs do not move)."""
+    p = _projector(7, 24, 40, 16)
+    x, weight = torch.randn(2, 50, 24), torch.randn(2, 50, 40, dtype=torch.float64)
+    got = _grads(lambda m, t: m(t), p, x, weight, autocast)
+    want = _grads(_plain_forward, p, x, weight, autocast)
+    assert set(got) == set(want) and len(got) == 14  # all parameters but ln_1 (unused), x, out
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(p(x), got["out"])
+
+
+@pytest.mark.parametrize("seed,b,l,n,d,h,iters", [
+    (0, 1, 12, 4, 8, 12, 2),
+    (1, 2, 37, 8, 16, 20, 2),     # L not divisible by N
+    (2, 3, 50, 16, 24, 8, 1),     # H < D, one iteration
+    (3, 2, 30, 1, 6, 6, 0),       # one centre, no refinement
+    (4, 2, 576, 256, 16, 24, 2),  # the real token / centre counts, small widths
+])
+def test_gradients_equal_published_form_float64(seed, b, l, n, d, h, iters):
+    p = _projector(seed, d, h, n, iters, torch.float64)
+    x = torch.randn(b, l, d, dtype=torch.float64)
+    weight = torch.randn(b, l, h, dtype=torch.float64)
+    got, want = _grads(lambda m, t: m(t), p, x, weight), _grads(_direct_forward, p, x, weight)
+    unused = {"ln_1.weight", "ln_1.bias"} | ({"c.weight", "c.bias", "v.weight", "v.bias"} if iters == 0 else set())
+    assert set(got) == set(want) == {name for name, _ in p.named_parameters()} - unused | {"x", "out"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11, msg=name)
+    assert got["sim_alpha"].abs().item() > 0 and got["sim_beta"].abs().item() > 0
+
+
+def test_gradients_equal_published_form_float32_and_zero_token():
+    p = _projector(8, 32, 40, 64)
+    x = torch.randn(2, 200, 32)
+    x[1, 5] = 0.0  # an all-zero token: the normalisation's eps clamp
+    weight = torch.randn(2, 200, 40, dtype=torch.float64)
+    got, want = _grads(lambda m, t: m(t), p, x, weight), _grads(_direct_forward, p, x, weight)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=2e-5, msg=name)
+
+
+def test_quick_gelu_passes_gradcheck_and_keeps_only_its_input():
+    z = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(QuickGELU(), (z,))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        QuickGELU()(z)
+    assert len(kept) == 1 and kept[0] is z
+    with torch.no_grad():
+        assert torch.equal(QuickGELU()(z), z * torch.sigmoid(1.702 * z))
 
 
 # --------------------------------------------------------------------------------------------------
