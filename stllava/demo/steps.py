@@ -44,6 +44,7 @@ class LoopSettings:
     a_temperature: float = 1.0
     a_top_k: int = 20
     n_answers: int = 2
+    max_pairs_per_question: int | None = None  # build_pairs --max-per-question
     heldout_share: float = 0.25
     dpo_epochs: int = 1
     dpo_batch: int = 8
@@ -164,13 +165,15 @@ def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, lo
 def pairs(r: Runner, folder: str, judged_file: str, s: LoopSettings, seed: int, log: str = "pairs") -> tuple[str, str]:
     """Stage 2d: preference pairs, with a share of the *images* held out for DPO's reward accuracy.
     Returns ``(train pairs, held-out pairs)``."""
-    settings = {"judged": judged_file, "heldout_share": s.heldout_share, "seed": seed}
+    settings = {"judged": judged_file, "heldout_share": s.heldout_share, "seed": seed,
+                "max_per_question": s.max_pairs_per_question}
     folder = r.resolve(folder, settings)
     train, held = os.path.join(folder, "dpo_train.json"), os.path.join(folder, "dpo_heldout.json")
 
     def go():
         everything = os.path.join(folder, "dpo_all.json")
-        r.run(py("stllava.selftrain.build_pairs", "--judged", judged_file, "--out", everything), log)
+        cap = [] if s.max_pairs_per_question is None else ["--max-per-question", str(s.max_pairs_per_question)]
+        r.run(py("stllava.selftrain.build_pairs", "--judged", judged_file, "--out", everything, *cap), log)
         with open(everything) as f:
             all_pairs = json.load(f)
         images = sorted({x["image"] for x in all_pairs})

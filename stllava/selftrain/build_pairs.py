@@ -112,19 +112,24 @@ def _margin_bin(margin: float) -> str:
 
 
 def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
-                min_margin: float = 0.0) -> tuple[list[dict], dict]:
+                min_margin: float = 0.0, max_per_question: int | None = None) -> tuple[list[dict], dict]:
     """(pairs, stats) from ``(line_number, judged record)`` pairs, pairs in input order.
 
     Refuses (PairsError naming ``source`` and the line) a record that is not a judged record or
     repeats an id. ``stats``: counts per outcome, how often answer 1 / answer 2 was chosen, the
     margin histogram over every "ok" record (before the --min-margin filter), judges used.
+    ``max_per_question`` keeps at most that many pairs per distinct question text (the first ones,
+    in input order; the rest are counted as ``over_question_cap``): a model asks some questions far
+    more often than others, and uncapped, its most frequent question would dominate the pairs.
     """
     pairs: list[dict] = []
     seen: dict[str, int] = {}
     stats = {"judged": 0, "pairs": 0, "tie": 0, "unparsable": 0, "identical": 0, "below_margin": 0,
-             "image_token_in_text": 0, "empty_answer": 0, "min_margin": min_margin,
+             "image_token_in_text": 0, "empty_answer": 0, "over_question_cap": 0, "min_margin": min_margin,
+             "max_per_question": max_per_question,
              "chosen_position": {"answer1": 0, "answer2": 0}, "margin_histogram": {}, "judges": {}}
     hist: dict[int, int] = {}
+    per_question: dict[str, int] = {}
     for line, record in lines:
         problem = _check(record)
         if problem:
@@ -156,6 +161,11 @@ def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
             logger.warning("%s, line %d: skipping %s: an answer of the pair is empty", source, line, qid)
             stats["empty_answer"] += 1
             continue
+        key = record["question"].strip().lower()
+        if max_per_question is not None and per_question.get(key, 0) >= max_per_question:
+            stats["over_question_cap"] += 1
+            continue
+        per_question[key] = per_question.get(key, 0) + 1
         position = f"answer{pair['chosen_index'] + 1}"
         stats["chosen_position"][position] = stats["chosen_position"].get(position, 0) + 1
         pairs.append(pair)
@@ -180,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DPO JSON to write (stats go to <out>.stats.json)")
     p.add_argument("--min-margin", type=float, default=0.0,
                    help="keep a pair only when score(chosen) - score(rejected) >= this")
+    p.add_argument("--max-per-question", type=int, default=None,
+                   help="keep at most this many pairs per distinct question text (default: no cap)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -188,7 +200,10 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        pairs, stats = build_pairs(iter_jsonl(args.judged), source=str(args.judged), min_margin=args.min_margin)
+        if args.max_per_question is not None and args.max_per_question < 1:
+            raise PairsError(f"--max-per-question must be ≥ 1, got {args.max_per_question}")
+        pairs, stats = build_pairs(iter_jsonl(args.judged), source=str(args.judged), min_margin=args.min_margin,
+                                   max_per_question=args.max_per_question)
     except FileNotFoundError:
         raise PairsError(f"{args.judged}: judged file not found; fix: --judged") from None
     stats = {"judged_file": str(args.judged), "out": str(args.out), **stats}

@@ -89,6 +89,15 @@ def test_empty_answer_and_best_against_worst(tmp_path):
         bp.build_pairs(bp.iter_jsonl(write(tmp_path / "judged.jsonl", records)))
 
 
+def test_question_cap_keeps_the_first_pairs_of_each_question(tmp_path):
+    records = [judged(f"q{i}", "ok", [9, 2], 0, question=q)
+               for i, q in enumerate(["Is it big?", "Is it big? ", "Is it red?", "is it big?", "Is it red?"])]
+    pairs, stats = bp.build_pairs(bp.iter_jsonl(write(tmp_path / "judged.jsonl", records)), max_per_question=1)
+    assert [p["id"] for p in pairs] == ["q0", "q2"] and stats["over_question_cap"] == 3
+    assert bp.main(["--judged", str(tmp_path / "judged.jsonl"), "--out", str(tmp_path / "d.json"),
+                    "--max-per-question", "0"]) == 2
+
+
 def test_default_margin_keeps_every_non_tie(tmp_path):
     src = write(tmp_path / "judged.jsonl", [judged("a", "ok", [6, 5.5], 0), judged("b", "tie", [5, 5])])
     pairs, stats = bp.build_pairs(bp.iter_jsonl(src))
