@@ -47,15 +47,7 @@ from transformers import Trainer, TrainerCallback
 from stllava.constants import IGNORE_INDEX
 from stllava.train.arguments import TrainingArguments
 from stllava.train.checkpoint import gather_state_dict, zero3_init_disabled
-from stllava.train.dpo_loss import (
-    LOSS_TYPES,
-    answer_logps,
-    check_loss_settings,
-    dpo_loss,
-    image_positions_from_shapes,
-    loss_uses_mean_logps,
-    spliced_labels,
-)
+from stllava.train.dpo_loss import LOSS_TYPES, answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
 from stllava.train.trainer import LlavaTrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -196,9 +188,13 @@ def concatenated_batch(inputs: dict, pad_token_id: int = 0) -> dict:
     return parts
 
 
-def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Answer tokens per row of unspliced ``labels`` [B, T] (the first position is never a target)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+def forward_with_labels(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` [2B, L] of a :func:`concatenated_batch` under ``model`` (a DeepSpeed
+    engine, a PEFT model or the plain one): the labels come out of the model's splice, aligned with
+    the logits; no cross-entropy is computed (``compute_loss=False``)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch.get("images"),
+                labels=batch["labels"], compute_loss=False, use_cache=False)
+    return out.logits, out.labels
 
 
 def read_ref_cache(path: str | None, fingerprint: dict, indices) -> dict[int, tuple[float, float]] | None:
@@ -305,12 +301,10 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
 
     # ---- log-probs -------------------------------------------------------------------------
     def forward_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum, count)`` [2B] of the answer log-probs of a :func:`concatenated_batch` under ``model``."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch.get("images"),
-                    use_cache=False)
-        logits = out.logits
-        p = image_positions_from_shapes(batch["input_ids"], logits.shape[1])
-        return answer_logps(logits, spliced_labels(batch["input_ids"], batch["labels"], p, logits.shape[1]))
+        """``(sum, count)`` [2B] of the answer log-probs of a :func:`concatenated_batch` under ``model``.
+        The labels are the model's own, laid out by its splice (as TRL's ``concatenated_forward``
+        takes them from the model), so they line up with the logits by construction."""
+        return answer_logps(*forward_with_labels(model, batch))
 
     @torch.no_grad()
     def reference_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
