@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -48,12 +47,12 @@ from stllava.constants import IGNORE_INDEX
 from stllava.train.arguments import TrainingArguments
 from stllava.train.checkpoint import gather_state_dict, zero3_init_disabled
 from stllava.train.dpo_loss import LOSS_TYPES, answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
+from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, write_ref_cache
 from stllava.train.trainer import LlavaTrainerMixin
 
 logger = logging.getLogger(__name__)
 
 REF_MODES = ("adapter_disabled", "separate")
-REF_CACHE_NAME = "ref_log_probs.json"
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
 
@@ -195,40 +194,6 @@ def forward_with_labels(model: nn.Module, batch: dict) -> tuple[torch.Tensor, to
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch.get("images"),
                 labels=batch["labels"], compute_loss=False, use_cache=False)
     return out.logits, out.labels
-
-
-def read_ref_cache(path: str | None, fingerprint: dict, indices) -> dict[int, tuple[float, float]] | None:
-    """The cached reference log-probs ``{record index: (chosen, rejected)}`` of ``path``, or None when the
-    file is absent, its fingerprint differs from ``fingerprint`` or it misses one of ``indices`` (logged)."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        cache = {int(k): (float(v[0]), float(v[1])) for k, v in raw["ref_logps"].items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        logger.warning("ignoring reference log-prob cache %s: unreadable (%s); recomputing", path, e)
-        return None
-    if raw.get("fingerprint") != fingerprint:
-        logger.warning("ignoring reference log-prob cache %s: made for %s, this run is %s; recomputing", path,
-                       raw.get("fingerprint"), fingerprint)
-        return None
-    missing = [i for i in indices if i not in cache]
-    if missing:
-        logger.warning("ignoring reference log-prob cache %s: it lacks %d records (e.g. %s); recomputing", path,
-                       len(missing), missing[:3])
-        return None
-    logger.info("reusing reference log-probs of %d records from %s", len(cache), path)
-    return cache
-
-
-def write_ref_cache(path: str, fingerprint: dict, cache: dict[int, tuple[float, float]]) -> None:
-    """Write the cache atomically (floats round-trip exactly through JSON)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "ref_logps": {str(k): list(v) for k, v in sorted(cache.items())}}, f)
-    os.replace(tmp, path)
 
 
 class _PrecomputeReferenceLogps(TrainerCallback):

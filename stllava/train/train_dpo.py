@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 
 from stllava.train.arguments import DataArguments, FlagError, LlavaArgumentParser, ModelArguments
-from stllava.train.dpo_trainer import REF_CACHE_NAME, DPOTrainingArguments, read_ref_cache
+from stllava.train.dpo_trainer import DPOTrainingArguments
+from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, ref_cache_fingerprint
 
 logger = logging.getLogger("stllava.train.train_dpo")
 
@@ -109,24 +109,6 @@ def materialize_start_model(model_path: str, model_base: str | None, out_dir: st
                 json.dump(source, f, indent=1)
     _barrier()
     return target
-
-
-def ref_cache_fingerprint(model_args, data_args, training_args, dtype: torch.dtype, source: dict) -> dict:
-    """What precomputed reference log-probs depend on: the data file (path and SHA-256), the start
-    model's sources, the weights re-loaded over it, the template, image handling, length and dtype."""
-    h = hashlib.sha256()
-    with open(data_args.data_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    def absolute(p):
-        return os.path.abspath(p) if p and os.path.exists(p) else p
-
-    return {"data_path": os.path.abspath(data_args.data_path), "data_sha256": h.hexdigest(),
-            "image_folder": absolute(data_args.image_folder), **{k: absolute(v) for k, v in source.items()},
-            "vision_tower": absolute(model_args.vision_tower),
-            "pretrain_mm_mlp_adapter": absolute(model_args.pretrain_mm_mlp_adapter), "version": model_args.version,
-            "image_aspect_ratio": data_args.image_aspect_ratio, "model_max_length": training_args.model_max_length,
-            "dtype": str(dtype)}
 
 
 def resolve_ref_mode(training_args) -> str:
