@@ -120,7 +120,7 @@ def parity(args) -> dict:
 
 
 def _attention(requested: str | None) -> str:
-    from stllava.train.train_sft import attn_implementation
+    from stllava.train.model_setup import attn_implementation
 
     return attn_implementation(requested)
 

@@ -147,7 +147,7 @@ def bench_sft(args, model_path: str, clock: Clock) -> list[dict]:
     from types import SimpleNamespace
 
     from stllava.model import LlavaLlamaForCausalLM
-    from stllava.train.train_sft import make_trainable
+    from stllava.train.model_setup import make_trainable
     from stllava.train.trainer import build_param_groups
 
     device = torch.device(args.device)

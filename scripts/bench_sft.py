@@ -116,14 +116,15 @@ def bench_tiny(args) -> dict:
     from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
     from stllava.data.verify import load_records
     from stllava.model import LlavaLlamaForCausalLM
+    from stllava.model.builder import load_tokenizer
     from stllava.model.tiny import build_tiny_bundle
-    from stllava.train.train_sft import load_tokenizer, make_trainable
+    from stllava.train.model_setup import make_trainable
 
     device = torch.device("cpu")
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
     paths = build_tiny_bundle(os.path.join(tmp, "bundle"))
     data_path, folder = write_colour_dataset(os.path.join(tmp, "data"), n=args.batch * 4)
-    tok = load_tokenizer(paths["model"], 1024)
+    tok = load_tokenizer(paths["model"], 1024, training=True)
     proc = CLIPImageProcessor.from_pretrained(paths["model"])
     ds = LazySupervisedDataset(load_records(data_path), tok, proc, image_folder=folder, version="v1_sq", sq_r=0.5)
     model = LlavaLlamaForCausalLM.from_pretrained(paths["model"])
@@ -157,8 +158,8 @@ def bench_7b(args) -> dict:
     from bench_7b import build_model  # the GPU check's 7B-shaped model (scripts/bench_7b.py)
 
     from stllava.constants import IMAGE_TOKEN_INDEX
+    from stllava.train.model_setup import attn_implementation, make_trainable
     from stllava.train.throughput import peak_flops
-    from stllava.train.train_sft import attn_implementation, make_trainable
 
     device = torch.device(args.device)
     attn = attn_implementation(args.attn)

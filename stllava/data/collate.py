@@ -1,7 +1,8 @@
 """Batching for the LLaVA model, shared by SFT and DPO.
 
 - :func:`truncate_to_fit` cuts a sample to ``model_max_length`` counted in model positions (an
-  ``<image>`` token takes ``image_tokens`` of them once spliced) and never cuts through an image.
+  ``<image>`` token takes ``image_tokens`` of them once spliced: :func:`stllava.splice.splice_layout`,
+  the model's own layout) and never cuts through an image.
 - :func:`pad_right` pads on the right (LLaVA pads with ``unk`` and trains right-padded).
 - :func:`stack_images` gives one image per sample (text-only samples carry the blank image the
   dataset put there), the convention ``LlavaLlamaForCausalLM.forward`` expects.
@@ -14,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from stllava.constants import IGNORE_INDEX
+from stllava.splice import splice_layout
 
 
 def truncate_to_fit(input_ids: torch.Tensor, labels: torch.Tensor | None, max_len: int | None,
@@ -28,8 +30,8 @@ def truncate_to_fit(input_ids: torch.Tensor, labels: torch.Tensor | None, max_le
     """
     if max_len is None:
         return input_ids, labels
-    is_img = input_ids == IMAGE_TOKEN_INDEX
-    ends = torch.cumsum(torch.where(is_img, image_tokens, 1), 0)  # spliced end position of each token
+    is_img, width, start, _ = splice_layout(input_ids, image_tokens)
+    ends = start + width  # spliced end position of each token, as the model lays the row out
     keep = int((ends <= max_len).sum())  # ends is increasing, so this is a prefix length
     if bool(is_img.any()):
         keep = max(keep, int(is_img.nonzero().max()) + 1)

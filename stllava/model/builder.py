@@ -19,16 +19,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
-import warnings
 
 import torch
-from transformers import CLIPImageProcessor, LlamaTokenizer
+from transformers import LlamaTokenizer
 from transformers.utils import logging as hf_logging
 
 from stllava.model import checkpoint_layouts as cl
 from stllava.model.llava_llama import LlavaLlamaForCausalLM, load_llava_config
+from stllava.model.merge import merge_lora, merge_vit_lora, read_vit_lora
 from stllava.model.vision_tower import clip_processor_class
+
+__all__ = ["load_pretrained_model", "load_tokenizer", "load_image_processor", "resolve_device",
+           "quantization_config", "load_into", "merge_lora", "merge_vit_lora", "read_vit_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +48,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_tokenizer(path: str) -> LlamaTokenizer:
-    """The slow LLaMA tokenizer of ``path``; pad = unk as LLaVA sets it."""
-    tok = LlamaTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # LLaVA pads with unk
+def load_tokenizer(path: str, model_max_length: int | None = None, *, training: bool = False) -> LlamaTokenizer:
+    """The LLaMA tokenizer of ``path``, the one loader of inference and training.
+
+    Inference (default): pad = unk when the tokenizer has no pad token (LLaVA pads with unk).
+    ``training=True`` is LLaVA's v1 training setup: pad = unk always, right padding, and
+    ``model_max_length`` (when given) as the tokenizer's maximum length."""
+    kwargs = {"padding_side": "right"} if training else {}
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    tok = LlamaTokenizer.from_pretrained(path, **kwargs)
+    if training or tok.pad_token is None:
+        tok.pad_token = tok.unk_token
     return tok
 
 
-def load_image_processor(model_path: str, config, *extra_sources: str | None) -> CLIPImageProcessor:
-    """The processor saved with the checkpoint, else one in ``extra_sources`` (e.g. the base
-    folder), else the one of ``config.mm_vision_tower`` (a folder or hub id)."""
+def load_image_processor(model_path: str, config, *extra_sources: str | None):
+    """The CLIP image processor (:func:`~stllava.model.vision_tower.clip_processor_class`) saved with
+    the checkpoint, else one in ``extra_sources`` (e.g. the base folder), else the one of
+    ``config.mm_vision_tower`` (a folder or hub id)."""
     for src in (model_path, *extra_sources, getattr(config, "mm_vision_tower", None)):
         if src and os.path.isfile(os.path.join(src, "preprocessor_config.json")):
             return clip_processor_class().from_pretrained(src)
@@ -83,79 +93,6 @@ def quantization_config(load_8bit: bool, load_4bit: bool, device: str):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True,
                               bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA merging (peft does the arithmetic; we only pick the modules and rename the keys)
-
-def _lora_config(state: dict, hyper: dict, source: str, keep_scaling: bool = False):
-    """A peft ``LoraConfig`` targeting exactly the modules of ``state``. The rank comes from the
-    tensors; with ``keep_scaling`` a rank that differs from ``hyper['r']`` keeps alpha / r."""
-    from peft import LoraConfig
-
-    modules = cl.lora_modules(state)
-    ranks = set(cl.lora_ranks(state).values())
-    r, alpha = hyper["r"], hyper["lora_alpha"]
-    if len(ranks) > 1 and not hyper["rank_pattern"]:
-        raise ValueError(f"{source}: LoRA weights have several ranks {sorted(ranks)} but the adapter config has "
-                         "no rank_pattern saying which module has which")
-    if len(ranks) == 1 and ranks != {r}:
-        if not (keep_scaling or hyper["rank_pattern"]):
-            raise ValueError(f"{source}: LoRA weights have rank {ranks.pop()} but the adapter config says r={r}")
-        if keep_scaling:
-            (new_r,) = ranks
-            alpha, r = alpha * new_r / r, new_r
-    target = "(" + "|".join(re.escape(m) for m in modules) + ")"  # exact module paths, nothing else
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, bias="none",
-                      use_rslora=hyper["use_rslora"], use_dora=hyper["use_dora"],
-                      fan_in_fan_out=hyper["fan_in_fan_out"], rank_pattern=hyper["rank_pattern"],
-                      alpha_pattern=hyper["alpha_pattern"])
-
-
-def merge_lora(module: torch.nn.Module, state: dict, hyper: dict, source: str, keep_scaling: bool = False):
-    """Wrap ``module`` with the LoRA of ``state`` (keys as in a PEFT model around ``module``),
-    load it, merge it and return the plain merged module. Raises ValueError naming ``source``
-    when a tensor of ``state`` has no place in the module or a LoRA weight is left unloaded."""
-    from peft import get_peft_model
-    from peft.utils import set_peft_model_state_dict
-
-    cfg = _lora_config(state, hyper, source, keep_scaling)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(second time|already).*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(module, cfg)
-    res = set_peft_model_state_dict(peft_model, state)
-    if res.unexpected_keys:
-        raise ValueError(f"{source}: {len(res.unexpected_keys)} tensors do not fit the model "
-                         f"({list(res.unexpected_keys)[:4]})")
-    lora_names = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
-    missing = sorted(lora_names & set(res.missing_keys))
-    if missing:
-        raise ValueError(f"{source}: LoRA weights missing for {missing[:4]}")
-    logger.info("merging %d LoRA tensors of %s into %d modules", len(state), source, len(cl.lora_modules(state)))
-    return peft_model.merge_and_unload()
-
-
-def merge_vit_lora(model: LlavaLlamaForCausalLM, state: dict, hyper: dict, source: str,
-                   keep_scaling: bool = False) -> None:
-    """Merge a ViT-LoRA (keys as :func:`~stllava.model.checkpoint_layouts.vit_lora_key` makes them)
-    into ``model``'s CLIP tower, in place."""
-    tower = model.get_model().get_vision_tower()
-    if tower is None:
-        raise ValueError(f"{source}: a ViT-LoRA was given but the model has no vision tower")
-    tower.vision_tower = merge_lora(tower.clip, state, hyper, source, keep_scaling)
-    tower.lora_enabled = False
-
-
-def read_vit_lora(adapter_dir: str) -> tuple[dict, dict]:
-    """``(hyper, state)`` of a ``Vit-lora/`` folder, keys mapped to transformers 5's CLIP."""
-    weights = cl.check_adapter_folder(adapter_dir, "vit_lora")
-    raw = cl.load_weights(weights)
-    state = {cl.vit_lora_key(k): v for k, v in raw.items() if cl.is_lora_key(k)}
-    other = [k for k in raw if not cl.is_lora_key(k)]
-    if other:
-        raise ValueError(f"{weights}: {len(other)} tensors are not LoRA weights ({other[:4]})")
-    return cl.read_lora_config(adapter_dir), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +228,8 @@ def load_pretrained_model(model_path: str, model_base: str | None = None, model_
     quant = quantization_config(load_8bit, load_4bit, device)
     if quant is not None and (layout.needs_base or layout.vit_lora):
         raise ValueError(f"8/4-bit loading needs a merged checkpoint; {model_path} is a {layout.kind} layout"
-                         f"{' with a ViT-LoRA' if layout.vit_lora else ''}: run scripts/merge_lora_weights.py first")
+                         f"{' with a ViT-LoRA' if layout.vit_lora else ''}: merge it first "
+                         "(python -m stllava.model.merge)")
     config = load_llava_config(model_path)
     logger.info("loading %s (%s layout%s) on %s, %s", model_path, layout.kind,
                 ", + ViT-LoRA " + layout.vit_lora if layout.vit_lora else "", device, dtype)

@@ -31,9 +31,12 @@ from stllava.model.weights import UnsafeCheckpointError, load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
+# The file names of every checkpoint layout: this is their one home (training writes them through
+# stllava.train.checkpoint, loading reads them here).
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"  # what our training writes
+ADAPTER_WEIGHTS = (ADAPTER_SAFETENSORS, "adapter_model.bin")  # what loading accepts (released adapters: .bin)
 NON_LORA = "non_lora_trainables.bin"
 PROJECTOR = "mm_projector.bin"
 VIT_LORA_DIR = "Vit-lora"

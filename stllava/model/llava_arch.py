@@ -2,7 +2,9 @@
 
 ``prepare_inputs_labels_for_multimodal`` replaces every ``IMAGE_TOKEN_INDEX`` in ``input_ids`` with
 the projected features of one image, in a single vectorised scatter (no per-sample Python loop over
-tokens), and returns embeddings, labels, attention mask and position ids for the language model.
+tokens), at the positions :func:`stllava.splice.splice_layout` gives, and returns embeddings, labels
+(laid out like the embeddings: what DPO sums its log-probs over), attention mask and position ids
+for the language model.
 The vision tower runs once per forward, on all images of the batch together.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from stllava.model.projector import build_vision_projector
 from stllava.model.vision_tower import CLIPVisionTower, build_vision_tower
+from stllava.splice import splice_layout
 
 
 class LlavaMetaModel:
@@ -45,13 +48,9 @@ class LlavaMetaModel:
         self.vision_tower = tower
         self.mm_projector = build_vision_projector(cfg).to(dtype=self.embed_tokens.weight.dtype)
         if pretrain_mm_mlp_adapter:
-            from stllava.model.weights import load_state_dict_file
+            from stllava.model.weights import load_projector_weights
 
-            sd = load_state_dict_file(pretrain_mm_mlp_adapter)
-            sd = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
-            if not sd:
-                raise ValueError(f"{pretrain_mm_mlp_adapter} holds no 'mm_projector.*' weights")
-            self.mm_projector.load_state_dict(sd)
+            self.mm_projector.load_state_dict(load_projector_weights(pretrain_mm_mlp_adapter))
 
 
 class LlavaMetaForCausalLM:
@@ -113,9 +112,7 @@ class LlavaMetaForCausalLM:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        width = torch.where(is_img, P, 1)
-        start = torch.cumsum(width, 1) - width  # first output slot of each input token
-        lengths = width.sum(1)
+        _, _, start, lengths = splice_layout(input_ids, P)  # first output slot of each input token
         L = int(lengths.max())
         offset = (L - lengths) if align == "right" else torch.zeros_like(lengths)
         start = start + offset[:, None]

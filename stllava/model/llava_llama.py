@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
@@ -29,6 +30,14 @@ MM_DEFAULTS = {
     "mm_use_im_patch_token": False,
     "use_mm_proj": True,
 }
+
+
+@dataclass
+class LlavaCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``labels`` [B, L]: the labels the model laid out with its
+    input (an image's positions IGNORE_INDEX, rows right-padded), aligned with ``logits``."""
+
+    labels: torch.LongTensor | None = None
 
 
 class LlavaLlamaConfig(LlamaConfig):
@@ -66,9 +75,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, images=None, logits_to_keep=0,
-                **kwargs) -> CausalLMOutputWithPast:
+                compute_loss: bool = True, **kwargs) -> CausalLMOutputWithPast:
         """Causal-LM forward; with ``images``, each ``IMAGE_TOKEN_INDEX`` in ``input_ids`` becomes
-        the image's projected features (labels there are IGNORE_INDEX)."""
+        the image's projected features (labels there are IGNORE_INDEX).
+
+        With ``labels``, returns a :class:`LlavaCausalLMOutput` whose ``labels`` are laid out like
+        ``logits`` (the model's own splice: what DPO sums its log-probs over, as TRL's
+        ``concatenated_forward`` takes labels from the model); ``compute_loss=False`` skips the
+        cross-entropy (a B × L × vocab float32 pass) when only those labels are wanted."""
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         if inputs_embeds is None and input_ids is not None:
@@ -76,9 +90,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 input_ids, attention_mask, labels, images, align="left")
             position_ids = pos if pos is not None else position_ids
             input_ids = None
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, inputs_embeds=inputs_embeds, labels=labels,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, inputs_embeds=inputs_embeds, labels=labels if compute_loss else None,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if labels is None or not isinstance(out, CausalLMOutputWithPast):
+            return out
+        return LlavaCausalLMOutput(**out, labels=labels)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images: torch.Tensor | None = None,

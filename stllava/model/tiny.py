@@ -17,7 +17,7 @@ import os
 import shutil
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from stllava.model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM
 from stllava.model.vision_tower import clip_processor_class
@@ -34,10 +34,12 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
+def tiny_image_processor(image_size: int):
+    """A CLIP image processor (:func:`~stllava.model.vision_tower.clip_processor_class`) for square
+    ``image_size`` images with CLIP's mean and std."""
     return clip_processor_class()(size={"shortest_edge": image_size},
-                              crop_size={"height": image_size, "width": image_size},
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                                  crop_size={"height": image_size, "width": image_size},
+                                  image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
 def build_tiny_bundle(out_dir: str, seed: int = 0, projector_type: str = "cluster",

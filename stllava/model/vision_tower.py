@@ -12,7 +12,9 @@ import os
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from stllava.model.checkpoint_layouts import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class CLIPVisionTower(nn.Module):
         """Attach a saved ``Vit-lora/`` PEFT adapter folder."""
         from peft import PeftModel
 
-        if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG)):
             raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json; expected a PEFT Vit-lora folder")
         self.vision_tower = PeftModel.from_pretrained(self.vision_tower, adapter_dir, is_trainable=trainable)
         self.lora_enabled = True
@@ -130,16 +132,16 @@ def build_vision_tower(config) -> CLIPVisionTower:
 
 
 def clip_processor_class() -> type:
-    """``CLIPImageProcessor`` when torchvision is installed, else the PIL processor that
-    transformers 5 would fall back to anyway (same preprocessing; no fallback warning per load)."""
+    """``CLIPImageProcessor`` when torchvision is installed, else ``CLIPImageProcessorPil``, the PIL
+    processor transformers 5 would fall back to anyway (same preprocessing). Only the class used is
+    imported: touching ``transformers.CLIPImageProcessor`` without torchvision prints a fallback
+    warning, so no module of this package imports it at load time."""
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:
         from transformers import CLIPImageProcessorPil
 
         return CLIPImageProcessorPil
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor
-
-
-def load_image_processor(path: str) -> CLIPImageProcessor:
-    return clip_processor_class().from_pretrained(path)

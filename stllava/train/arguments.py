@@ -10,14 +10,24 @@ without wandb installed falls back to no reporting, with a warning. ``--data_aug
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
+import inspect
 import logging
+import typing
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 
+from stllava.errors import StllavaError
+
 logger = logging.getLogger(__name__)
+
+
+class FlagError(StllavaError, ValueError):
+    """A flag value this implementation refuses (the message names the flag and what to pass)."""
 
 
 @dataclass
@@ -26,7 +36,8 @@ class ModelArguments:
         "help": "A LLaVA model folder (ours, or a released 'llava' one: vision tower and projector included) or a "
                 "plain LLaMA/Vicuna folder (then --vision_tower attaches a tower and a new projector)."})
     version: str = field(default="v1_sq", metadata={
-        "help": "Conversation template: v1_sq (self-questioning, stage 1), v1/vicuna_v1, llava_v1, plain."})
+        "help": "Conversation template: v1_sq (self-questioning, stage 1), v1/vicuna_v1, llava_v1, plain. Recorded "
+                "as conv_mode in every checkpoint's config.json (the generating tools' default template)."})
     vision_tower: str | None = field(default=None, metadata={
         "help": "CLIP vision tower folder or hub id. With a full LLaVA model its weights replace the model's tower "
                 "weights (as the reference does)."})
@@ -110,9 +121,9 @@ class TrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+                raise FlagError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             if self.warmup_steps:
-                raise ValueError("give either --warmup_ratio or --warmup_steps, not both")
+                raise FlagError("give either --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
         if self.tf32 and not torch.cuda.is_available():
             logger.warning("--tf32 ignored: it is a CUDA (Ampere+) setting and no GPU is available")
@@ -127,24 +138,83 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 def check_supported(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
-    """Refuse flag values the published flags allow but this implementation does not (ValueError
-    naming the flag and the supported value)."""
+    """Refuse flag values the published flags allow but this implementation does not, and missing
+    inputs (:class:`FlagError` naming the flag and the supported value)."""
+    import os
+
     if model_args.data_aug:
-        raise ValueError("--data_aug True is not implemented (the published STLLaVA-Med runs use False)")
+        raise FlagError("--data_aug True is not implemented (the published STLLaVA-Med runs use False)")
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
-        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported "
-                         "(the STLLaVA-Med scripts use False)")
+        raise FlagError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported "
+                        "(the STLLaVA-Med scripts use False)")
     if not 0.0 <= data_args.sq_r <= 1.0:
-        raise ValueError(f"--sq_r must be in [0, 1], got {data_args.sq_r}")
+        raise FlagError(f"--sq_r must be in [0, 1], got {data_args.sq_r}")
     if training_args.lora_bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"--lora_bias must be none, all or lora_only, got {training_args.lora_bias!r}")
+        raise FlagError(f"--lora_bias must be none, all or lora_only, got {training_args.lora_bias!r}")
     if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required")
+        raise FlagError("--model_name_or_path is required")
     if not data_args.data_path:
-        raise ValueError("--data_path is required")
+        raise FlagError("--data_path is required")
+    if not os.path.isfile(data_args.data_path):
+        raise FlagError(f"--data_path {data_args.data_path} does not exist; give the training data file "
+                        "(a JSON list or JSONL of records)")
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse ``argv`` into ``(ModelArguments, DataArguments, TrainingArguments)``; unknown flags raise."""
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+# ---------------------------------------------------------------------------------------------
+# The parser: this project's flags first, in groups, then the Trainer's inherited ones
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text; the description keeps its line breaks."""
+
+
+GROUP_TITLES = {
+    "ModelArguments": "model (stllava): the model to train and its vision parts",
+    "DPOModelArguments": "model (stllava): the model to train and its vision parts",
+    "DataArguments": "data (stllava): records, images, self-questioning, bad records",
+    "TrainingArguments": "training (stllava): LoRA, ViT-LoRA, learning rates per part, sampling, length",
+    "DPOTrainingArguments": "DPO (stllava): loss, reference model, held-out pairs",
+}
+
+
+class LlavaArgumentParser(transformers.HfArgumentParser):
+    """``HfArgumentParser`` whose ``--help`` lists the flags this project adds first, grouped by the
+    dataclass that declares them (:data:`GROUP_TITLES`), and the ~150 flags inherited from
+    ``transformers.TrainingArguments`` last. Parsing is HfArgumentParser's, unchanged."""
+
+    def __init__(self, dataclass_types, prog: str, description: str | None = None):
+        usage = (f"{prog} --model_name_or_path M --data_path F --image_folder D --output_dir O [flag value ...]\n"
+                 "(the flags this project adds come first below, then those of transformers.TrainingArguments)")
+        super().__init__(dataclass_types, prog=prog, usage=usage, description=description,
+                         formatter_class=_HelpFormatter)
+
+    def _add_dataclass_arguments(self, dtype):
+        hints = typing.get_type_hints(dtype)
+        # Our dataclasses, most derived first (transformers' own class is also named TrainingArguments;
+        # ours may live in __main__ when an entry point runs as a script).
+        ours = [c for c in dtype.__mro__ if c.__name__ in GROUP_TITLES and not c.__module__.startswith("transformers")]
+        groups = self._stllava_groups = getattr(self, "_stllava_groups", {})
+        inherited = []
+        for f in dataclasses.fields(dtype):
+            if not f.init:
+                continue
+            f.type = hints[f.name]
+            owner = next((c for c in ours if f.name in inspect.get_annotations(c)), None)
+            if owner is None:
+                inherited.append(f)
+                continue
+            title = GROUP_TITLES[owner.__name__]
+            if title not in groups:
+                groups[title] = self.add_argument_group(title)
+            self._parse_dataclass_field(groups[title], f)
+        if inherited:
+            group = self.add_argument_group("inherited from transformers.TrainingArguments (HF Trainer)")
+            for f in inherited:
+                self._parse_dataclass_field(group, f)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m stllava.train.train_sft",
+               description: str | None = None):
+    """Parse ``argv`` into ``(ModelArguments, DataArguments, TrainingArguments)``; unknown flags raise
+    (argparse: usage message, exit code 2)."""
+    parser = LlavaArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog, description)
     return parser.parse_args_into_dataclasses(args=argv)

@@ -25,11 +25,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from stllava.model.checkpoint_layouts import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONFIG, NON_LORA, VIT_LORA_DIR
+
 logger = logging.getLogger(__name__)
 
-NON_LORA_NAME = "non_lora_trainables.bin"
-VIT_LORA_DIR = "Vit-lora"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Parts of the model, by parameter name.
 LLM, LLM_LORA, PROJECTOR, VISION, VIT_LORA = "llm", "llm_lora", "projector", "vision_tower", "vit_lora"
@@ -184,9 +183,9 @@ def save_llava_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], outp
         # save_embedding_layers=False: "auto" reloads the base config only to compare vocab sizes.
         model.save_pretrained(output_dir, state_dict=parts["llm_lora"], safe_serialization=True,
                               save_embedding_layers=False)
-        written += ["adapter_config.json", ADAPTER_WEIGHTS]
-        torch.save(parts["non_lora"], os.path.join(output_dir, NON_LORA_NAME))
-        written.append(NON_LORA_NAME)
+        written += [ADAPTER_CONFIG, ADAPTER_SAFETENSORS]
+        torch.save(parts["non_lora"], os.path.join(output_dir, NON_LORA))
+        written.append(NON_LORA)
     else:
         full = {k: v for k, v in state.items() if param_part(k) != VIT_LORA}
         if tower is not None and getattr(tower, "lora_enabled", False):
@@ -216,7 +215,7 @@ def save_llava_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], outp
     for k, v in (config_updates or {}).items():
         setattr(config, k, v)
     config.save_pretrained(output_dir)
-    written.append("config.json")
+    written.append(CONFIG)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
         written.append("tokenizer")
@@ -242,14 +241,14 @@ def load_llava_trainables(model: nn.Module, ckpt_dir: str) -> dict[str, int]:
 
     counts = {}
     if hasattr(model, "peft_config"):
-        f = os.path.join(ckpt_dir, ADAPTER_WEIGHTS)
+        f = os.path.join(ckpt_dir, ADAPTER_SAFETENSORS)
         if not os.path.isfile(f):
-            raise ValueError(f"{ckpt_dir} holds no {ADAPTER_WEIGHTS}; it is not a LoRA checkpoint of this run")
+            raise ValueError(f"{ckpt_dir} holds no {ADAPTER_SAFETENSORS}; it is not a LoRA checkpoint of this run")
         res = set_peft_model_state_dict(model, load_file(f))
         if res.unexpected_keys:
             raise ValueError(f"{f}: keys not in the model: {res.unexpected_keys[:5]}")
-        counts[ADAPTER_WEIGHTS] = len(load_file(f))
-        f = os.path.join(ckpt_dir, NON_LORA_NAME)
+        counts[ADAPTER_SAFETENSORS] = len(load_file(f))
+        f = os.path.join(ckpt_dir, NON_LORA)
         if os.path.isfile(f):
             sd = load_state_dict_file(f)
             params = dict(model.named_parameters())
@@ -259,12 +258,12 @@ def load_llava_trainables(model: nn.Module, ckpt_dir: str) -> dict[str, int]:
             with torch.no_grad():
                 for k, v in sd.items():
                     params[k].copy_(v)
-            counts[NON_LORA_NAME] = len(sd)
+            counts[NON_LORA] = len(sd)
     tower = _vision_tower(model)
     if tower is not None and getattr(tower, "lora_enabled", False):
-        f = os.path.join(ckpt_dir, VIT_LORA_DIR, ADAPTER_WEIGHTS)
+        f = os.path.join(ckpt_dir, VIT_LORA_DIR, ADAPTER_SAFETENSORS)
         if not os.path.isfile(f):
-            raise ValueError(f"{ckpt_dir} holds no {VIT_LORA_DIR}/{ADAPTER_WEIGHTS} but ViT-LoRA is enabled")
+            raise ValueError(f"{ckpt_dir} holds no {VIT_LORA_DIR}/{ADAPTER_SAFETENSORS} but ViT-LoRA is enabled")
         sd = load_file(f)
         res = set_peft_model_state_dict(tower.vision_tower, sd)
         if res.unexpected_keys:

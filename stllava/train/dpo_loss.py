@@ -1,11 +1,8 @@
 """DPO losses and the log-probabilities they compare: pure tensor functions, no model (SPEC §6).
 
-- :func:`spliced_labels` aligns a batch's labels with the model's output positions (each
-  ``<image>`` token becomes the image's P feature positions, labels there IGNORE_INDEX), exactly as
-  ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`` lays the sequence out for training
-  (right padding);
 - :func:`answer_logps` sums the log-probabilities of the answer tokens (labels != IGNORE_INDEX,
-  next-token shifted) per row, and counts them;
+  next-token shifted) per row, and counts them. The labels are the model's own output
+  (``LlavaLlamaForCausalLM.forward`` lays them out with the images spliced in), never re-derived;
 - :func:`dpo_loss` turns policy and reference log-probs into per-pair losses and rewards. The loss
   type is data (``loss_type``), as in TRL, with TRL's definitions; with ``z = (π_c − π_r) − (ref_c − ref_r)``:
 
@@ -23,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from stllava.constants import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -39,42 +36,6 @@ def check_loss_settings(beta: float, loss_type: str) -> None:
 def loss_uses_mean_logps(loss_type: str) -> bool:
     """True when ``loss_type`` compares per-token mean log-probs instead of sums (TRL: IPO)."""
     return loss_type == "ipo"
-
-
-def spliced_labels(input_ids: torch.Tensor, labels: torch.Tensor, image_positions: int, width: int | None = None
-                   ) -> torch.Tensor:
-    """Labels [B, width] laid out as the model's spliced sequence: each ``IMAGE_TOKEN_INDEX`` of
-    ``input_ids`` [B, T] stands for ``image_positions`` output positions (IGNORE_INDEX), every other
-    token keeps its label, rows are right-padded with IGNORE_INDEX to ``width`` (default: the
-    longest row). Refuses a ``width`` shorter than a row (ValueError)."""
-    is_img = input_ids == IMAGE_TOKEN_INDEX
-    span = torch.where(is_img, image_positions, 1)
-    start = torch.cumsum(span, 1) - span  # first output position of each input token
-    need = int(span.sum(1).max()) if input_ids.numel() else 0
-    width = need if width is None else int(width)
-    if width < need:
-        raise ValueError(f"spliced rows need {need} positions but the output has only {width}")
-    out = torch.full((input_ids.shape[0], width), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-    text = ~is_img
-    out[rows[text], start[text]] = labels[text]
-    return out
-
-
-def image_positions_from_shapes(input_ids: torch.Tensor, out_width: int) -> int:
-    """P, the positions one image takes in the model's output, from the input ids [B, T] and the
-    output width (``T + max_images_per_row · (P − 1)`` under right padding). 1 when the batch has
-    no image token. Raises ValueError when the widths are inconsistent with that layout."""
-    n_img = int((input_ids == IMAGE_TOKEN_INDEX).sum(1).max()) if input_ids.numel() else 0
-    extra = out_width - input_ids.shape[1]
-    if n_img == 0:
-        if extra != 0:
-            raise ValueError(f"the model returned {out_width} positions for {input_ids.shape[1]} text tokens")
-        return 1
-    if extra < 0 or extra % n_img:
-        raise ValueError(f"the model returned {out_width} positions for {input_ids.shape[1]} tokens with up to "
-                         f"{n_img} image(s) per row; cannot align the labels")
-    return extra // n_img + 1
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -47,21 +46,13 @@ from transformers import Trainer, TrainerCallback
 from stllava.constants import IGNORE_INDEX
 from stllava.train.arguments import TrainingArguments
 from stllava.train.checkpoint import gather_state_dict, zero3_init_disabled
-from stllava.train.dpo_loss import (
-    LOSS_TYPES,
-    answer_logps,
-    check_loss_settings,
-    dpo_loss,
-    image_positions_from_shapes,
-    loss_uses_mean_logps,
-    spliced_labels,
-)
+from stllava.train.dpo_loss import LOSS_TYPES, answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
+from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, write_ref_cache
 from stllava.train.trainer import LlavaTrainerMixin
 
 logger = logging.getLogger(__name__)
 
 REF_MODES = ("adapter_disabled", "separate")
-REF_CACHE_NAME = "ref_log_probs.json"
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
 
@@ -196,43 +187,13 @@ def concatenated_batch(inputs: dict, pad_token_id: int = 0) -> dict:
     return parts
 
 
-def answer_token_counts(labels: torch.Tensor) -> torch.Tensor:
-    """Answer tokens per row of unspliced ``labels`` [B, T] (the first position is never a target)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
-
-
-def read_ref_cache(path: str | None, fingerprint: dict, indices) -> dict[int, tuple[float, float]] | None:
-    """The cached reference log-probs ``{record index: (chosen, rejected)}`` of ``path``, or None when the
-    file is absent, its fingerprint differs from ``fingerprint`` or it misses one of ``indices`` (logged)."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        cache = {int(k): (float(v[0]), float(v[1])) for k, v in raw["ref_logps"].items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        logger.warning("ignoring reference log-prob cache %s: unreadable (%s); recomputing", path, e)
-        return None
-    if raw.get("fingerprint") != fingerprint:
-        logger.warning("ignoring reference log-prob cache %s: made for %s, this run is %s; recomputing", path,
-                       raw.get("fingerprint"), fingerprint)
-        return None
-    missing = [i for i in indices if i not in cache]
-    if missing:
-        logger.warning("ignoring reference log-prob cache %s: it lacks %d records (e.g. %s); recomputing", path,
-                       len(missing), missing[:3])
-        return None
-    logger.info("reusing reference log-probs of %d records from %s", len(cache), path)
-    return cache
-
-
-def write_ref_cache(path: str, fingerprint: dict, cache: dict[int, tuple[float, float]]) -> None:
-    """Write the cache atomically (floats round-trip exactly through JSON)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "ref_logps": {str(k): list(v) for k, v in sorted(cache.items())}}, f)
-    os.replace(tmp, path)
+def forward_with_labels(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` [2B, L] of a :func:`concatenated_batch` under ``model`` (a DeepSpeed
+    engine, a PEFT model or the plain one): the labels come out of the model's splice, aligned with
+    the logits; no cross-entropy is computed (``compute_loss=False``)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch.get("images"),
+                labels=batch["labels"], compute_loss=False, use_cache=False)
+    return out.logits, out.labels
 
 
 class _PrecomputeReferenceLogps(TrainerCallback):
@@ -305,12 +266,10 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
 
     # ---- log-probs -------------------------------------------------------------------------
     def forward_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum, count)`` [2B] of the answer log-probs of a :func:`concatenated_batch` under ``model``."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch.get("images"),
-                    use_cache=False)
-        logits = out.logits
-        p = image_positions_from_shapes(batch["input_ids"], logits.shape[1])
-        return answer_logps(logits, spliced_labels(batch["input_ids"], batch["labels"], p, logits.shape[1]))
+        """``(sum, count)`` [2B] of the answer log-probs of a :func:`concatenated_batch` under ``model``.
+        The labels are the model's own, laid out by its splice (as TRL's ``concatenated_forward``
+        takes them from the model), so they line up with the logits by construction."""
+        return answer_logps(*forward_with_labels(model, batch))
 
     @torch.no_grad()
     def reference_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Start-up shared by the training entry points (``stllava.train.train_sft``, ``train_dpo``).
 
+:func:`run_entry_point` runs an entry point under ``stllava.errors.run_cli`` (a bad input prints
+one line, from rank 0 only under a launcher, and exits 2).
 :func:`prepare_run` turns command-line flags into parsed arguments and a process ready to load a
 model: CPU fallback, a one-process world for ``--deepspeed`` without a launcher, logging, the
 checks of unsupported flags, the gloo process group on CPU, the seed.
@@ -9,11 +11,36 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import transformers
+
+from stllava.errors import StllavaError, run_cli
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 without a launcher)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def run_entry_point(run: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """Run ``run(argv)`` (default ``sys.argv[1:]``) under :func:`stllava.errors.run_cli` and return
+    the exit code: 0, or 2 with one ``error: ...`` line for a :class:`~stllava.errors.StllavaError`.
+    Under a launcher every rank raises the same error (the data check's report is broadcast), so
+    only rank 0 prints it; the others exit 2 silently."""
+    def main(args: Sequence[str] | None) -> int:
+        try:
+            run(list(sys.argv[1:] if args is None else args))
+        except StllavaError as e:
+            if launcher_rank() != 0:
+                raise SystemExit(e.exit_code) from None
+            raise
+        return 0
+
+    return run_cli(main, argv)
 
 
 def _prepare_argv(argv: list[str]) -> list[str]:
@@ -58,7 +85,8 @@ def prepare_run(argv: list[str], parse: Callable[[list[str]], tuple], check: Cal
     (:func:`stllava.train.arguments.check_supported`, then ``check(model_args, data_args,
     training_args)``: the entry point's own checks, run before any process group starts), starts
     DeepSpeed's gloo process group on a machine without CUDA and seeds everything with ``--seed``.
-    Raises ValueError for unsupported flag values; ``parse`` raises for unknown flags.
+    Raises :class:`~stllava.train.arguments.FlagError` for unsupported flag values; ``parse``
+    exits 2 (argparse) for unknown flags.
     """
     from stllava.train.arguments import check_supported
 
@@ -74,7 +102,9 @@ def prepare_run(argv: list[str], parse: Callable[[list[str]], tuple], check: Cal
     if training_args.deepspeed and not torch.cuda.is_available():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")  # before from_pretrained (see ENVIRONMENT.md)
+        # Before from_pretrained: with 2 CPU processes under HF Trainer, a process group started
+        # later fails DeepSpeed's batch-size check (train_batch_size != micro × accumulation × world).
+        deepspeed.init_distributed(dist_backend="gloo")
     transformers.set_seed(training_args.seed)
     return model_args, data_args, training_args
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stllava.constants import IMAGE_TOKEN_INDEX
+from stllava.splice import splice_layout
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +195,10 @@ def batch_positions(inputs: dict, image_tokens: int) -> tuple[list[int], int, in
     for side in sides:
         ids = inputs[f"{side}input_ids"]
         mask = inputs.get(f"{side}attention_mask")
-        n_img = (ids == IMAGE_TOKEN_INDEX).sum(1)
-        text = mask.sum(1) if mask is not None else torch.full_like(n_img, ids.shape[1])
-        lengths += (text + n_img * (image_tokens - 1)).tolist()
-        images += int(n_img.sum())
+        layout = splice_layout(ids, image_tokens)  # the model's own layout of the sequence
+        width = layout.width if mask is None else layout.width * mask.to(layout.width.dtype)
+        lengths += width.sum(1).tolist()
+        images += int(layout.is_image.sum())
         samples = ids.shape[0]
     return lengths, samples, images
 

@@ -13,51 +13,56 @@ and ``--model_base``. The run:
    folder (a merged stage-1 model: what the published script used, with ``--vision_tower`` /
    ``--pretrain_mm_mlp_adapter`` re-loading the stage-1 tower and projector, as in stage 1), or a
    stage-1 LoRA output with ``--model_base`` (adapter + ``non_lora_trainables.bin`` + ``Vit-lora/``).
-   The latter is merged by ``stllava.model.builder`` and written once to ``<output_dir>/start_model/``
+   The latter is merged by ``stllava.model.merge`` and written once to ``<output_dir>/start_model/``
    (reused by reruns): the DPO checkpoints are LoRA folders on top of it, so it is their
    ``--model-base`` (their config names it in ``dpo_start_model``);
 2. like the reference, DPO then trains NEW adapters on the merged start model: LLM LoRA, ViT-LoRA
-   (dropout 0.1) and the projector (``stllava.train.train_sft.make_trainable``), and the start
+   (dropout 0.1) and the projector (``stllava.train.model_setup``), and the start
    model is the DPO reference (``--ref_model``, see ``stllava.train.dpo_trainer``);
 3. checks the pairs (``stllava.data.preference``) and applies ``--on_bad_sample``;
 4. trains with :class:`~stllava.train.dpo_trainer.LlavaDPOTrainer`, saving the stage-1 checkpoint
-   layout in every ``checkpoint-N/`` and in ``--output_dir``.
+   layout (``conv_mode`` = ``--version`` in its config) in every ``checkpoint-N/`` and in
+   ``--output_dir`` (``stllava.train.finish``).
+
+Bad data or flags print one ``error:`` line and exit 2.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
+import functools
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
 import torch
-import transformers
 
-from stllava.train.arguments import DataArguments, ModelArguments
-from stllava.train.dpo_trainer import REF_CACHE_NAME, DPOTrainingArguments, read_ref_cache
-from stllava.train.launch import prepare_run, resume_from_checkpoint
-from stllava.train.train_sft import cast_unpartitioned, compute_dtype, load_model_for_training, make_trainable
+from stllava.train.arguments import DataArguments, FlagError, LlavaArgumentParser, ModelArguments
+from stllava.train.dpo_trainer import DPOTrainingArguments
+from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, ref_cache_fingerprint
 
 logger = logging.getLogger("stllava.train.train_dpo")
 
+PROG = "python -m stllava.train.train_dpo"
 START_DIR = "start_model"
 START_MARKER = "stllava_start_model.json"
 
 
 @dataclass
 class DPOModelArguments(ModelArguments):
-    version: str = field(default="v1", metadata={"help": "Conversation template of the pairs (the published run: v1)."})
+    version: str = field(default="v1", metadata={
+        "help": "Conversation template of the pairs (the published run: v1); recorded as conv_mode in every "
+                "checkpoint's config.json."})
     model_base: str | None = field(default=None, metadata={
         "help": "Base folder of a LoRA-layout stage-1 checkpoint given as --model_name_or_path (the model stage 1 "
                 "started from); the merged start model is written to <output_dir>/start_model/."})
 
 
-def parse_dpo_args(argv: list[str] | None = None):
-    """``(DPOModelArguments, DataArguments, DPOTrainingArguments)`` from ``argv``; unknown flags raise."""
-    parser = transformers.HfArgumentParser((DPOModelArguments, DataArguments, DPOTrainingArguments))
+def parse_dpo_args(argv: list[str] | None = None, prog: str = PROG, description: str | None = None):
+    """``(DPOModelArguments, DataArguments, DPOTrainingArguments)`` from ``argv``; unknown flags exit 2 (argparse)."""
+    parser = LlavaArgumentParser((DPOModelArguments, DataArguments, DPOTrainingArguments), prog, description)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -74,10 +79,13 @@ def _barrier() -> None:
 def materialize_start_model(model_path: str, model_base: str | None, out_dir: str, dtype: torch.dtype) -> str:
     """The folder of the start model: ``model_path`` itself when it is a full folder without
     ``Vit-lora/``; otherwise (LoRA or projector-only layout + ``model_base``, or a ViT-LoRA to merge)
-    the merged model written to ``out_dir/start_model`` on the main process, or reused when a previous
-    run wrote it from the same sources. Every process must call it. Raises the builder's
-    CheckpointLayoutError when the layout is incomplete (e.g. a LoRA folder without ``--model_base``)."""
+    the model merged by :func:`stllava.model.merge.merge_checkpoint` into ``out_dir/start_model`` on
+    the main process, or reused when a previous run merged it from the same sources (a stale one is
+    replaced). Every process must call it. Raises the builder's CheckpointLayoutError when the layout
+    is incomplete (e.g. a LoRA folder without ``--model_base``)."""
     from stllava.model import checkpoint_layouts as cl
+    from stllava.model.merge import merge_checkpoint
+    from stllava.train.checkpoint import zero3_init_disabled
 
     layout = cl.detect_layout(model_path, model_base)
     if layout.kind == "full" and not layout.vit_lora:
@@ -87,57 +95,20 @@ def materialize_start_model(model_path: str, model_base: str | None, out_dir: st
               "model_base": os.path.abspath(model_base) if model_base else None, "dtype": str(dtype)}
     marker = os.path.join(target, START_MARKER)
     if _is_main():
-        done = os.path.isfile(marker) and json.load(open(marker)) == source
-        if done:
+        if os.path.isfile(marker) and json.load(open(marker)) == source:
             logger.info("reusing the merged start model %s", target)
         else:
-            _write_merged(model_path, model_base, target, dtype, layout.kind)
+            if os.path.isdir(target):
+                logger.info("replacing %s: it was merged from other sources", target)
+                shutil.rmtree(target)
+            logger.info("merging the stage-1 %s checkpoint %s (base %s) into %s", layout.kind, model_path,
+                        model_base, target)
+            with zero3_init_disabled():  # a plain model on the CPU, also under an active ZeRO-3 config
+                merge_checkpoint(model_path, model_base, target, dtype=dtype)
             with open(marker, "w") as f:
                 json.dump(source, f, indent=1)
     _barrier()
     return target
-
-
-def _write_merged(model_path: str, model_base: str | None, target: str, dtype: torch.dtype, kind: str) -> None:
-    import shutil
-
-    from stllava.model import checkpoint_layouts as cl
-    from stllava.model.builder import load_pretrained_model
-    from stllava.train.checkpoint import zero3_init_disabled
-
-    logger.info("merging the stage-1 %s checkpoint %s (base %s) into %s", kind, model_path, model_base, target)
-    with zero3_init_disabled():
-        tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base, device="cpu", dtype=dtype)
-    os.makedirs(target, exist_ok=True)
-    model.config.use_cache = True
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    if processor is not None:
-        processor.save_pretrained(target)
-    for src in (model_path, model_base):  # the slow tokenizer's SentencePiece model, when save_pretrained omits it
-        if src and os.path.isfile(os.path.join(src, "tokenizer.model")) \
-                and not os.path.isfile(os.path.join(target, "tokenizer.model")):
-            shutil.copy(os.path.join(src, "tokenizer.model"), os.path.join(target, "tokenizer.model"))
-    assert cl.detect_layout(target).kind == "full"
-    del model
-
-
-def ref_cache_fingerprint(model_args, data_args, training_args, dtype: torch.dtype, source: dict) -> dict:
-    """What precomputed reference log-probs depend on: the data file (path and SHA-256), the start
-    model's sources, the weights re-loaded over it, the template, image handling, length and dtype."""
-    h = hashlib.sha256()
-    with open(data_args.data_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    def absolute(p):
-        return os.path.abspath(p) if p and os.path.exists(p) else p
-
-    return {"data_path": os.path.abspath(data_args.data_path), "data_sha256": h.hexdigest(),
-            "image_folder": absolute(data_args.image_folder), **{k: absolute(v) for k, v in source.items()},
-            "vision_tower": absolute(model_args.vision_tower),
-            "pretrain_mm_mlp_adapter": absolute(model_args.pretrain_mm_mlp_adapter), "version": model_args.version,
-            "image_aspect_ratio": data_args.image_aspect_ratio, "model_max_length": training_args.model_max_length,
-            "dtype": str(dtype)}
 
 
 def resolve_ref_mode(training_args) -> str:
@@ -146,11 +117,11 @@ def resolve_ref_mode(training_args) -> str:
 
 
 def _set_ref_mode(model_args, data_args, training_args) -> None:
-    """Write :func:`resolve_ref_mode` into ``--ref_model``; refuses (ValueError) adapter_disabled
+    """Write :func:`resolve_ref_mode` into ``--ref_model``; refuses (FlagError) adapter_disabled
     without ``--lora_enable``."""
     training_args.ref_model = resolve_ref_mode(training_args)
     if training_args.ref_model == "adapter_disabled" and not training_args.lora_enable:
-        raise ValueError("--ref_model adapter_disabled needs --lora_enable True; use --ref_model separate")
+        raise FlagError("--ref_model adapter_disabled needs --lora_enable True; use --ref_model separate")
 
 
 def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
@@ -159,13 +130,16 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     place). ``callbacks``: extra ``TrainerCallback`` objects (tests, tools). :func:`run_dpo` trains it.
 
     Raises :class:`stllava.data.verify.BadDataError` (with the report) when pairs are bad and
-    ``--on_bad_sample`` is ``stop``; ValueError for unsupported flag values.
+    ``--on_bad_sample`` is ``stop``; :class:`~stllava.train.arguments.FlagError` for unsupported
+    flag values.
     """
     from stllava.data.preference import DataCollatorForPreferenceDataset, build_preference_dataset
-    from stllava.train.checkpoint import format_trainable_summary, trainable_summary
     from stllava.train.dpo_trainer import LlavaDPOTrainer
+    from stllava.train.launch import prepare_run
+    from stllava.train.model_setup import compute_dtype, load_model_for_training, prepare_model
 
-    model_args, data_args, training_args = prepare_run(argv, parse_dpo_args, check=_set_ref_mode)
+    parse = functools.partial(parse_dpo_args, description=__doc__.split("\n\n")[0])
+    model_args, data_args, training_args = prepare_run(argv, parse, check=_set_ref_mode)
     ref_mode = training_args.ref_model
 
     dtype = compute_dtype(training_args)
@@ -187,7 +161,7 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     eval_dataset = None
     if training_args.eval_data_path:
         if training_args.precompute_ref_log_probs:
-            raise ValueError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")
+            raise FlagError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")
         eval_dataset = pairs(training_args.eval_data_path)
 
     ref_model = None
@@ -198,10 +172,7 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
             ref_model = load_model_for_training(model_args, data_args, training_args)[0]
         else:
             ref_model = copy.deepcopy(model)
-    model = make_trainable(model, training_args)
-    if training_args.deepspeed:
-        cast_unpartitioned(model, dtype)
-    logger.info("trainable parameters per part:\n%s", format_trainable_summary(trainable_summary(model)))
+    model = prepare_model(model, training_args)
 
     collator = DataCollatorForPreferenceDataset(tokenizer.pad_token_id, training_args.model_max_length, image_tokens)
     trainer = LlavaDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset,
@@ -212,24 +183,12 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
 
 
 def train_and_save(trainer) -> str:
-    """Train a :func:`build_dpo_trainer` trainer (resuming when ``--resume_from_checkpoint`` says so),
-    save its state and the final checkpoint; returns the output folder."""
-    training_args = trainer.args
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint(training_args))
-    trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.save_metrics("eval", metrics)
-        logger.info("held-out pairs: reward accuracy %.3f, margin %.3f",
-                    metrics.get("eval_rewards/accuracies", float("nan")),
-                    metrics.get("eval_rewards/margins", float("nan")))
-    if trainer.train_dataset.mismatches:
-        logger.warning("%d samples had tokenization mismatches (labels ignored) in this process",
-                       trainer.train_dataset.mismatches)
-    logger.info("stage-3 DPO finished; checkpoint in %s (load it with model_base %s)", training_args.output_dir,
-                trainer.start_model)
-    return training_args.output_dir
+    """Train a :func:`build_dpo_trainer` trainer to the end and save it (``stllava.train.finish``);
+    returns the output folder."""
+    from stllava.train.finish import train_and_save as finish
+
+    return finish(trainer, "stage-3 DPO", model_base=trainer.start_model,
+                  eval_keys=("eval_rewards/accuracies", "eval_rewards/margins"))
 
 
 def run_dpo(argv: list[str], callbacks: list | None = None) -> str:
@@ -238,9 +197,12 @@ def run_dpo(argv: list[str], callbacks: list | None = None) -> str:
     return train_and_save(build_dpo_trainer(argv, callbacks))
 
 
-def main() -> None:
-    run_dpo(sys.argv[1:])
+def main(argv: list[str] | None = None) -> int:
+    """The command line: :func:`run_dpo` under ``stllava.errors.run_cli``; returns the exit code."""
+    from stllava.train.launch import run_entry_point
+
+    return run_entry_point(run_dpo, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,9 +23,9 @@ from stllava.train.dpo_trainer import concatenated_batch
 def tok_proc(tiny_bundle):
     from transformers import CLIPImageProcessor
 
-    from stllava.train.train_sft import load_tokenizer
+    from stllava.model.builder import load_tokenizer
 
-    return load_tokenizer(tiny_bundle["model"], 1024), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
+    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
 
 
 def _trained(tok, labels):

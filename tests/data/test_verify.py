@@ -54,9 +54,9 @@ def write_bad_dataset(root, n_good=4):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_bundle):
-    from stllava.train.train_sft import load_tokenizer
+    from stllava.model.builder import load_tokenizer
 
-    return load_tokenizer(tiny_bundle["model"], 1024)
+    return load_tokenizer(tiny_bundle["model"], 1024, training=True)
 
 
 def test_check_image_kinds(tmp_path):

@@ -342,6 +342,10 @@ def test_real_sft_run_checkpoints_load_exactly(tiny_bundle, inputs, tmp_path, mo
     spec.loader.exec_module(merge_script)
     merged_dir = merge_script.merge(out, tiny_bundle["llm"], str(tmp_path / "merged"), dtype="float32")
     _, merged, _, _ = load_pretrained_model(merged_dir, device="cpu")
+    # the template the run trained with (--version) is recorded in every checkpoint and survives the merge
+    for folder in (out, os.path.join(out, "checkpoint-2"), merged_dir):
+        assert json.load(open(os.path.join(folder, "config.json")))["conv_mode"] == "v1_sq", folder
+    assert merged.config.conv_mode == "v1_sq"
     assert_same(logits_of(merged, ids, px), seen["run"][0])
     assert greedy(merged, ids, px, 8) == seen["run"][1]
 

@@ -1,9 +1,12 @@
-"""``scripts/merge_lora_weights.py``: a LoRA checkpoint (+ Vit-lora) becomes one full folder that
+"""``stllava.model.merge`` (and its wrapper ``scripts/merge_lora_weights.py``): a LoRA checkpoint (+ Vit-lora) becomes one full folder that
 loads with ``model_base=None`` and behaves exactly like the unmerged model."""
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,12 +59,16 @@ def sampled(model, ids, px, seed=0, n=16):
 def test_merge_lora_folder(trained, tiny_bundle, inputs, tmp_path, capsys):
     ids, px = inputs
     lora = save_lora_layout(trained, str(tmp_path / "lora"), tiny_bundle["model"])
+    cfg = json.load(open(os.path.join(lora, "config.json")))
+    json.dump({**cfg, "conv_mode": "v1_sq"}, open(os.path.join(lora, "config.json"), "w"))  # as training records it
     out = tmp_path / "merged"
     merge_script.main(["--model-path", lora, "--model-base", tiny_bundle["llm"], "--save-model-path", str(out),
                        "--dtype", "float32"])
     assert "merged" in capsys.readouterr().out
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"} <= files
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+            "tokenizer.model"} <= files  # the SentencePiece model too: the folder is self-contained
+    assert json.load(open(out / "config.json"))["conv_mode"] == "v1_sq"  # the template survives the merge
     assert not files & {"adapter_config.json", "non_lora_trainables.bin", "Vit-lora", "mm_projector.bin"}
     assert detect_layout(str(out)).kind == "full"
 
@@ -106,3 +113,19 @@ def test_merge_refuses_to_overwrite(trained, tiny_bundle, tmp_path):
     (tmp_path / "busy" / "x.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         merge_script.merge(lora, tiny_bundle["model"], str(tmp_path / "busy"))
+
+
+def test_merge_cli_refuses_a_non_empty_folder_in_one_line(tiny_bundle, tmp_path):
+    """``python -m stllava.model.merge`` and the script: one error line, exit code 2, no traceback,
+    nothing loaded or written."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x.txt").write_text("x")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for cmd in (["-m", "stllava.model.merge"], [str(SCRIPT)]):
+        proc = subprocess.run([sys.executable, *cmd, "--model-path", tiny_bundle["model"], "--save-model-path",
+                               str(busy)], capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr == (f"error: --save-model-path {busy} exists and is not empty; choose a new folder "
+                               "(or delete it first)\n"), cmd
+        assert os.listdir(busy) == ["x.txt"]

@@ -6,13 +6,7 @@ import torch
 
 from stllava.constants import IGNORE_INDEX as I
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
-from stllava.train.dpo_loss import (
-    answer_logps,
-    dpo_loss,
-    image_positions_from_shapes,
-    loss_uses_mean_logps,
-    spliced_labels,
-)
+from stllava.train.dpo_loss import answer_logps, dpo_loss, loss_uses_mean_logps
 
 # Two pairs. Pair 1: z = (−1 − −3) − (−2 − −2) = 2; pair 2: z = (−4 − −1) − (−3 − −1) = −1.
 PC, PR = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0])
@@ -75,31 +69,25 @@ def test_answer_logps_sums_only_answer_tokens():
         answer_logps(logits[:, :3], labels)
 
 
-def test_spliced_labels_by_hand():
-    ids = torch.tensor([[1, IMG, 5, 6], [1, 7, 8, 0]])
-    labels = torch.tensor([[I, I, 5, 6], [I, 7, 8, I]])
-    assert image_positions_from_shapes(ids, 6) == 3
-    out = spliced_labels(ids, labels, 3)
-    assert out.tolist() == [[I, I, I, I, 5, 6], [I, 7, 8, I, I, I]]
-    assert spliced_labels(ids, labels, 3, width=8).shape == (2, 8)
-    with pytest.raises(ValueError, match="positions"):
-        spliced_labels(ids, labels, 3, width=5)
-    with pytest.raises(ValueError, match="cannot align"):
-        image_positions_from_shapes(ids, 3)
-    assert image_positions_from_shapes(torch.tensor([[1, 2]]), 2) == 1
-
-
-def test_spliced_labels_match_the_models_splice(tiny_bundle):
-    """The layout must be the one LlavaLlamaForCausalLM trains with (its own labels output)."""
+def test_dpo_logps_read_the_answers_where_the_models_splice_put_them(tiny_bundle):
+    """DPO's labels are the model's own (forward_with_labels). Worked by hand with 64 positions per
+    image: row 0 = [1, 9, <image>, 11, 12, 13] puts 12, 13 at output positions 67, 68, so they are
+    predicted by the logits at 66, 67; row 1 = [1, <image>, 21, 22] puts 21, 22 at 65, 66; row 2 has
+    no image (its sample's image is unused) and its answers 32, 33, 34 sit at 2, 3, 4."""
     from stllava.model import LlavaLlamaForCausalLM
+    from stllava.train.dpo_trainer import forward_with_labels
 
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_bundle["model"]).eval()
     ids = torch.tensor([[1, 9, IMG, 11, 12, 13], [1, IMG, 21, 22, 0, 0], [1, 31, 32, 33, 34, 0]])
     labels = torch.tensor([[I, I, I, I, 12, 13], [I, I, 21, 22, I, I], [I, I, 32, 33, 34, I]])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0], [1] * 5 + [0]])
-    images = torch.randn(3, 3, 112, 112)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": torch.randn(3, 3, 112, 112)}
     with torch.no_grad():
-        _, _, _, expected = model.prepare_inputs_labels_for_multimodal(ids, mask, labels, images)
-    p = image_positions_from_shapes(ids, expected.shape[1])
-    assert p == model.get_model().get_vision_tower().num_patches == 64
-    assert torch.equal(spliced_labels(ids, labels, p, expected.shape[1]), expected)
+        logits, spliced = forward_with_labels(model, batch)
+    assert logits.shape[:2] == spliced.shape == (3, 5 + 64)  # row 0: 5 text tokens + the image
+    lp = logits.float().log_softmax(-1)
+    total, count = answer_logps(logits, spliced)
+    assert count.tolist() == [2, 2, 3]
+    assert total[0].item() == pytest.approx((lp[0, 66, 12] + lp[0, 67, 13]).item(), abs=1e-5)
+    assert total[1].item() == pytest.approx((lp[1, 64, 21] + lp[1, 65, 22]).item(), abs=1e-5)
+    assert total[2].item() == pytest.approx((lp[2, 1, 32] + lp[2, 2, 33] + lp[2, 3, 34]).item(), abs=1e-5)

@@ -20,7 +20,7 @@ from stllava.train.throughput import (
 
 def _tiny_trainable(bundle, lora: bool, vit_lora: bool):
     from stllava.model import LlavaLlamaForCausalLM
-    from stllava.train.train_sft import make_trainable
+    from stllava.train.model_setup import make_trainable
 
     model = LlavaLlamaForCausalLM.from_pretrained(bundle["model"])
     return make_trainable(model, SimpleNamespace(
@@ -117,7 +117,8 @@ def test_real_sft_run_logs_throughput(tiny_bundle, tmp_path, monkeypatch):
 
     from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
     from stllava.data.verify import load_records
-    from stllava.train.train_sft import load_tokenizer, run_sft
+    from stllava.model.builder import load_tokenizer
+    from stllava.train.train_sft import run_sft
 
     monkeypatch.delenv(PEAK_ENV, raising=False)
     data, images = write_colour_dataset(str(tmp_path / "data"), n=4, n_text=2)
@@ -132,7 +133,7 @@ def test_real_sft_run_logs_throughput(tiny_bundle, tmp_path, monkeypatch):
     assert len(logged) == 2
     for e in logged:
         assert e["tokens_per_second"] > 0 and e["samples_per_second"] > 0 and "mfu" not in e  # CPU: no peak
-    tok = load_tokenizer(out, 512)
+    tok = load_tokenizer(out, 512, training=True)
     ds = LazySupervisedDataset(load_records(data), tok, CLIPImageProcessor.from_pretrained(out), image_folder=images,
                                version="v1", sq_r=0.0)
     spliced = [len(ds[i]["input_ids"]) + 63 * int((ds[i]["input_ids"] == IMAGE_TOKEN_INDEX).sum())

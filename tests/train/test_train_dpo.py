@@ -3,6 +3,7 @@ the DPO checkpoints load with the builder and chat."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -50,16 +51,13 @@ def pair_margins(model, tok, proc, s):
     """log p(chosen) − log p(rejected) of every pair under ``model`` (a loaded, merged model)."""
     from stllava.data.preference import DataCollatorForPreferenceDataset, LazyPreferenceDataset
     from stllava.data.verify import load_records
-    from stllava.train.dpo_loss import answer_logps, image_positions_from_shapes, spliced_labels
-    from stllava.train.dpo_trainer import concatenated_batch, llava_base
+    from stllava.train.dpo_loss import answer_logps
+    from stllava.train.dpo_trainer import concatenated_batch, forward_with_labels, llava_base
 
     ds = LazyPreferenceDataset(load_records(s["data"]), tok, proc, image_folder=s["images"])
     batch = concatenated_batch(DataCollatorForPreferenceDataset(tok.pad_token_id, 512, 64)([ds[i] for i in range(len(ds))]))
     with torch.no_grad():
-        logits = llava_base(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   images=batch["images"]).logits
-    p = image_positions_from_shapes(batch["input_ids"], logits.shape[1])
-    logps = answer_logps(logits, spliced_labels(batch["input_ids"], batch["labels"], p, logits.shape[1]))[0]
+        logps = answer_logps(*forward_with_labels(llava_base(model), batch))[0]
     return logps[:len(ds)] - logps[len(ds):]
 
 
@@ -98,11 +96,37 @@ def test_dpo_from_a_stage1_lora_checkpoint_learns_and_its_checkpoint_chats(setup
                 "config.json", "preprocessor_config.json", "tokenizer_config.json"} <= set(os.listdir(d)), d
     cfg = json.load(open(out / "config.json"))
     assert cfg["dpo_start_model"] == str(start.resolve()) and cfg["model_type"] == "llava_llama"
+    for d in (out, out / "checkpoint-4"):  # the DPO template (--version, default v1) in every checkpoint
+        assert json.load(open(d / "config.json"))["conv_mode"] == "v1", d
 
     # loads with the builder (base: the start model), chats, and prefers every chosen answer more than the start did
     _, dpo, _ = chat(str(out), str(start))
     gain = pair_margins(dpo, tok, proc, s) - pair_margins(start_model, tok, proc, s)
     assert (gain > 0).all(), gain
+
+
+def test_resume_matches_uninterrupted_run(setup, tmp_path):
+    """A DPO run resumed from checkpoint-3 logs, at steps 4-8, the losses and DPO metrics of the run
+    that was never interrupted: LoRA, ViT-LoRA, projector, optimizer, scheduler and RNG come back,
+    and the reference is still the start model (not the restored policy)."""
+    from safetensors.torch import load_file
+
+    s = setup
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--model_name_or_path", s["model"], "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+            "--save_strategy", "steps", "--save_steps", "3", "--lr_scheduler_type", "cosine"]
+    run_dpo(common(s, full, *args))
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    run_dpo(common(s, resumed, *args, "--resume_from_checkpoint", str(resumed / "checkpoint-3")))
+    a = {e["step"]: e for e in train_logs(str(full))}
+    b = {e["step"]: e for e in train_logs(str(resumed))}
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == sorted(a)
+    for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "ref_logps/chosen"):
+        assert [b[k][key] for k in range(4, 9)] == pytest.approx([a[k][key] for k in range(4, 9)], rel=1e-6), key
+    assert a[8]["rewards/margins"] > a[4]["rewards/margins"]  # the steps after the resume did train
+    # LoRA B starts at zero and is not zero at step 3: a resume that failed to restore it would differ
+    ckpt = load_file(str(full / "checkpoint-3" / "adapter_model.safetensors"))
+    assert ckpt["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 0
 
 
 ZERO3_DRIVER = textwrap.dedent('''

@@ -65,6 +65,9 @@ def test_sft_learns_the_colour_task(learnable, tmp_path):
             assert os.path.isfile(os.path.join(d, f)), (d, f)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "cluster" and cfg["use_cache"]
+    # every checkpoint knows the template it was trained with (--version): the tools' default
+    for d in (out, os.path.join(out, "checkpoint-6")):
+        assert json.load(open(os.path.join(d, "config.json")))["conv_mode"] == "v1_sq", d
     adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert len(adapter) == 2 * 7 * 2 and all("vision_tower" not in k for k in adapter)
     non_lora = torch.load(os.path.join(out, "non_lora_trainables.bin"), weights_only=True)
@@ -82,8 +85,9 @@ def test_sft_learns_the_colour_task(learnable, tmp_path):
     from stllava.data.sft import LazySupervisedDataset
     from stllava.data.verify import load_records
     from stllava.model import LlavaLlamaForCausalLM
+    from stllava.model.builder import load_tokenizer
     from stllava.train.checkpoint import load_llava_trainables
-    from stllava.train.train_sft import load_tokenizer, make_trainable
+    from stllava.train.model_setup import make_trainable
 
     model = LlavaLlamaForCausalLM.from_pretrained(learnable["model"])
     model = make_trainable(model, SimpleNamespace(lora_enable=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -91,7 +95,7 @@ def test_sft_learns_the_colour_task(learnable, tmp_path):
                                                   lora_alpha_vit=8, lora_dropout_vit=0.0))
     load_llava_trainables(model, out)
     model.eval()
-    tok = load_tokenizer(out, 512)
+    tok = load_tokenizer(out, 512, training=True)
     ds = LazySupervisedDataset(load_records(learnable["data"]), tok, CLIPImageProcessor.from_pretrained(out),
                                image_folder=learnable["images"], version="v1_sq", sq_r=0.0)
     with torch.no_grad():

@@ -13,8 +13,8 @@ from stllava.train.checkpoint import (
     trainable_state_dict,
     trainable_summary,
 )
+from stllava.train.model_setup import llm_lora_target_names, make_trainable
 from stllava.train.sampler import LengthGroupedSampler, RandomEpochSampler
-from stllava.train.train_sft import llm_lora_target_names, make_trainable
 from stllava.train.trainer import LLaVATrainer
 
 
@@ -104,9 +104,9 @@ def _colour_batches(tiny_bundle, tmp_path, n=8):
     from stllava.data.collate import DataCollatorForSupervisedDataset
     from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
     from stllava.data.verify import load_records
-    from stllava.train.train_sft import load_tokenizer
+    from stllava.model.builder import load_tokenizer
 
-    tok = load_tokenizer(tiny_bundle["model"], 1024)
+    tok = load_tokenizer(tiny_bundle["model"], 1024, training=True)
     proc = CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
     data, folder = write_colour_dataset(str(tmp_path / "data"), n=n, n_text=2)
     ds = LazySupervisedDataset(load_records(data), tok, proc, image_folder=folder, version="v1_sq", sq_r=0.5)

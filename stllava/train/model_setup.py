@@ -1,0 +1,201 @@
+"""The model of a training run, shared by the entry points (``train_sft``, ``train_dpo``).
+
+1. :func:`load_model_for_training` loads ``--model_name_or_path``: a full LLaVA folder, or a plain
+   LLaMA folder + ``--vision_tower`` (a tower and a new projector are attached;
+   ``--pretrain_mm_mlp_adapter`` fills the projector). With a full folder, ``--vision_tower``
+   reloads the tower weights and ``--pretrain_mm_mlp_adapter`` the projector, as the reference
+   does (:func:`attach_vision`). It records in the config what the checkpoints must carry: the
+   data setup and the conversation template (``conv_mode`` = ``--version``, which the generating
+   tools default to).
+2. :func:`make_trainable` chooses the trainable parts by module path: LoRA on every LLM Linear
+   except ``lm_head`` (``model.layers.N.(self_attn|mlp).*``), ViT-LoRA on the CLIP encoder (a
+   nested PEFT model, attached before the LLM one, which therefore never wraps tower modules), the
+   projector.
+3. :func:`cast_unpartitioned` gives DeepSpeed one dtype across the model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import warnings
+
+import torch
+
+from stllava.train.arguments import FlagError
+
+logger = logging.getLogger(__name__)
+
+# LoRA targets of the LLM, by module path (vision tower and projector live elsewhere; lm_head excluded).
+LLM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn|mlp)\.[A-Za-z0-9_]+_proj"
+
+
+def attn_implementation(requested: str | None) -> str:
+    """``requested``, else flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+    if requested:
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    """The dtype weights are loaded and trained in: bfloat16 with ``--bf16``, float16 with
+    ``--fp16``, else float32."""
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def attach_vision(model, model_args, dtype: torch.dtype) -> None:
+    """Give ``model`` its tower and projector (see the module docstring, step 1). Works under ZeRO-3.
+    Refuses (:class:`~stllava.train.arguments.FlagError`) a model without a tower and no
+    ``--vision_tower``, and a ``--mm_projector_type`` other than the model's projector."""
+    from transformers import CLIPVisionModel
+
+    from stllava.model.weights import load_projector_weights
+    from stllava.train.checkpoint import load_state_dict_maybe_zero3, zero3_init_disabled
+
+    inner = model.get_model()
+    if inner.get_vision_tower() is None:
+        if not model_args.vision_tower:
+            raise FlagError(f"{model_args.model_name_or_path} has no vision tower: pass --vision_tower "
+                            "(a CLIP folder or hub id) to attach one")
+        logger.info("attaching vision tower %s and a new %s projector", model_args.vision_tower,
+                    model_args.mm_projector_type)
+        # Built unpartitioned: DeepSpeed converts (and broadcasts) these parameters at engine start.
+        with zero3_init_disabled():
+            inner.initialize_vision_modules(
+                model_args.vision_tower, select_layer=model_args.mm_vision_select_layer,
+                select_feature=model_args.mm_vision_select_feature, projector_type=model_args.mm_projector_type,
+                pretrain_mm_mlp_adapter=model_args.pretrain_mm_mlp_adapter)
+        inner.vision_tower.to(dtype=dtype)
+        inner.mm_projector.to(dtype=dtype)
+        return
+    have = getattr(model.config, "mm_projector_type", None)
+    if model_args.mm_projector_type and have and model_args.mm_projector_type != have:
+        raise FlagError(f"--mm_projector_type {model_args.mm_projector_type} but {model_args.model_name_or_path} "
+                        f"has a {have!r} projector; pass --mm_projector_type {have}")
+    if model_args.vision_tower:
+        logger.info("loading vision tower weights from %s", model_args.vision_tower)
+        with zero3_init_disabled():
+            sd = CLIPVisionModel.from_pretrained(model_args.vision_tower).state_dict()
+        load_state_dict_maybe_zero3(inner.vision_tower.clip, sd, f"vision tower weights of {model_args.vision_tower}")
+        model.config.mm_vision_tower = model_args.vision_tower
+    if model_args.pretrain_mm_mlp_adapter:
+        logger.info("loading projector weights from %s", model_args.pretrain_mm_mlp_adapter)
+        load_state_dict_maybe_zero3(inner.mm_projector, load_projector_weights(model_args.pretrain_mm_mlp_adapter),
+                                    f"projector weights of {model_args.pretrain_mm_mlp_adapter}")
+
+
+def llm_lora_target_names(model) -> list[str]:
+    """Names of the Linear modules LLM LoRA wraps: every ``nn.Linear`` matching
+    :data:`LLM_LORA_TARGETS`. Raises when a Linear of the LLM would be missed or a tower /
+    projector module matched (the regex and the model disagree)."""
+    pat = re.compile(LLM_LORA_TARGETS)
+    chosen, missed = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        in_llm = not any(k in name for k in ("vision_tower", "mm_projector")) and name != "lm_head"
+        if pat.fullmatch(name):
+            if not in_llm:
+                raise AssertionError(f"LoRA target pattern matched {name}, outside the LLM")
+            chosen.append(name)
+        elif in_llm:
+            missed.append(name)
+    if missed:
+        raise ValueError(f"LLM Linear layers outside the LoRA pattern {LLM_LORA_TARGETS!r}: {missed[:5]}")
+    if not chosen:
+        raise ValueError("no LLM Linear layer matches the LoRA pattern; is this a LLaMA model?")
+    return chosen
+
+
+def make_trainable(model, training_args):
+    """Freeze, then attach ViT-LoRA (first) and LLM LoRA, unfreeze the projector; returns the model
+    to train (a PEFT model with ``--lora_enable``)."""
+    tower = model.get_model().get_vision_tower()
+    if training_args.lora_enable:
+        model.requires_grad_(False)
+    else:  # full fine-tuning of the LLM; the tower's own weights stay frozen
+        model.requires_grad_(True)
+        tower.requires_grad_(False)
+    if training_args.vit_lora_enable:
+        tower.enable_lora(training_args.lora_r_vit, training_args.lora_alpha_vit, training_args.lora_dropout_vit)
+    if training_args.lora_enable:
+        from peft import LoraConfig, get_peft_model
+
+        targets = llm_lora_target_names(model)
+        logger.info("LLM LoRA on %d Linear layers (%s ...)", len(targets), ", ".join(targets[:3]))
+        cfg = LoraConfig(r=training_args.lora_r, lora_alpha=training_args.lora_alpha, target_modules=LLM_LORA_TARGETS,
+                         lora_dropout=training_args.lora_dropout, bias=training_args.lora_bias, task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # The nested ViT-LoRA PEFT model makes peft warn about "a second time"; the pattern
+            # above keeps the two apart.
+            warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+            model = get_peft_model(model, cfg)
+    model.get_model().mm_projector.requires_grad_(True)  # (PEFT forwards get_model to the base model)
+    return model
+
+
+def cast_unpartitioned(model, dtype: torch.dtype) -> int:
+    """Cast floating parameters that ZeRO-3 has not partitioned yet (LoRA weights, which peft
+    keeps in float32, and modules built outside ``zero.Init``) to ``dtype``: DeepSpeed wants one
+    dtype across the model and keeps its own float32 master copy of trainable weights.
+    Partitioned parameters and integer buffers are left alone. Returns how many were cast."""
+    from stllava.train.checkpoint import is_zero3_param
+
+    cast = 0
+    for p in model.parameters():
+        if not is_zero3_param(p) and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def load_model_for_training(model_args, data_args, training_args):
+    """Load the model to train and set it up for the data: ``from_pretrained`` of
+    ``--model_name_or_path`` (ZeRO-3-partitioned under an active DeepSpeed config),
+    :func:`attach_vision`, the config fields every checkpoint records (``conv_mode`` = ``--version``
+    among them), the tokenizer and the image processor. Trainable parts are not chosen here
+    (:func:`make_trainable`). Returns ``(model, tokenizer, image_processor, image_tokens)``."""
+    from stllava.model import LlavaLlamaForCausalLM
+    from stllava.model.builder import load_image_processor, load_tokenizer
+
+    dtype = compute_dtype(training_args)
+    attn = attn_implementation(model_args.attn_implementation)
+    logger.info("loading %s (dtype %s, attention %s)", model_args.model_name_or_path, dtype, attn)
+    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, attn_implementation=attn)
+    model.config.use_cache = False
+    if training_args.deepspeed:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from stllava.train.checkpoint import is_zero3_param
+
+        logger.info("DeepSpeed ZeRO-3: %s; parameters partitioned at load: %s", is_deepspeed_zero3_enabled(),
+                    any(is_zero3_param(p) for p in model.parameters()))
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.model_max_length, training=True)
+
+    attach_vision(model, model_args, dtype)
+    cfg = model.config
+    cfg.image_aspect_ratio = data_args.image_aspect_ratio
+    cfg.mm_use_im_start_end = model_args.mm_use_im_start_end
+    cfg.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    cfg.mm_projector_lr = training_args.mm_projector_lr
+    cfg.tokenizer_model_max_length = training_args.model_max_length
+    cfg.tokenizer_padding_side = "right"
+    cfg.conv_mode = model_args.version  # the template this model learns: the tools' default
+    processor_src = model_args.vision_tower or model_args.model_name_or_path
+    image_processor = load_image_processor(processor_src, cfg)
+    image_tokens = model.get_model().get_vision_tower().num_patches
+    return model, tokenizer, image_processor, image_tokens
+
+
+def prepare_model(model, training_args):
+    """:func:`make_trainable`, then :func:`cast_unpartitioned` under DeepSpeed; logs the trainable
+    parameters per part and returns the model to train."""
+    from stllava.train.checkpoint import format_trainable_summary, trainable_summary
+
+    model = make_trainable(model, training_args)
+    if training_args.deepspeed:
+        cast_unpartitioned(model, compute_dtype(training_args))
+    logger.info("trainable parameters per part:\n%s", format_trainable_summary(trainable_summary(model)))
+    return model
