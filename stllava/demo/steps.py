@@ -50,6 +50,7 @@ class LoopSettings:
     dpo_batch: int = 8
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
+    dpo_rpo_alpha: float = 0.0  # train_dpo --rpo_alpha (0 = pure DPO, the paper's)
     rft_epochs: int = 1
     rft_lr: float = 1e-3
     eval_max_new_tokens: int = 8
@@ -71,8 +72,8 @@ def _trainable_args(lr: float) -> list[str]:
 
 def merge(r: Runner, adapter: str, base: str, out: str, log: str) -> None:
     """Merge a LoRA output folder into one full checkpoint with the user-facing merge command."""
-    r.run([sys.executable, os.path.join(REPO, "scripts", "merge_lora_weights.py"), "--model-path", adapter,
-           "--model-base", base, "--save-model-path", out, "--dtype", "float32"], log)
+    r.run(py("stllava.model.merge", "--model-path", adapter, "--model-base", base, "--save-model-path", out,
+             "--dtype", "float32"), log)
 
 
 def _train_cmd(procs: int, module: str) -> list[str]:
@@ -191,7 +192,8 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
     """Stage 3: DPO from ``model`` (fresh LoRA + ViT-LoRA + projector; reference = ``model`` with the
     adapters disabled); held-out pairs scored after training. Returns the merged model folder."""
     settings = {"model": model, "pairs": train_pairs, "heldout": heldout_pairs, "epochs": s.dpo_epochs,
-                "batch": s.dpo_batch, "lr": s.dpo_lr, "beta": s.dpo_beta, "conv": s.conv, "seed": seed}
+                "batch": s.dpo_batch, "lr": s.dpo_lr, "beta": s.dpo_beta, "conv": s.conv, "seed": seed,
+                "rpo_alpha": s.dpo_rpo_alpha}
     folder = r.resolve(folder, settings)
 
     def go():
@@ -203,6 +205,7 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
             "--per_device_train_batch_size", str(s.dpo_batch),
             "--per_device_eval_batch_size", "256",  # one batch: accuracy over pairs, not batch means
             "--gradient_accumulation_steps", "1", "--dpo_beta", str(s.dpo_beta), "--dpo_loss_type", "sigmoid",
+            "--rpo_alpha", str(s.dpo_rpo_alpha),
             "--ref_model", "adapter_disabled", "--logging_steps", "2", "--save_strategy", "no",
             "--seed", str(seed), "--output_dir", os.path.join(folder, "train")] + _trainable_args(s.dpo_lr), log)
         merge(r, os.path.join(folder, "train"), model, os.path.join(folder, "merged"), log + "_merge")

@@ -65,6 +65,10 @@ class DPOTrainingArguments(TrainingArguments):
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})
     dpo_loss_type: str = field(default="sigmoid", metadata={
         "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge.", "choices": list(LOSS_TYPES)})
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "Weight of a negative log-likelihood term on the chosen answers (mean per answer token) added "
+                "to the DPO loss, as TRL's rpo_alpha (RPO, Pang et al. 2024): it keeps the chosen answers likely "
+                "while their margin grows. 0 = the paper's pure DPO."})
     ref_model: str | None = field(default=None, metadata={
         "help": "Where reference log-probs come from: adapter_disabled (the policy with its LoRA adapters, ViT-LoRA "
                 "included, disabled and the start projector swapped in; default with --lora_enable) or separate (a "
@@ -228,6 +232,9 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         self.beta = float(getattr(a, "dpo_beta", 0.1))
         self.loss_type = getattr(a, "dpo_loss_type", "sigmoid")
         check_loss_settings(self.beta, self.loss_type)
+        self.rpo_alpha = float(getattr(a, "rpo_alpha", 0.0))
+        if self.rpo_alpha < 0:
+            raise ValueError(f"--rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
         self.ref_mode = getattr(a, "ref_model", None) or ("adapter_disabled" if hasattr(self.model, "peft_config")
                                                           else "separate")
         if self.ref_mode not in REF_MODES:
@@ -300,6 +307,8 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
             ref = self.reference_logps(model, batch)
         policy, count = self.forward_logps(model, batch)
         ref = ref.to(policy.device)
+        # RPO's term: the chosen answers' negative log-likelihood per token, from the summed log-probs
+        nll = -(policy[:n] / count[:n].clamp(min=1).to(policy.dtype)).mean()
         if loss_uses_mean_logps(self.loss_type):  # per-token means (TRL's IPO)
             denom = count.clamp(min=1).to(policy.dtype)
             policy, ref = policy / denom, ref / denom
@@ -312,7 +321,12 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         values = self.accelerator.reduce(values, reduction="mean") if self.accelerator.num_processes > 1 else values
         for name, v in zip(METRIC_NAMES, values.tolist()):
             self._metrics[split][name].append(v)
-        return out.losses.mean()
+        if not self.rpo_alpha:
+            return out.losses.mean()
+        nll_value = self.accelerator.reduce(nll.detach(), reduction="mean") if self.accelerator.num_processes > 1 \
+            else nll.detach()
+        self._metrics[split]["nll_loss"].append(float(nll_value))
+        return out.losses.mean() + self.rpo_alpha * nll
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.dpo_step(model, inputs, "train")

@@ -167,3 +167,20 @@ def test_adapter_disabled_needs_lora_only_training(tiny_bundle, pairs, tmp_path)
         check_adapter_reference(LlavaLlamaForCausalLM.from_pretrained(tiny_bundle["model"]))
     full = build_dpo_trainer(argv(tiny_bundle, pairs, tmp_path, "--lora_enable", "False"))
     assert full.ref_mode == "separate" and full.ref_model is not None  # the default without LoRA
+
+
+def test_rpo_alpha_adds_the_chosen_answers_nll(tiny_bundle, pairs, tmp_path):
+    """loss = DPO + α · mean over pairs of (−log p(chosen answer) / its tokens); at step 0 DPO = log 2."""
+    trainer = build_dpo_trainer(argv(tiny_bundle, pairs, tmp_path / "rpo", "--rpo_alpha", "0.5"))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+    loss = float(trainer.compute_loss(trainer.model, inputs).detach())
+    with torch.no_grad():
+        sums, counts = trainer.forward_logps(trainer.model, concatenated_batch(inputs, trainer.pad_token_id))
+    nll = -sum(float(sums[i]) / int(counts[i]) for i in range(4)) / 4
+    assert nll > 0 and loss == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+    assert trainer._metrics["train"]["nll_loss"] == [pytest.approx(nll, rel=1e-5)]
+    plain = build_dpo_trainer(argv(tiny_bundle, pairs, tmp_path / "dpo"))
+    plain.model.train()
+    assert float(plain.compute_loss(plain.model, inputs).detach()) == pytest.approx(math.log(2), abs=1e-5)
+    assert "nll_loss" not in plain._metrics["train"]
