@@ -6,8 +6,8 @@ Two builders, because the study shares most of its data between runs:
   the **unlabelled pool** (images only; its facts are known to the phantom judge alone), a
   **validation** split (settings are chosen on it) and a **test** split (reported, never tuned on),
   each with its LLaVA-Med evaluation files.
-* :func:`build_labelled` — one seed's **labelled** phantoms and, for each labelled-set size, the SFT
-  file using the first ``n`` of them (so the sets of one seed are nested: 100 ⊂ 300 ⊂ 1,500).
+* :func:`build_labelled` — one seed's pool of **labelled** phantoms; :func:`write_sft_set` the SFT file
+  of its first ``n`` (so the sets of one seed are nested: 30 ⊂ 100 ⊂ 1,500).
 
 Every test/validation record carries the question's ``kind`` (presence, modality, side, count,
 size) for the per-kind breakdown; the LLaVA-Med scorer ignores the extra field.
@@ -86,13 +86,13 @@ def training_questions(records: list[dict]) -> list[str]:
                    if c["from"] == "human"})
 
 
-def build_labelled(root: str, sizes: list[int], seed: int, with_vqa_rad: bool = False) -> dict[int, str]:
-    """Render ``max(sizes)`` labelled phantoms for ``seed`` under ``root/images/phantoms/`` and write
-    ``root/sft_<n>.json`` for each size ``n`` (its first ``n`` phantoms, plus the embedded VQA-RAD
-    conversations when ``with_vqa_rad``). Image paths are relative to ``root/images``.
-    Returns ``{n: sft file}``; ``root/questions.json`` lists each file's training questions."""
+def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False) -> str:
+    """Render ``n_pool`` labelled phantoms for ``seed`` under ``root/images/phantoms/`` and write their
+    conversations, in phantom order, to ``root/records.json`` (plus the embedded VQA-RAD conversations
+    in ``root/extra.json`` when ``with_vqa_rad``). Image paths are relative to ``root/images``.
+    :func:`write_sft_set` then takes the first ``n`` of them. Returns ``root``."""
     images = os.path.join(root, "images")
-    phantoms = make_split(os.path.join(root, "phantoms"), max(sizes), seed + LABELLED, "train")
+    phantoms = make_split(os.path.join(root, "phantoms"), n_pool, seed + LABELLED, "train")
     shutil.rmtree(images, ignore_errors=True)
     shutil.copytree(os.path.join(root, "phantoms", "images"), os.path.join(images, "phantoms"))
     extra: list[dict] = []
@@ -103,12 +103,23 @@ def build_labelled(root: str, sizes: list[int], seed: int, with_vqa_rad: bool = 
     records = sft_records(phantoms, seed + 4)
     for r in records:
         r["image"] = "phantoms/" + r["image"]
-    files, questions = {}, {}
-    for n in sorted(set(sizes)):
-        sft = records[:n] + extra
-        random.Random(seed).shuffle(sft)
-        files[n] = os.path.join(root, f"sft_{n}.json")
-        write_json_atomic(files[n], sft)
-        questions[str(n)] = training_questions(sft)
-    write_json_atomic(os.path.join(root, "questions.json"), questions)
-    return files
+    write_json_atomic(os.path.join(root, "records.json"), records)
+    write_json_atomic(os.path.join(root, "extra.json"), extra)
+    return root
+
+
+def write_sft_set(root: str, n: int, seed: int) -> tuple[str, list[str]]:
+    """``root/sft_<n>.json``: the first ``n`` labelled phantoms' conversations of :func:`build_labelled`
+    (plus its extra records), shuffled with ``seed`` — so one seed's sets are nested. Returns the
+    file and its training questions. Refuses ``n`` above the pool."""
+    with open(os.path.join(root, "records.json")) as f:
+        records = json.load(f)
+    with open(os.path.join(root, "extra.json")) as f:
+        extra = json.load(f)
+    if n > len(records):
+        raise ValueError(f"{root}: {n} labelled phantoms asked for, the pool has {len(records)}")
+    sft = records[:n] + extra
+    random.Random(seed).shuffle(sft)
+    path = os.path.join(root, f"sft_{n}.json")
+    write_json_atomic(path, sft)
+    return path, training_questions(sft)

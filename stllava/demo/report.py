@@ -108,8 +108,10 @@ def write_report(demo) -> str:
     os.makedirs(out, exist_ok=True)
     data = metrics(demo)
     facts = demo.path("data", "phantoms", "unlabelled", "facts.json")
-    with open(demo.path("labelled", "questions.json")) as f:
-        asked_in_training = json.load(f)[str(c.n_labelled)]
+    from stllava.demo.data import training_questions
+
+    with open(demo.path("labelled", f"sft_{c.n_labelled}.json")) as f:
+        asked_in_training = training_questions(json.load(f))
     qstats = question_stats(demo.path("selftrain", "questions", "questions.jsonl"), facts, asked_in_training)
     pairs_dir = demo.path("selftrain", "pairs")
     pstats = pair_stats(demo.path("selftrain", "judged", "judged.jsonl"),

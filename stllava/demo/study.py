@@ -46,19 +46,20 @@ SPLITS = ("val", "test")
 @dataclasses.dataclass
 class StudyConfig:
     workdir: str = "playground/study"
-    sizes: tuple[int, ...] = (100, 300, 1500)
+    sizes: tuple[int, ...] = (30, 100, 1500)
     seeds: tuple[int, ...] = (0, 1, 2)
     conditions: tuple[str, ...] = CONDITIONS
     n_unlabelled: int = 2000
-    n_val: int = 60
-    n_test: int = 100
+    labelled_pool: int = 1500  # labelled phantoms rendered per seed; a size n uses the first n
+    n_val: int = 100
+    n_test: int = 200
     data_seed: int = 0
     splits: tuple[str, ...] = SPLITS  # evaluation sets: val (settings were chosen on it) and test
     jobs: int = 2
-    loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
+    loop: LoopSettings = dataclasses.field(default_factory=lambda: LoopSettings(heldout_share=0.1))
 
 
-QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, n_val=4, n_test=6, splits=("test",),
+QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, labelled_pool=24, n_val=4, n_test=6, splits=("test",),
              loop=LoopSettings(sft_steps=40, sft_batch=8, n_questions=3, dpo_batch=4, eval_max_new_tokens=4,
                                heldout_share=0.0))
 
@@ -70,6 +71,7 @@ class Study:
             raise StllavaError(f"unknown condition(s) {bad}", fix=f"--conditions from {','.join(CONDITIONS)}")
         self.cfg = cfg
         self.r = Runner(cfg.workdir, threads=1, echo=False)
+        self.training_questions: dict[tuple[int, int], list[str]] = {}
 
     def path(self, *parts: str) -> str:
         return self.r.path(*parts)
@@ -77,18 +79,23 @@ class Study:
     # -- shared inputs -----------------------------------------------------------------------------
     def prepare(self) -> None:
         """The shared data, then each seed's tiny model and labelled sets (before the parallel runs)."""
-        from stllava.demo.data import build_labelled, build_shared
+        from stllava.demo.data import build_labelled, build_shared, write_sft_set
         from stllava.model.tiny import build_tiny_bundle
 
         c = self.cfg
         self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
                                                 "seed": c.data_seed},
                     lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed))
+        pool = max(c.labelled_pool, *c.sizes)
         for seed in c.seeds:
+            lab = self.path(f"seed{seed}", "labelled")
             self.r.step("bundle", self.path(f"seed{seed}", "tiny"), {"seed": seed},
                         lambda seed=seed: build_tiny_bundle(self.path(f"seed{seed}", "tiny"), seed=seed))
-            self.r.step("labelled", self.path(f"seed{seed}", "labelled"), {"sizes": sorted(c.sizes), "seed": seed},
-                        lambda seed=seed: build_labelled(self.path(f"seed{seed}", "labelled"), list(c.sizes), seed))
+            self.r.step("labelled", lab, {"pool": pool, "seed": seed},
+                        lambda lab=lab, seed=seed: build_labelled(lab, pool, seed))
+            for n in c.sizes:
+                _, questions = write_sft_set(lab, n, seed)
+                self.training_questions[(seed, n)] = questions
 
     def eval_sets(self) -> dict[str, tuple[str, str]]:
         return {split: (self.path("data", f"eval_{split}"), self.path("data", "phantoms", split, "images"))
@@ -115,9 +122,7 @@ class Study:
         a = steps.answers(self.r, self.path(cell, "answers-{key}"), sft_model, q, unl, s, seed, log=f"{log}_a")
         j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, log=f"{log}_judge")
         train, held = steps.pairs(self.r, self.path(cell, "pairs-{key}"), j, s, seed, log=f"{log}_pairs")
-        with open(self.path(f"seed{seed}", "labelled", "questions.json")) as f:
-            asked_in_training = json.load(f)[str(n)]
-        return {"pairs": (train, held), "questions": question_stats(q, facts, asked_in_training),
+        return {"pairs": (train, held), "questions": question_stats(q, facts, self.training_questions[(seed, n)]),
                 "pair_quality": pair_stats(j, [train, held], facts)}
 
     def _dpo(self, cell: str, sft_model: str, data: dict, s: LoopSettings, seed: int, log: str) -> tuple[str, dict]:
@@ -211,8 +216,18 @@ class Study:
 
 # The settings search, on the validation phantoms (``--search``): each variant overrides the loop
 # settings in LoopSettings; what was tried and what was chosen is in docs/Study.md.
+# Stage 2 as the paper runs it (two answers) and with the extensions this project offers, then DPO
+# made stronger or better anchored. Every variant keeps SFT as it is (so they share their SFT models).
+_K8 = {"n_answers": 8, "a_temperature": 1.5, "a_top_k": 5}
+_CAP = {**_K8, "max_pairs_per_question": 100}
 SEARCH: dict[str, dict] = {
-    "published-demo": {},
+    "paper-k2": {},
+    "k8": _K8,
+    "k8-cap": _CAP,
+    "k8-cap-beta0.5": {**_CAP, "dpo_beta": 0.5},
+    "k8-cap-beta0.5-rpo1": {**_CAP, "dpo_beta": 0.5, "dpo_rpo_alpha": 1.0},
+    "k8-cap-beta0.5-strong": {**_CAP, "dpo_beta": 0.5, "dpo_epochs": 4, "dpo_lr": 5e-4, "rft_epochs": 4},
+    "k8-cap-beta0.5-diverse-q": {**_CAP, "dpo_beta": 0.5, "q_temperature": 1.2, "q_top_k": 50},
 }
 
 
@@ -234,7 +249,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="where every run writes (default playground/study, "
                     "playground/study-quick with --quick)")
-    ap.add_argument("--sizes", default=None, help="labelled-set sizes, comma-separated (default 100,300,1500)")
+    ap.add_argument("--sizes", default=None, help="labelled-set sizes, comma-separated (default 30,100,1500)")
     ap.add_argument("--seeds", default=None, help="seeds, comma-separated (default 0,1,2)")
     ap.add_argument("--conditions", default=None, help=f"subset of {','.join(CONDITIONS)} (default: all)")
     ap.add_argument("--unlabelled", type=int, default=None, help="size of the unlabelled pool (default 2000)")
