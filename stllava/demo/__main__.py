@@ -32,12 +32,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every sampling stream")
     ap.add_argument("--quick", action="store_true", help="a shortened loop (minutes) for CI and smoke tests")
     ap.add_argument("--sft-procs", type=int, default=None, help="2 = stage 1 on 2-process DeepSpeed ZeRO-3 (gloo)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per stage command (default 1; results depend on it in the last bits, see "
+                    "docs/Study.md)")
     ap.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    cfg = DemoConfig(workdir=args.workdir, seed=args.seed, **(QUICK if args.quick else {}))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    cfg = DemoConfig(workdir=args.workdir, seed=args.seed, threads=args.threads, **(QUICK if args.quick else {}))
     if args.sft_procs:
         cfg.loop = dataclasses.replace(cfg.loop, sft_procs=args.sft_procs)
     t0 = time.time()

@@ -37,6 +37,7 @@ class DemoConfig:
     n_unlabelled: int = 500
     n_val: int = 40
     n_test: int = 60
+    threads: int = 1
     loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
 
 
@@ -45,7 +46,7 @@ class Demo:
 
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.r = Runner(cfg.workdir, threads=1, echo=True)
+        self.r = Runner(cfg.workdir, threads=cfg.threads, echo=True)
 
     def path(self, *parts: str) -> str:
         return self.r.path(*parts)

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tool_args(p, model_help="stage-1 checkpoint folder",
                   conv_help=f"template of the answering prompt (default: the checkpoint's recorded conv_mode, "
                             f"else {DEFAULT_CONV_MODE})",
-                  batch_size=8, batch_help="sequences per generate call (2 per question)",
+                  batch_size=8, batch_help="sequences per generate call (--n-answers per question)",
                   seed_help="base seed; answer j of question Q uses derive_seed(seed, Q, j)")
     p.add_argument("--questions", required=True, help="questions JSONL from stllava.selftrain.questions")
     p.add_argument("--image-folder", required=True, help="the folder the questions' image paths are relative to")
