@@ -51,6 +51,8 @@ class StudyConfig:
     conditions: tuple[str, ...] = CONDITIONS
     n_unlabelled: int = 2000
     labelled_pool: int = 1500  # labelled phantoms rendered per seed; a size n uses the first n
+    # the self-questioning ablation (nosq, nosq_st) runs at these sizes only (None: every size)
+    ablation_sizes: tuple[int, ...] | None = (100,)
     n_val: int = 100
     n_test: int = 200
     data_seed: int = 0
@@ -60,6 +62,7 @@ class StudyConfig:
 
 
 QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, labelled_pool=24, n_val=4, n_test=6, splits=("test",),
+             ablation_sizes=None,
              loop=LoopSettings(sft_steps=40, sft_batch=8, n_questions=3, dpo_batch=4, eval_max_new_tokens=4,
                                heldout_share=0.0))
 
@@ -150,6 +153,8 @@ class Study:
         tiny, lab = self.path(f"seed{seed}", "tiny"), self.path(f"seed{seed}", "labelled")
         data, images = os.path.join(lab, f"sft_{n}.json"), os.path.join(lab, "images")
         res: dict = {"seed": seed, "n_labelled": n, "conditions": {}, "stage2": {}}
+        if conditions is None and self.cfg.ablation_sizes is not None and n not in self.cfg.ablation_sizes:
+            want -= {"nosq", "nosq_st", "nosq_rft"}
         for tag, sq_r in (("", s.sq_r), ("nosq", 0.0)):
             names = {c: (f"{tag}_{c}" if tag else c) for c in ("sft", "st", "rft")}
             names["sft"] = tag or "sft"
