@@ -211,3 +211,26 @@ def test_sampling_follows_the_seed_only(loaded):
     assert a[0] == a[2] and a[0] != generate(model, tok, proc, prompts[:1], ims[:1], st, [5])[0]
     with pytest.raises(ValueError, match="one seed per prompt"):
         generate(model, tok, proc, prompts, ims, st)
+
+
+def test_bench_generation_times_the_tool_and_checks_the_answers(tiny_bundle, tmp_path):
+    """scripts/bench_generation.py, tiny settings: both ratios, equal answers, and the image counts
+    that decide the end-to-end ratio (file order shares images within a batch, spread order none)."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_generation.py")
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["--model-path", tiny_bundle["model"], "--questions", "6", "--batch-size", "3", "--new-tokens", "2",
+              "--repeats", "1"]
+    res = bench.main(common + ["--json", str(tmp_path / "file.json")])
+    assert res == json.loads((tmp_path / "file.json").read_text())
+    assert res["batched_equals_single"] is True
+    assert res["images_prepared"] == {"single": 6, "batched": 3}  # images: 19605 19605 16174 | 16174 ×3
+    assert all(res[k]["ratio"] > 0 and res[k]["cpu_ratio"] > 0 for k in ("generation", "end_to_end"))
+    spread = bench.main(common + ["--order", "spread"])
+    assert spread["batched_equals_single"] is True and spread["images_prepared"] == {"single": 6, "batched": 6}
+    assert bench.spread_order([{"i": "a"}, {"i": "a"}, {"i": "b"}, {"i": "c"}], "i") == \
+        [{"i": "a"}, {"i": "b"}, {"i": "c"}, {"i": "a"}]

@@ -1,11 +1,16 @@
 """tokenizer_image_token, image padding/preprocessing, model names."""
+import random
+from importlib import resources
+
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, LlamaTokenizer
+from transformers import CLIPImageProcessor, CLIPImageProcessorPil, LlamaTokenizer
+from transformers.image_utils import PILImageResampling
 
 from stllava.constants import IMAGE_TOKEN_INDEX
 from stllava.mm_utils import (
+    _pil_resize_target,
     expand2square,
     get_model_name_from_path,
     process_images,
@@ -165,6 +170,62 @@ def test_process_images_pad_on_grey_and_batch(processor):
     assert _rgb255(out[0], 28, 0) == list(BG)  # left strip of the tall image is the mean colour
     with pytest.raises(ValueError):
         process_images([], processor, {"image_aspect_ratio": "pad"})
+
+
+# ------------------------------------------------- the PIL-resize shortcut gives the same pixels
+def _processor_alone(images, processor):
+    """SPEC §2 with the processor doing all the resizing (process_images before its shortcut)."""
+    bg = tuple(int(x * 255) for x in processor.image_mean)
+    return processor([expand2square(im.convert("RGB"), bg) for im in images], return_tensors="pt")["pixel_values"]
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    """The 24 embedded VQA-RAD radiographs (JPEG, ~1000 px, mostly not square, as opened: not yet
+    RGB-converted), 8 demo phantoms (square PNG-like renders) and odd modes and shapes."""
+    from stllava.demo.phantoms import render, sample_phantom
+
+    folder = resources.files("stllava") / "assets" / "vqa_rad" / "images"
+    jpegs = []
+    for path in sorted(folder.iterdir()):
+        with Image.open(path) as im:
+            im.load()
+            jpegs.append(im)
+    rng = random.Random(0)
+    phantoms = [render(sample_phantom(rng, f"p{i}"), rng) for i in range(8)]
+    odd = [jpegs[0].convert("L"), jpegs[1].convert("RGBA"), jpegs[2].convert("P"), jpegs[3].convert("RGB"),
+           Image.new("RGB", (1, 300), RED), Image.new("RGB", (7, 7), RED)]
+    assert sum(im.width != im.height for im in jpegs) >= 18  # the padding is exercised
+    return jpegs + phantoms + odd
+
+
+@pytest.mark.parametrize("kwargs,target", [
+    (dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}), (336, 336)),  # CLIP ViT-L/14-336
+    (dict(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}), (112, 112)),  # the tiny tower
+    (dict(size={"height": 200, "width": 200}, do_center_crop=False), (200, 200)),
+    (dict(size={"shortest_edge": 64}, crop_size={"height": 50, "width": 48}, resample=PILImageResampling.BILINEAR),
+     (64, 64)),
+], ids=["clip336", "tiny112", "height-width", "bilinear-crop"])
+def test_process_images_pad_equals_the_processor_alone(real_images, kwargs, target):
+    proc = CLIPImageProcessorPil(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), **kwargs)
+    assert _pil_resize_target(proc) == target  # the shortcut is taken
+    got = process_images(real_images, proc, {"image_aspect_ratio": "pad"})
+    assert torch.equal(got, _processor_alone(real_images, proc))  # bit for bit
+
+
+def test_process_images_leaves_resizing_to_a_processor_that_changes_it(real_images):
+    class NearestResize(CLIPImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample=PILImageResampling.NEAREST, **kwargs)
+
+    kw = dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    custom, plain = NearestResize(**kw), CLIPImageProcessorPil(**kw)
+    assert _pil_resize_target(custom) is None and _pil_resize_target(plain) == (56, 56)
+    assert _pil_resize_target(CLIPImageProcessorPil(size={"shortest_edge": 56, "longest_edge": 90})) is None
+    images = real_images[:4]
+    got = process_images(images, custom, {"image_aspect_ratio": "pad"})
+    assert torch.equal(got, _processor_alone(images, custom))
+    assert not torch.equal(got, process_images(images, plain, {"image_aspect_ratio": "pad"}))  # it did differ
 
 
 # ---------------------------------------------------------------- model names
