@@ -49,6 +49,7 @@ from stllava.tooling import (
     model_path_setting,
     pending_items,
     read_done,
+    refuse_empty,
     run_batches,
     settle_conv_mode,
     setup_logging,
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
     settings, model_id = settings_of(args), model_name(args.model_path)
     questions = load_questions(args.questions)
+    refuse_empty(questions, args, args.questions, "questions")
     chunk = chunk_of(questions, args.num_chunks, args.chunk_idx)
     done = read_done(args.out, "question_id", settings, overwrite=args.overwrite)
     pending = pending_items(chunk, lambda q: q.question_id, done, "answers", args.out)
