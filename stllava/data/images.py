@@ -78,8 +78,9 @@ def image_path(image_folder: str | None, image: str) -> str:
 
 def max_image_pixels() -> int:
     """The largest image (width x height) any stllava tool decodes: ``$STLLAVA_MAX_IMAGE_PIXELS``,
-    else :data:`DEFAULT_MAX_PIXELS`. Also makes it PIL's own limit, so a larger setting is not
-    refused by PIL first. Refuses (:class:`ImageSettingError`) a value that is not a positive integer."""
+    else :data:`DEFAULT_MAX_PIXELS`. A larger setting also raises PIL's own ``Image.MAX_IMAGE_PIXELS``
+    (process-wide), so PIL does not refuse it first. Refuses (:class:`ImageSettingError`) a value
+    that is not a positive integer."""
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
     if not raw:
         limit = DEFAULT_MAX_PIXELS
@@ -88,7 +89,10 @@ def max_image_pixels() -> int:
     else:
         raise ImageSettingError(f"${MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is not a positive integer; "
                                 "fix: set it to the largest width x height to accept, e.g. 200000000, or unset it")
-    Image.MAX_IMAGE_PIXELS = limit  # PIL raises above 2x this; between 1x and 2x it would only warn
+    # PIL refuses above twice its own limit inside Image.open, before our check: raise its limit with
+    # ours (never lower it: a lower limit is enforced by check_size, other code keeps PIL's default).
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
     return limit
 
 

@@ -204,7 +204,7 @@ def _main(argv: list[str] | None) -> int:
     s = run(args)
     rate = s["answered"] / s["seconds"] if s["seconds"] else 0.0
     print(f"answered {s['answered']} questions in {s['seconds']:.1f} s ({rate:.2f} q/s); "
-          f"{s['already_answered']} already answered; {s['skipped_bad']} skipped (missing/unreadable image); "
+          f"{s['already_answered']} already answered; {s['skipped_bad']} skipped (bad image); "
           f"chunk {args.chunk_idx}/{args.num_chunks} of {s['questions']} questions → {args.answers_file}")
     return 0
 

@@ -198,7 +198,7 @@ def _main(argv: list[str] | None) -> int:
     setup_logging()
     s = run(args)
     print(f"{s['written']} questions answered ({N_ANSWERS} answers each) in {s['seconds']:.1f} s; "
-          f"{s['already_done']} already done; {len(s['skipped'])} skipped (missing/unreadable image) → {args.out}")
+          f"{s['already_done']} already done; {len(s['skipped'])} skipped (bad image) → {args.out}")
     return 0
 
 
