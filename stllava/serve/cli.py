@@ -88,7 +88,7 @@ def load_image(src: str, allow_url: bool = False) -> Image.Image:
     Raises ChatInputError for a URL without ``allow_url``, a download that fails, and a file
     that is missing, not an image, truncated or over the pixel limit (naming what is wrong).
     """
-    from stllava.data.images import ImageTooLarge, open_image
+    from stllava.data.images import ImageLoadError, ImageTooLarge, open_image
     from stllava.data.images import load_image as load_file
 
     if src.startswith(("http://", "https://")):
@@ -109,7 +109,7 @@ def load_image(src: str, allow_url: bool = False) -> Image.Image:
         raise ChatInputError(f"--image-file {src} does not exist")
     try:
         return load_file(src)
-    except StllavaError as e:  # ImageLoadError: its kind and detail, without training's advice
+    except ImageLoadError as e:  # its kind and detail, without training's advice
         raise ChatInputError(f"--image-file {src}: {e.kind} ({e.detail})") from None
 
 
