@@ -240,13 +240,13 @@ def check_kbit_training(training_args: TrainingArguments) -> None:
     flag = f"--bits {training_args.bits}"
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError(f"{flag} (QLoRA) needs bitsandbytes, which is not installed: pip install 'stllava[qlora]' "
-                        "(or pip install bitsandbytes), on a CUDA machine or with bitsandbytes >= 0.48 on the CPU; "
+                        "(or pip install bitsandbytes), on a CUDA machine or with bitsandbytes >= 0.50 on the CPU; "
                         "or train without --bits")
     from transformers.integrations import validate_bnb_backend_availability
 
     if not validate_bnb_backend_availability(raise_exception=False):
         raise FlagError(f"{flag} (QLoRA): the installed bitsandbytes has no backend for this machine; it needs a "
-                        "CUDA GPU (or bitsandbytes >= 0.48 for the CPU)")
+                        "CUDA GPU (or bitsandbytes >= 0.50 for the CPU)")
     if training_args.deepspeed and is_deepspeed_zero3_enabled():
         raise FlagError(f"{flag}: ZeRO-3 cannot partition bitsandbytes weights; use --deepspeed scripts/zero2.json "
                         "or no --deepspeed")

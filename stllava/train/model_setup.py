@@ -31,6 +31,10 @@ from stllava.train.arguments import FlagError
 
 logger = logging.getLogger(__name__)
 
+# Modules --bits leaves unquantized, as module-path prefixes (transformers 5 matches a pattern from
+# the start of a module's name or as its suffix, so a bare "mm_projector" would match nothing).
+KBIT_SKIP_MODULES = ["model.mm_projector", "model.vision_tower", "lm_head"]
+
 # LoRA targets of the LLM, by module path (vision tower and projector live elsewhere; lm_head excluded).
 LLM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn|mlp)\.[A-Za-z0-9_]+_proj"
 
@@ -190,7 +194,7 @@ def kbit_quantization_config(training_args):
     check_kbit_training(training_args)
     return BitsAndBytesConfig(load_in_4bit=training_args.bits == 4, load_in_8bit=training_args.bits == 8,
                               llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
-                              llm_int8_skip_modules=["mm_projector", "vision_tower", "lm_head"],
+                              llm_int8_skip_modules=KBIT_SKIP_MODULES,
                               bnb_4bit_compute_dtype=compute_dtype(training_args),
                               bnb_4bit_use_double_quant=training_args.double_quant,
                               bnb_4bit_quant_type=training_args.quant_type)
