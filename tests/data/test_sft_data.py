@@ -174,7 +174,8 @@ def test_model_max_length_unit_text_tokens_counts_the_image_as_one(tok_proc, tmp
 
     tok, proc = tok_proc
     data, folder = write_colour_dataset(str(tmp_path), n=2)
-    kw = dict(image_folder=folder, version="v1", sq_r=0.0, seed=0, image_aspect_ratio="pad", model_max_length=max_len)
+    # 79 input ids each: within 100 counting the image as one, 142 positions counting its 64 patches
+    kw = dict(image_folder=folder, version="v1", sq_r=0.0, seed=0, image_aspect_ratio="pad", model_max_length=100)
     assert len(build_sft_dataset(data, tok, proc, image_tokens=text, **kw)) == 2
     with pytest.raises(BadDataError, match="too long"):
         build_sft_dataset(data, tok, proc, image_tokens=positions, **kw)
