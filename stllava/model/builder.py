@@ -88,7 +88,7 @@ def quantization_config(load_8bit: bool, load_4bit: bool, device: str):
         raise ValueError(f"{flag} needs a CUDA device (got {device!r}); load without quantization on cpu/mps")
     from transformers import BitsAndBytesConfig
 
-    skip = ["mm_projector", "vision_tower", "lm_head"]  # small, precision-sensitive parts stay in fp16
+    skip = ["model.mm_projector", "model.vision_tower", "lm_head"]  # stay fp16 (prefixes: transformers 5 matching)
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True,

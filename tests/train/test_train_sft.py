@@ -172,7 +172,31 @@ def test_deepspeed_zero3_two_processes_and_resume(learnable, tmp_path, shm_comm_
     shutil.copytree(os.path.join(a_out, "checkpoint-3"), os.path.join(b_out, "checkpoint-3"))
     _torchrun(2, common(b, b_out, *args, "--resume_from_checkpoint", os.path.join(b_out, "checkpoint-3")))
     lb = losses(b_out)
-    assert [lb[4], lb[5]] == pytest.approx([la[4], la[5]], rel=1e-5)
+    assert [lb[4], lb[5]] == pytest.approx([la[4], la[5]], rel=1e-5)  # (it passed the manifest check)
+
+    # A file planted in the checkpoint would run its payload inside DeepSpeed's torch.load: refused.
+    import pickle
+
+    c_out, marker = str(tmp_path / "c"), tmp_path / "payload_ran"
+    shutil.copytree(os.path.join(a_out, "checkpoint-3"), os.path.join(c_out, "checkpoint-3"))
+    planted = os.path.join(c_out, "checkpoint-3", "global_step3", "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    with open(planted, "wb") as f:
+        f.write(pickle.dumps(_Payload(str(marker))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "stllava/train/train_sft.py", *common(b, c_out, *args, "--resume_from_checkpoint",
+                                                 os.path.join(c_out, "checkpoint-3"))]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and not marker.exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: refusing to resume")]
+    assert len(errors) == 1 and f"{planted} changed since the checkpoint was saved" in errors[0], proc.stderr[-3000:]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 @pytest.mark.slow
