@@ -41,7 +41,7 @@ browser:
 
 # Everything: lint, then every test (slow multi-process and end-to-end ones included). CI runs this.
 test: lint browser
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=25 tests
 
 # The same without the tests marked `slow` (multi-process, end-to-end): for quick iterations.
 test-fast: lint browser

@@ -30,12 +30,14 @@
 # OUT/start_model/; DPO then trains NEW LoRA (r 128) + ViT-LoRA (r 32) adapters and the projector on
 # top of the merged model, as the reference did. The reference log-probs come from the start
 # weights only (REF_MODEL=adapter_disabled: the policy with its adapters off and a frozen copy of
-# the start projector, no second model copy). The pairs are checked first (missing/corrupt
-# images, bad roles, differing questions, too long; stop with a report, or EXTRA="--on_bad_sample
-# skip"). Every SAVE_STEPS and at the end, OUT (and OUT/checkpoint-N) receive the stage-1 layout:
-# adapter_model.safetensors + adapter_config.json, non_lora_trainables.bin, Vit-lora/, config.json,
-# tokenizer, preprocessor_config.json. Load the result with --model-base <the start model> (OUT/start_model
-# for a LoRA-layout MODEL, else MODEL; config.json names it in "dpo_start_model").
+# the start projector, no second model copy). The paths above are checked first (a missing one stops
+# the script with one line naming its variable, exit status 2); the pairs are checked next, before any
+# weight is loaded or merged (missing/corrupt images, bad roles, differing questions, too long; stop
+# with a report, or EXTRA="--on_bad_sample skip"). Every SAVE_STEPS and at the end, OUT (and
+# OUT/checkpoint-N) receive the stage-1 layout: adapter_model.safetensors + adapter_config.json,
+# non_lora_trainables.bin, Vit-lora/, config.json, tokenizer, preprocessor_config.json. Load the
+# result with --model-base <the start model> (OUT/start_model for a LoRA-layout MODEL, else MODEL;
+# config.json names it in "dpo_start_model").
 # Logged every step: loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected},
 # ref_logps/{chosen,rejected}. On a machine without CUDA the run uses the CPU (gloo); see docs/Training.md.
 set -euo pipefail
@@ -66,6 +68,14 @@ EXTRA=${EXTRA:-}
 # shellcheck source=scripts/launch_common.sh
 source ./scripts/launch_common.sh  # LAUNCHER, PYTHON
 select_launcher train_dpo  # sets launch=(...)
+# Inputs first, before any launcher starts a rank (one line naming the variable, exit status 2).
+check_input dpo_finetune.sh MODEL dir hub
+check_input dpo_finetune.sh MODEL_BASE dir hub
+check_input dpo_finetune.sh VISION_TOWER dir hub
+check_input dpo_finetune.sh PROJECTOR file
+check_input dpo_finetune.sh DATA file
+check_input dpo_finetune.sh IMAGES dir
+check_input dpo_finetune.sh ZERO file
 optional=()
 if [ -n "$MODEL_BASE" ]; then optional+=(--model_base "$MODEL_BASE"); fi
 if [ -n "$VISION_TOWER" ]; then optional+=(--vision_tower "$VISION_TOWER"); fi

@@ -21,8 +21,10 @@
 # LoRA r=128 on the LLM (~320M trainable), ViT-LoRA r=32, the cluster projector trainable at
 # 2e-5 and the ViT-LoRA at 5e-5; bf16, ZeRO-3, gradient checkpointing.
 #
-# What happens: the data are checked first (missing/corrupt images, bad roles, <image> mismatches,
-# too long; the run stops with a report, or add EXTRA="--on_bad_sample skip"); the trainable
+# What happens: the paths above are checked (a missing one stops the script with one line naming its
+# variable, exit status 2); the data are checked next, before any weight is loaded (missing/corrupt
+# images, bad roles, <image> mismatches, too long; the run stops with a report, or add
+# EXTRA="--on_bad_sample skip"); the trainable
 # parameters per part are logged; every SAVE_STEPS and at the end, OUT (and OUT/checkpoint-N)
 # receive adapter_model.safetensors + adapter_config.json (LLM LoRA), non_lora_trainables.bin
 # (projector), Vit-lora/, config.json, the tokenizer and preprocessor_config.json. Resume with
@@ -52,6 +54,13 @@ EXTRA=${EXTRA:-}
 # shellcheck source=scripts/launch_common.sh
 source ./scripts/launch_common.sh  # LAUNCHER, PYTHON
 select_launcher train_sft  # sets launch=(...)
+# Inputs first, before any launcher starts a rank (one line naming the variable, exit status 2).
+check_input sqllava_med.sh MODEL dir hub
+check_input sqllava_med.sh VISION_TOWER dir hub
+check_input sqllava_med.sh PROJECTOR file
+check_input sqllava_med.sh DATA file
+check_input sqllava_med.sh IMAGES dir
+check_input sqllava_med.sh ZERO file
 projector=()
 if [ -n "$PROJECTOR" ]; then projector=(--pretrain_mm_mlp_adapter "$PROJECTOR"); fi
 

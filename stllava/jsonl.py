@@ -7,7 +7,12 @@ Three needs, written once:
 * **appending** one record per line, flushed at once, so that a run killed at any moment leaves
   every record it finished on disk (a ``kill -9`` can at worst cut the *last* line short);
 * **resuming**: a cut-short last line is recognised (it has no trailing newline), dropped with a
-  warning and trimmed off before appending again, instead of being reported as corrupt data.
+  warning and trimmed off before appending again, instead of being reported as corrupt data --
+  also when the cut falls inside a multi-byte UTF-8 character (records are written with
+  ``ensure_ascii=False``);
+* **decoding**: files are UTF-8; a file that is not (e.g. saved as Latin-1) is refused naming the
+  file, the line and the byte (:class:`EncodingError`, :func:`read_utf8`), never a bare
+  ``UnicodeDecodeError``.
 
 The standard ``json`` module does the parsing; what no library does for us is the line-numbered
 error and the tail repair, hence this small module.
@@ -26,11 +31,13 @@ from stllava.errors import StllavaError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EncodingError",
     "JsonlError",
     "JsonlWriter",
     "dumps",
     "iter_jsonl",
     "read_jsonl",
+    "read_utf8",
     "repair_tail",
     "write_json_atomic",
     "write_jsonl_atomic",
@@ -38,16 +45,41 @@ __all__ = [
 
 
 class JsonlError(StllavaError, ValueError):
-    """A line of a JSONL file is not a JSON object. ``path`` and ``line`` (1-based) say where."""
+    """A line of a JSONL file is not a JSON object. ``path`` and ``line`` (1-based) say where. The
+    message names no flag: a tool that can skip such lines (the judge's ``--skip-bad``) says so itself."""
 
     def __init__(self, path: str | os.PathLike, line: int, reason: str):
         self.path = str(path)
         self.line = line
         self.reason = reason
         super().__init__(
-            f"{self.path}, line {line}: {reason}. Fix or delete that line (each line must be one "
-            f"JSON object), or pass --skip-bad where the tool offers it to skip and count such lines."
+            f"{self.path}, line {line}: {reason}. Fix or delete that line (each line must be one JSON object)"
         )
+
+
+class EncodingError(StllavaError, ValueError):
+    """A file that is not UTF-8 text; the message names the file, the line and the byte."""
+
+
+_UTF8_FIX = "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)"
+
+
+def _not_utf8(byte: int, column: int) -> str:
+    return f"not UTF-8 text (byte 0x{byte:02x} at column {column})"
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path`` decoded as UTF-8 (a leading byte-order mark is dropped).
+
+    Refuses (:class:`EncodingError`) a file that is not UTF-8, naming the file, the line, the
+    column and the byte. Raises FileNotFoundError / OSError as ``open`` does."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise EncodingError(f"{path}, line {line}: {_not_utf8(data[e.start], column)}; fix: {_UTF8_FIX}") from None
 
 
 def dumps(record: Any) -> str:
@@ -59,7 +91,8 @@ def _parse_line(path, lineno: int, text: str) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise JsonlError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        # json's message for an open string ends in "starting at" (the position follows in str(e)).
+        raise JsonlError(path, lineno, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise JsonlError(path, lineno, f"expected a JSON object, found {type(record).__name__}")
     return record
@@ -74,23 +107,35 @@ def iter_jsonl(
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)`` for every non-blank line of ``path`` (1-based numbers).
 
-    Refuses (raises :class:`JsonlError`) a line that is not a JSON object, unless ``skip_bad``:
-    then the line is skipped and ``on_bad(error)`` is called (use it to count and log).
+    Refuses (raises :class:`JsonlError`) a line that is not a JSON object or not UTF-8 text, unless
+    ``skip_bad``: then the line is skipped and ``on_bad(error)`` is called (use it to count and log).
     With ``allow_truncated_tail`` a malformed *last* line that lacks its newline -- what a
-    killed writer leaves -- is dropped with a warning instead (resume files only).
-    Raises FileNotFoundError naming the path when it does not exist.
+    killed writer leaves, possibly cut inside a multi-byte character -- is dropped with a warning
+    instead (resume files only). Raises FileNotFoundError naming the path when it does not exist.
     """
     path = Path(path)
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+        data = data[3:]
+    # Lines are decoded one by one, so a bad byte is reported on its own line and a cut-short tail
+    # can be recognised whatever it was cut in. bytes.splitlines splits on \n, \r\n and \r, like
+    # reading in text mode did.
+    lines = data.splitlines(keepends=True)
     for i, raw in enumerate(lines):
         lineno = i + 1
-        if not raw.strip():
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text, bad_byte = None, (raw[e.start], e.start + 1)
+        if text is not None and not text.strip():
             continue
         try:
-            yield lineno, _parse_line(path, lineno, raw.rstrip("\r\n"))
+            if text is None:
+                raise JsonlError(path, lineno, f"{_not_utf8(*bad_byte)}; {_UTF8_FIX}")
+            yield lineno, _parse_line(path, lineno, text.rstrip("\r\n"))
         except JsonlError as err:
-            last_cut = i == len(lines) - 1 and not raw.endswith("\n")
+            last_cut = i == len(lines) - 1 and not raw.endswith((b"\n", b"\r"))
             if allow_truncated_tail and last_cut:
                 logger.warning("%s, line %d: dropping a cut-short last line (an interrupted write)",
                                path, lineno)

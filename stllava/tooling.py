@@ -4,7 +4,9 @@ process does, and one resumable JSONL loop.
 
 * **Flags** (:func:`add_tool_args`): ``--model-path``, ``--model-base``, ``--conv-mode``,
   ``--device``, ``--batch-size``, ``--seed``, ``--num-chunks``/``--chunk-idx``, ``--skip-bad``,
-  ``--overwrite``, ``--no-progress`` — spelled and meaning the same in all three.
+  ``--overwrite``, ``--allow-empty``, ``--no-progress`` — spelled and meaning the same in all three.
+  An input with nothing to do (an empty question file, no image in the folder) is an error
+  (:func:`refuse_empty`) unless ``--allow-empty``: it is almost always a wrong path.
 * **Template** (:func:`resolve_conv_mode`): ``--conv-mode`` when given, else the ``conv_mode``
   that training recorded in the checkpoint's ``config.json``, else the tool's own default;
   logged together with the reason.
@@ -75,6 +77,8 @@ def add_tool_args(parser: argparse.ArgumentParser, *, model_help: str, conv_help
                         help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true",
                         help="start the output file over instead of resuming it")
+    parser.add_argument("--allow-empty", dest="allow_empty", action="store_true",
+                        help="accept an input with no items (by default an error: usually a wrong or unfinished file)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -119,6 +123,14 @@ def settle_conv_mode(args: argparse.Namespace, default: str) -> str:
     args.conv_mode, why = resolve_conv_mode(args.conv_mode, args.model_path, default)
     logger.info("conversation template %s (%s)", args.conv_mode, why)
     return args.conv_mode
+
+
+def refuse_empty(items: Sequence, args: argparse.Namespace, source: str, what: str) -> None:
+    """Refuse (ToolError naming ``source``) an input that holds no ``what`` unless ``--allow-empty``
+    (``args.allow_empty``); an empty *chunk* of a non-empty input is fine (see :func:`chunk_of`)."""
+    if not items and not getattr(args, "allow_empty", False):
+        raise ToolError(f"{source} holds no {what}; fix: check the path (or pass --allow-empty when an empty "
+                        "input is expected)")
 
 
 # --- sharding -------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed's JIT-built ops (and their build locks) stay inside this checkout: a lock another
+# checkout's killed run left behind cannot stall this one (tests/ranks.py).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache"
+                                                  / "torch_extensions"))
 
 import pytest
 
@@ -14,6 +18,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "data" / "llama-tokenizer" / "tokenizer.model"
 VQA_RAD = SHARED / "data" / "vqa_rad"
+
+
+@pytest.fixture(scope="session")
+def shm_comm_op():
+    """DeepSpeed's CPU comm op, built once per session before any test starts ranks."""
+    from ranks import build_shm_comm_op
+
+    build_shm_comm_op(dict(os.environ))
 
 
 @pytest.fixture(scope="session")

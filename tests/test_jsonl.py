@@ -7,10 +7,13 @@ import threading
 import pytest
 
 from stllava.jsonl import (
+    EncodingError,
     JsonlError,
     JsonlWriter,
+    dumps,
     iter_jsonl,
     read_jsonl,
+    read_utf8,
     repair_tail,
     write_json_atomic,
     write_jsonl_atomic,
@@ -26,6 +29,7 @@ def test_iter_gives_line_numbers_and_skips_blank_lines(tmp_path):
 
 @pytest.mark.parametrize("line, reason", [
     ('{"a": 1', "not valid JSON (Expecting ',' delimiter at column 8)"),
+    ('{"a": "open', "not valid JSON (Unterminated string starting at column 7)"),  # was "starting at at"
     ("[1, 2]", "expected a JSON object, found list"),
     ("42", "expected a JSON object, found int"),
 ])
@@ -99,3 +103,54 @@ def test_atomic_writers(tmp_path):
     write_json_atomic(tmp_path / "y.json", [1, {"c": 2}], indent=None)
     assert json.loads((tmp_path / "y.json").read_text()) == [1, {"c": 2}]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["x.jsonl", "y.json"]  # no temp files left
+
+
+def test_a_line_that_is_not_utf8_is_named_or_skipped(tmp_path):
+    """A Latin-1 line gave a bare UnicodeDecodeError without the file name."""
+    p = tmp_path / "q.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"t": "caf\xe9"}\n{"a": 3}\n')
+    with pytest.raises(JsonlError) as info:
+        list(iter_jsonl(p))
+    err = info.value
+    assert (err.path, err.line) == (str(p), 2)
+    assert err.reason == ("not UTF-8 text (byte 0xe9 at column 11); re-save the file as UTF-8 "
+                          "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`)")
+    assert str(err).startswith(f"{p}, line 2: not UTF-8 text")
+    bad = []
+    assert list(iter_jsonl(p, skip_bad=True, on_bad=bad.append)) == [(1, {"a": 1}), (3, {"a": 3})]
+    assert [e.line for e in bad] == [2]
+    with pytest.raises(JsonlError, match="line 2: not UTF-8"):  # not a cut-short tail: still an error
+        list(iter_jsonl(p, allow_truncated_tail=True))
+
+
+def test_a_tail_cut_inside_a_multibyte_character_is_trimmed(tmp_path, caplog):
+    """Outputs are written with ensure_ascii=False: a kill can cut the last line inside "é"."""
+    p = tmp_path / "answers.jsonl"
+    first = dumps({"question_id": 1, "text": "été"}).encode()
+    second = dumps({"question_id": 2, "text": "lésion"}).encode()
+    cut = second[: second.index("é".encode()) + 1]  # the first of the two bytes of "é"
+    p.write_bytes(first + b"\n" + cut)
+    with pytest.raises(JsonlError, match="line 2: not UTF-8"):
+        list(iter_jsonl(p))
+    assert read_jsonl(p, allow_truncated_tail=True) == [{"question_id": 1, "text": "été"}]
+    assert "dropping a cut-short last line" in caplog.text
+    with JsonlWriter(p) as w:  # the resume path: trim the tail, append again
+        w.write({"question_id": 2, "text": "lésion"})
+    assert p.read_bytes() == first + b"\n" + second + b"\n"
+
+
+def test_crlf_and_byte_order_mark(tmp_path):
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": "\xc3\xa9"}\r\n')
+    assert list(iter_jsonl(p)) == [(1, {"a": 1}), (2, {"a": "é"})]
+
+
+def test_read_utf8_names_the_line_and_byte(tmp_path):
+    p = tmp_path / "rule.txt"
+    p.write_bytes("line one\nline twø\n".encode("latin-1"))
+    with pytest.raises(EncodingError) as info:
+        read_utf8(p)
+    assert str(info.value) == (f"{p}, line 2: not UTF-8 text (byte 0xf8 at column 8); fix: re-save the file as "
+                               "UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)")
+    p.write_bytes("\ufeffok é".encode("utf-8"))
+    assert read_utf8(p) == "ok é"

@@ -1,23 +1,46 @@
 """Image files of a dataset: where they are, whether they can be read, and loading them.
 
 A record's ``image`` is a path relative to ``--image_folder`` (or absolute). :func:`check_image`
-says what is wrong with a file without raising (missing, empty, not an image, truncated);
-:func:`load_image` returns it as an RGB PIL image or raises :class:`ImageLoadError` naming the file,
-the record and the fix. Preprocessing (``pad`` aspect ratio, CLIP processor) is
-:func:`stllava.mm_utils.process_images`, shared with generation and evaluation.
+says what is wrong with a file without raising (missing, empty, not an image, truncated, too
+large); :func:`load_image` returns it as an RGB PIL image or raises :class:`ImageLoadError` naming
+the file, the record and the fix. Every tool that reads image files goes through here (training,
+``data.verify``, the generating tools, the judge, the chat CLI), so they agree on what a bad image is:
+
+* **Too large.** An image of more than :func:`max_image_pixels` pixels (default PIL's own limit,
+  89,478,485 = 1024·1024·1024/4/3; set ``STLLAVA_MAX_IMAGE_PIXELS`` to change it — the one
+  setting) is refused from its header, before decoding: a 57 KB PNG can claim 15000x15000 pixels
+  and take gigabytes to decode (PIL calls it a decompression bomb).
+* **16-bit images** (PIL modes ``I;16*`` and ``I``) are scaled to 8 bits (value / 257, rounded)
+  before becoming RGB; PIL's ``convert("RGB")`` clips them instead, which turns an ordinary
+  16-bit radiograph almost white. :func:`mode_note` names such unusual modes for ``data.verify``.
+
+Preprocessing (``pad`` aspect ratio, CLIP processor) is :func:`stllava.mm_utils.process_images`,
+shared with generation and evaluation.
 """
 from __future__ import annotations
 
 import os
+import re
+import warnings
+from typing import IO, TYPE_CHECKING
 
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from stllava.errors import StllavaError
 
+if TYPE_CHECKING:
+    import torch
+
 # Kinds of image problems, in report order.
 MISSING, EMPTY, UNREADABLE, TRUNCATED = "missing image", "empty image file", "unreadable image", "truncated image"
-IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED)
+TOO_LARGE = "image too large"
+IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED, TOO_LARGE)
+
+MAX_PIXELS_ENV = "STLLAVA_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default (1024 * 1024 * 1024 // 4 // 3)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes convert("RGB") handles faithfully; any other is named by data.verify.
+USUAL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
 
 
 class ImageLoadError(StllavaError, RuntimeError):
@@ -33,6 +56,16 @@ class ImageLoadError(StllavaError, RuntimeError):
             f"--on_bad_sample skip")
 
 
+class ImageSettingError(StllavaError):
+    """``STLLAVA_MAX_IMAGE_PIXELS`` is not a positive integer. (Not a ValueError, so the image checks,
+    which turn PIL's ValueErrors into "unreadable image", let it through.)"""
+
+
+class ImageTooLarge(Exception):
+    """The header announces more pixels than :func:`max_image_pixels` (the message says how many);
+    raised by :func:`check_size` and :func:`open_image`, reported as :data:`TOO_LARGE`."""
+
+
 def image_path(image_folder: str | None, image: str) -> str:
     """Return the file of a record's ``image`` field: ``image_folder/image`` (or ``image`` when it is
     absolute or no folder is given). Refuses a non-string field (TypeError)."""
@@ -43,14 +76,97 @@ def image_path(image_folder: str | None, image: str) -> str:
     return image
 
 
-def _open_fully(path: str) -> Image.Image:
-    """Open and decode ``path`` completely (a truncated file fails here, not at first use)."""
+def max_image_pixels() -> int:
+    """The largest image (width x height) any stllava tool decodes: ``$STLLAVA_MAX_IMAGE_PIXELS``,
+    else :data:`DEFAULT_MAX_PIXELS`. A larger setting also raises PIL's own ``Image.MAX_IMAGE_PIXELS``
+    (process-wide), so PIL does not refuse it first. Refuses (:class:`ImageSettingError`) a value
+    that is not a positive integer."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        limit = DEFAULT_MAX_PIXELS
+    elif raw.isdigit() and int(raw) > 0:
+        limit = int(raw)
+    else:
+        raise ImageSettingError(f"${MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is not a positive integer; "
+                                "fix: set it to the largest width x height to accept, e.g. 200000000, or unset it")
+    # PIL refuses above twice its own limit inside Image.open, before our check: raise its limit with
+    # ours (never lower it: a lower limit is enforced by check_size, other code keeps PIL's default).
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
+# Images over the limit are refused below with a clear message; PIL's warning about them is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def too_large_detail(width: int, height: int, limit: int) -> str:
+    """How :data:`TOO_LARGE` is explained: the size, the limit and the setting that changes it."""
+    return (f"{width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+            f"set {MAX_PIXELS_ENV} to accept larger images")
+
+
+def check_size(im: Image.Image, limit: int | None = None) -> None:
+    """Raise ``ImageTooLarge`` when ``im`` (opened, not yet decoded) has more than ``limit`` pixels
+    (default :func:`max_image_pixels`)."""
+    limit = max_image_pixels() if limit is None else limit
+    if im.width * im.height > limit:
+        raise ImageTooLarge(too_large_detail(im.width, im.height, limit))
+
+
+def mode_note(mode: str) -> str | None:
+    """A note on PIL image mode ``mode`` when it is unusual (not in :data:`USUAL_MODES`): what
+    :func:`to_rgb` does with it. None for the usual modes."""
+    if mode in USUAL_MODES:
+        return None
+    if mode in SIXTEEN_BIT_MODES:
+        return f"mode {mode} (16-bit): scaled to 8 bits (value / 257) before RGB"
+    return f"mode {mode}: converted with PIL's convert('RGB'); check that the image looks right"
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as an 8-bit RGB image. 16-bit modes (:data:`SIXTEEN_BIT_MODES`) are scaled to 8 bits
+    (value / 257, rounded; ``I`` values clipped to 0..65535) instead of PIL's clipping; every
+    other mode is ``im.convert("RGB")`` (the same bits as before for RGB, L, P, ...)."""
+    if im.mode not in SIXTEEN_BIT_MODES:
+        return im.convert("RGB")
+    import numpy as np
+
+    arr = np.asarray(im, dtype=np.float64)
+    arr = np.rint(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8)
+    return Image.fromarray(arr, mode="L").convert("RGB")
+
+
+def open_checked(src: str | IO[bytes]) -> Image.Image:
+    """``Image.open(src)`` (header read, nothing decoded yet) after checking its size: raises
+    :class:`ImageTooLarge` for an image over :func:`max_image_pixels`, and PIL's errors
+    (UnidentifiedImageError, OSError, ...) for anything it cannot open. Close the result."""
+    limit = max_image_pixels()
+    try:
+        im = Image.open(src)
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open()
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m.group(1)):,} pixels" if m else str(e)
+        raise ImageTooLarge(f"{size}, over the limit of {limit:,}; set {MAX_PIXELS_ENV} to accept larger "
+                            "images") from None
+    try:
+        check_size(im, limit)
+    except ImageTooLarge:
+        im.close()
+        raise
+    return im
+
+
+def open_image(src: str | IO[bytes]) -> tuple[Image.Image, str]:
+    """Decode ``src`` (a path or a binary file object) completely; returns ``(RGB image, original
+    mode)``. Raises :class:`ImageTooLarge` before decoding an image over :func:`max_image_pixels`,
+    and PIL's errors (UnidentifiedImageError, OSError, ...) for anything else it cannot decode."""
     # Decoding a truncated JPEG must fail; another library may have set this flag process-wide.
     prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as im:
+        with open_checked(src) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im), im.mode
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
@@ -62,7 +178,9 @@ def _classify(path: str) -> tuple[str, str] | None:
     if os.path.getsize(path) == 0:
         return EMPTY, "0 bytes"
     try:
-        im = _open_fully(path)
+        im, _ = open_image(path)
+    except ImageTooLarge as e:
+        return TOO_LARGE, str(e)
     except UnidentifiedImageError as e:
         return UNREADABLE, f"not an image PIL can identify: {e}"
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError for cut-short data
@@ -78,18 +196,29 @@ def _classify(path: str) -> tuple[str, str] | None:
 
 def check_image(path: str) -> tuple[str, str] | None:
     """Return None when ``path`` is a decodable image, else ``(kind, detail)`` with ``kind`` one of
-    :data:`IMAGE_PROBLEMS`. Never raises for a bad file (decodes the whole image to find truncation)."""
+    :data:`IMAGE_PROBLEMS`. Never raises for a bad file (decodes the whole image to find truncation;
+    an image over :func:`max_image_pixels` is reported from its header, never decoded)."""
     return _classify(path)
 
 
+def image_mode(path: str) -> str | None:
+    """The PIL mode of the image at ``path`` read from its header (no decoding), or None when it
+    cannot be opened (:func:`check_image` says why)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def load_image(path: str, record: str = "") -> Image.Image:
-    """Return the image at ``path`` as RGB; raises :class:`ImageLoadError` (naming ``record``)
-    when it is missing, empty, unreadable or truncated — never returns a partial image."""
-    problem = None
+    """Return the image at ``path`` as RGB (:func:`to_rgb`); raises :class:`ImageLoadError` (naming
+    ``record``) when it is missing, empty, unreadable, truncated or too large — never returns a
+    partial image."""
     try:
         if os.path.isfile(path) and os.path.getsize(path) > 0:
-            return _open_fully(path)
-    except (OSError, SyntaxError, ValueError):
+            return open_image(path)[0]
+    except (OSError, SyntaxError, ValueError, ImageTooLarge):
         pass
     problem = _classify(path) or (UNREADABLE, "could not be decoded")
     raise ImageLoadError(problem[0], path, problem[1], record)
@@ -98,6 +227,8 @@ def load_image(path: str, record: str = "") -> Image.Image:
 def blank_image(image_processor) -> torch.Tensor:
     """A zero image of the processor's crop size, [3, H, W]: the placeholder LLaVA gives text-only
     samples of a multimodal batch (the model keeps it in the graph with weight 0)."""
+    import torch  # here: the image checks above are used by tools that need no torch
+
     def get(obj, key):  # a dict (transformers 4) or a SizeDict (transformers 5)
         if obj is None:
             return None

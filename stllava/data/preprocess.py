@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 HUMAN, GPT, VUSER = "human", "gpt", "vuser"
 EOS_TEXT = "</s>"
+DATA_VUSER_TURNS = ("train", "published")
 
 
 def make_sq_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -89,44 +90,56 @@ def validate_conversation(source: Sequence[dict], has_image: bool, version: str,
                          f"add '{DEFAULT_IMAGE_TOKEN}\\n' before the first question")
 
 
-def render_messages(source: Sequence[dict], conv: Conversation, has_image: bool, sq_r: float = 0.0,
-                    rng: random.Random | None = None) -> list[tuple[str, str]]:
-    """Return the ``(role, text)`` messages of a validated record for template ``conv``.
+def render_turns(source: Sequence[dict], conv: Conversation, has_image: bool, sq_r: float = 0.0,
+                 rng: random.Random | None = None, data_vuser_turns: str = "train") -> list[tuple[str, str, bool]]:
+    """Return the ``(role, text, trained)`` messages of a validated record for template ``conv``.
 
-    human → roles[0], gpt → roles[1], vuser → roles[2] with text ``question + "</s>"``. For
-    ``v1_sq`` and a record with an image, each human turn of pair index j > 0 becomes a VUSER turn
-    when ``rng.random() < sq_r`` (one draw per such turn, in order).
+    human → roles[0], gpt → roles[1] (trained), vuser → roles[2]. For ``v1_sq`` and a record with an
+    image, each human turn of pair index j > 0 becomes a VUSER turn when ``rng.random() < sq_r``
+    (one draw per such turn, in order); such a turn is a trained question, ``question + "</s>"``.
+    A vuser turn already in the data is the same (``data_vuser_turns="train"``, SPEC §3), or, with
+    ``"published"``, what the published preprocess made of it: the question without ``</s>``
+    (a trailing one is dropped), masked like an instruction.
     """
+    if data_vuser_turns not in DATA_VUSER_TURNS:
+        raise ValueError(f"data_vuser_turns must be one of {DATA_VUSER_TURNS}, got {data_vuser_turns!r}")
     convert = conv.version == "v1_sq" and has_image and sq_r > 0
     messages = []
     for t, turn in enumerate(source):
         frm, text = turn["from"], turn["value"]
+        question = text[: -len(EOS_TEXT)] if text.endswith(EOS_TEXT) else text
         if frm == HUMAN and convert and t > 0 and rng.random() < sq_r:
-            frm = VUSER
-        if frm == VUSER:
-            text = (text[: -len(EOS_TEXT)] if text.endswith(EOS_TEXT) else text) + EOS_TEXT
-            messages.append((conv.roles[2], text))
+            messages.append((conv.roles[2], question + EOS_TEXT, True))
+        elif frm == VUSER and data_vuser_turns == "published":
+            messages.append((conv.roles[2], question, False))
+        elif frm == VUSER:
+            messages.append((conv.roles[2], question + EOS_TEXT, True))
         else:
-            messages.append((conv.roles[0] if frm == HUMAN else conv.roles[1], text))
+            messages.append((conv.roles[0] if frm == HUMAN else conv.roles[1], text, frm == GPT))
     return messages
 
 
-def _trained_spans(messages: list[tuple[str, str]], conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+def render_messages(source: Sequence[dict], conv: Conversation, has_image: bool, sq_r: float = 0.0,
+                    rng: random.Random | None = None, data_vuser_turns: str = "train") -> list[tuple[str, str]]:
+    """The ``(role, text)`` messages of :func:`render_turns` (what the template renders)."""
+    return [(role, text) for role, text, _ in render_turns(source, conv, has_image, sq_r, rng, data_vuser_turns)]
+
+
+def _trained_spans(messages: list[tuple[str, str, bool]], conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """Return the prompt and the character spans [start, end) that are trained.
 
-    Each span starts right after ``ROLE:`` of an ASSISTANT or VUSER message (so it begins with the
-    space) and ends right after the message's ``</s>``. Positions come from rendering growing
-    prefixes with the template itself, so they cannot drift from ``get_prompt``.
+    Each span starts right after ``ROLE:`` of a trained (ASSISTANT or VUSER) message (so it begins
+    with the space) and ends right after the message's ``</s>``. Positions come from rendering
+    growing prefixes with the template itself, so they cannot drift from ``get_prompt``.
     """
     work = conv.copy()
     work.messages = []
-    trained_roles = set(conv.roles[1:])
     spans = []
     prev = work.get_prompt()
-    for k, (role, text) in enumerate(messages):
+    for k, (role, text, trained) in enumerate(messages):
         work.append_message(role, text)
         cur = work.get_prompt()
-        if role in trained_roles:
+        if trained:
             start = len(prev) + len(role) + 1
             end = len(prev) + len(f"{role}: {text}")
             sep = (conv.sep, conv.sep2)[k % 2]
@@ -209,7 +222,8 @@ class MaskCache:
 
 def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, version: str,
                sq_r: float = 0.0, rng: random.Random | None = None,
-               record_ids: Sequence[Any] | None = None, cache: MaskCache | None = None) -> dict:
+               record_ids: Sequence[Any] | None = None, data_vuser_turns: str = "train",
+               cache: MaskCache | None = None) -> dict:
     """Render, tokenize and mask a batch of conversations.
 
     Returns ``{"input_ids": [LongTensor], "labels": [LongTensor], "mismatches": int,
@@ -219,8 +233,9 @@ def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, ve
     records with an image and needs a seeded ``rng`` (see :func:`make_sq_rng`); other templates
     ignore it. Raises ValueError for an unknown template, a bad ``sq_r``/``rng``, or a record
     :func:`validate_conversation` refuses. A tokenization mismatch does not raise: the sample's
-    labels are all IGNORE_INDEX, a warning names the record, and it is counted. ``cache`` (a
-    :class:`MaskCache`) memoises the tokenization of prompts seen before (same outputs).
+    labels are all IGNORE_INDEX, a warning names the record, and it is counted.
+    ``data_vuser_turns``: how a vuser turn of the data is treated (:func:`render_messages`). ``cache``
+    (a :class:`MaskCache`) memoises the tokenization of prompts seen before (same outputs).
     """
     conv = get_conv_template(version)
     if conv.sep_style is SeparatorStyle.PLAIN:
@@ -234,7 +249,7 @@ def preprocess(sources: Sequence[Sequence[dict]], tokenizer, has_image: bool, ve
     for i, source in enumerate(sources):
         name = _record_name(record_ids, i)
         validate_conversation(source, has_image, version, name)
-        messages = render_messages(source, conv, has_image, sq_r, rng)
+        messages = render_turns(source, conv, has_image, sq_r, rng, data_vuser_turns)
         prompt, spans = _trained_spans(messages, conv)
         ids, labels, problem = (cache or mask_conversation)(prompt, spans, tokenizer)
         if problem is not None:

@@ -32,11 +32,12 @@ class LazySupervisedDataset(LazyLlavaDataset):
 
     def __init__(self, records: Sequence[dict], tokenizer, image_processor=None, *, image_folder: str | None = None,
                  version: str = "v1_sq", sq_r: float = 0.0, seed: int = 42, image_aspect_ratio: str = "pad",
-                 indices: Sequence[int] | None = None):
+                 indices: Sequence[int] | None = None, data_vuser_turns: str = "train"):
         super().__init__(records, tokenizer, image_processor, image_folder=image_folder, version=version,
                          image_aspect_ratio=image_aspect_ratio, indices=indices)
         self.sq_r = sq_r
         self.seed = seed
+        self.data_vuser_turns = data_vuser_turns
         self.mask_cache = MaskCache()
 
     def words(self, record: dict) -> int:
@@ -48,7 +49,8 @@ class LazySupervisedDataset(LazyLlavaDataset):
         rec, orig = self.records[i], self.indices[i]
         rng = make_sq_rng(self.seed, epoch, orig)
         out = preprocess([rec["conversations"]], self.tokenizer, has_image="image" in rec, version=self.version,
-                         sq_r=self.sq_r, rng=rng, record_ids=[rec.get("id", orig)], cache=self.mask_cache)
+                         sq_r=self.sq_r, rng=rng, record_ids=[rec.get("id", orig)],
+                         data_vuser_turns=self.data_vuser_turns, cache=self.mask_cache)
         self.mismatches += out["mismatches"]
         item = {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
         image = self.record_image(rec, orig)
@@ -60,13 +62,15 @@ class LazySupervisedDataset(LazyLlavaDataset):
 def build_sft_dataset(data_path: str, tokenizer, image_processor, *, image_folder: str | None, version: str,
                       sq_r: float, seed: int, image_aspect_ratio: str, on_bad_sample: str = "stop",
                       model_max_length: int | None = None, image_tokens: int = 576, verify_workers: int = 8,
-                      ) -> LazySupervisedDataset:
+                      data_vuser_turns: str = "train") -> LazySupervisedDataset:
     """Load ``data_path``, check it (:func:`stllava.data.verify.verify_records`) and apply
     ``on_bad_sample``; returns the dataset of the records to train on.
 
     Raises :class:`stllava.data.verify.BadDataError` with the full report when records are bad
     and ``on_bad_sample`` is ``stop``. Under torch.distributed the check runs on rank 0 only and
-    its report is broadcast, so every rank trains on the same records.
+    its report is broadcast, so every rank trains on the same records. ``image_tokens``: what an
+    image counts towards ``model_max_length`` in the length check; ``data_vuser_turns``: see
+    :func:`stllava.data.preprocess.render_turns`.
     """
     from stllava.data.verify import verify_records
 
@@ -77,7 +81,7 @@ def build_sft_dataset(data_path: str, tokenizer, image_processor, *, image_folde
         on_bad_sample)
     return LazySupervisedDataset([records[i] for i in keep], tokenizer, image_processor, image_folder=image_folder,
                                  version=version, sq_r=sq_r, seed=seed, image_aspect_ratio=image_aspect_ratio,
-                                 indices=keep)
+                                 indices=keep, data_vuser_turns=data_vuser_turns)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,13 +2,20 @@
 
     python -m stllava.data.verify --data_path F --image_folder D [--tokenizer T --model_max_length 2048]
 
-Every bad record is named with its index and ``id``: missing, empty, unreadable or truncated
-images; a record that is not ``{"conversations": [...]}``; roles out of order or an empty turn; an
-``<image>`` missing where an image is given (or present where none is); and, given a tokenizer, a
-conversation too long for ``model_max_length`` once its image is expanded to ``image_tokens``
-positions (it would be cut). Prints one line per problem, then a summary; exits 1 when any record
-is bad (like a linter), 0 otherwise, and 2 with one ``error: ...`` line when the file itself cannot
-be read (missing, empty, cut short, not JSON, not a list).
+The same command checks SFT files (``{"conversations": [...]}`` records) and DPO preference-pair
+files (``chosen_conversations`` / ``reject_conversations``, as ``selftrain.build_pairs`` writes
+them); the kind is recognised from the records and printed.
+
+Every bad record is named with its index and ``id``: missing, empty, unreadable, truncated or too
+large images (over ``$STLLAVA_MAX_IMAGE_PIXELS``, see :mod:`stllava.data.images`); a record that is
+not ``{"conversations": [...]}``; roles out of order or an empty turn; an ``<image>`` missing where
+an image is given (or present where none is); and, given a tokenizer, a conversation too long for
+``model_max_length`` once its image is expanded to ``image_tokens`` positions (it would be cut).
+Pair files are checked side by side with the same rules, plus: both sides ask the same question.
+Images in an unusual mode (16-bit, CMYK, float) are listed as notes (they load, converted).
+Prints one line per problem, then a summary; exits 1 when any record is bad (like a linter), 0
+otherwise, and 2 with one ``error: ...`` line when the file itself cannot be read (missing, empty,
+not UTF-8, cut short, not JSON, not a list) or holds no records (unless ``--allow_empty``).
 
 Training (``stllava.train.train_sft``) calls :func:`verify_records` at start-up and applies
 ``--on_bad_sample``: ``stop`` (default) raises :class:`BadDataError` carrying this report;
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from stllava.data.images import check_image, image_path
+from stllava.data.images import check_image, image_mode, image_path, mode_note
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ class VerifyReport:
     data_path: str
     n_records: int
     problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)  # not bad: e.g. an unusual image mode
+    kind: str = ""  # what was checked, e.g. "preference pairs (DPO)"; shown in the summary
 
     @property
     def ok(self) -> bool:
@@ -73,18 +82,24 @@ class VerifyReport:
         return dict(Counter(k for k, _ in {(p.kind, p.index) for p in self.problems}))
 
     def summary(self) -> str:
+        """One line: the file, what it holds, how many records, how many bad (by kind), notes."""
+        what = f" ({self.kind})" if self.kind else ""
+        notes = f"; {len(self.notes)} note{'s' * (len(self.notes) != 1)}" if self.notes else ""
         if self.ok:
-            return f"{self.data_path}: {self.n_records} records checked, all good"
+            return f"{self.data_path}{what}: {self.n_records} records checked, all good{notes}"
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts().items()))
-        return (f"{self.data_path}: {self.n_records} records checked, {len(self.bad_indices)} bad "
-                f"({kinds})")
+        return (f"{self.data_path}{what}: {self.n_records} records checked, {len(self.bad_indices)} bad "
+                f"({kinds}){notes}")
 
     def format(self, limit: int | None = None) -> str:
-        """Every problem on its own line (the first ``limit`` when given), then the summary."""
-        shown = self.problems if limit is None else self.problems[:limit]
-        lines = [str(p) for p in shown]
-        if len(shown) < len(self.problems):
-            lines.append(f"... and {len(self.problems) - len(shown)} more problems")
+        """Every problem, then every note (``note: ...``), each on its own line (the first ``limit``
+        of each when given), then the summary."""
+        lines = []
+        for items, prefix, what in ((self.problems, "", "problems"), (self.notes, "note: ", "notes")):
+            shown = items if limit is None else items[:limit]
+            lines += [f"{prefix}{p}" for p in shown]
+            if len(shown) < len(items):
+                lines.append(f"... and {len(items) - len(shown)} more {what}")
         lines.append(self.summary())
         return "\n".join(lines)
 
@@ -108,6 +123,18 @@ class DataFileNotFound(StllavaError, FileNotFoundError):
     """``--data_path`` names no file."""
 
 
+PAIR_KEYS = ("chosen_conversations", "reject_conversations")
+SFT_KIND, PAIR_KIND = "SFT conversations", "preference pairs (DPO)"
+
+
+def data_kind(records: Sequence[Any]) -> str:
+    """:data:`PAIR_KIND` when any record holds a ``chosen_conversations`` or
+    ``reject_conversations`` key (a DPO file: records missing one side are then reported as bad
+    pairs), else :data:`SFT_KIND`."""
+    pair = any(isinstance(r, dict) and any(k in r for k in PAIR_KEYS) for r in records)
+    return PAIR_KIND if pair else SFT_KIND
+
+
 def load_records(data_path: str) -> list[dict]:
     """Return the records of a JSON list file (LLaVA-Med format) or a JSON Lines file.
     Refuses anything else (:class:`DataFileNotFound`, :class:`DataFileError`, or
@@ -115,12 +142,11 @@ def load_records(data_path: str) -> list[dict]:
     fix = "fix: --data_path must name a JSON list of records with 'id', 'image' and 'conversations'"
     if not os.path.isfile(data_path):
         raise DataFileNotFound(f"--data_path {data_path} does not exist; {fix}")
-    if data_path.endswith(".jsonl"):
-        from stllava.jsonl import read_jsonl
+    from stllava.jsonl import read_jsonl, read_utf8
 
+    if data_path.endswith(".jsonl"):
         return read_jsonl(data_path)
-    with open(data_path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_utf8(data_path)  # EncodingError naming the line and byte when not UTF-8
     if not text.strip():
         raise DataFileError(f"{data_path} is empty; {fix}")
     try:
@@ -227,6 +253,21 @@ def verify_records(records: Sequence[Any], image_folder: str | None, *, data_pat
     return report
 
 
+def mode_notes(records: Sequence[Any], image_folder: str | None, workers: int = 8) -> list[Problem]:
+    """A note per record whose image is in an unusual PIL mode (:func:`stllava.data.images.mode_note`:
+    16-bit, CMYK, float, ...); read from the image headers only. Images that cannot be opened are
+    left to :func:`verify_records` to report."""
+    jobs = [(i, image_path(image_folder, rec["image"])) for i, rec in enumerate(records)
+            if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]]
+    notes = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for (i, path), mode in zip(jobs, pool.map(lambda j: image_mode(j[1]), jobs)):
+            note = mode_note(mode) if mode else None
+            if note:
+                notes.append(Problem(i, records[i].get("id"), "unusual image mode", f"{path}: {note}"))
+    return notes
+
+
 def apply_bad_sample_policy(records: Sequence[Any], report: VerifyReport, policy: str) -> list[int]:
     """Return the indices of the records to train on.
 
@@ -252,16 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (underscores: they are training's flags)."""
     ap = argparse.ArgumentParser(prog="python -m stllava.data.verify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_path", required=True, help="LLaVA-Med-format JSON list (or .jsonl) of records")
+    ap.add_argument("--data_path", required=True,
+                    help="LLaVA-Med-format JSON list (or .jsonl) of SFT records or of DPO preference pairs")
     ap.add_argument("--image_folder", default=None, help="folder the records' 'image' paths are relative to")
-    ap.add_argument("--version", default="v1_sq", help="conversation template the data will be trained with")
+    ap.add_argument("--version", default=None,
+                    help="conversation template the data will be trained with (default: v1_sq for SFT files, "
+                         "v1 for preference pairs, as the launch scripts use)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer folder (e.g. the model's); enables the too-long check")
     ap.add_argument("--model_max_length", type=int, default=2048, help="training context length")
     ap.add_argument("--image_tokens", type=int, default=DEFAULT_IMAGE_TOKENS,
                     help="positions one image takes (576 for CLIP ViT-L/14-336 'patch')")
     ap.add_argument("--workers", type=int, default=8, help="threads decoding images")
-    ap.add_argument("--limit", type=int, default=None, help="print at most this many problems")
+    ap.add_argument("--limit", type=int, default=None, help="print at most this many problems (and notes)")
+    ap.add_argument("--allow_empty", action="store_true",
+                    help="accept a file with no records (by default an empty list is an error: a wrong file)")
     return ap
 
 
@@ -274,9 +320,18 @@ def _main(argv: list[str] | None) -> int:
 
         tokenizer = LlamaTokenizer.from_pretrained(args.tokenizer)
     records = load_records(args.data_path)
-    report = verify_records(records, args.image_folder, data_path=args.data_path, version=args.version,
-                            tokenizer=tokenizer, model_max_length=args.model_max_length,
-                            image_tokens=args.image_tokens, workers=args.workers)
+    if not records and not args.allow_empty:
+        raise DataFileError(f"{args.data_path} holds no records; fix: pass the dataset file (or --allow_empty "
+                            "when an empty file is expected)")
+    kind = data_kind(records)
+    check = verify_records
+    if kind == PAIR_KIND:
+        from stllava.data.preference import verify_preference_records as check
+    report = check(records, args.image_folder, data_path=args.data_path,
+                   version=args.version or ("v1" if kind == PAIR_KIND else "v1_sq"), tokenizer=tokenizer,
+                   model_max_length=args.model_max_length, image_tokens=args.image_tokens, workers=args.workers)
+    report.kind = kind
+    report.notes = mode_notes(records, args.image_folder, args.workers)
     print(report.format(args.limit))
     return 0 if report.ok else EXIT_FAILED
 

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.errors import StllavaError, run_cli
-from stllava.jsonl import JsonlError, iter_jsonl
+from stllava.jsonl import JsonlError, iter_jsonl, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +55,28 @@ def read_records(path: pathlib.Path) -> tuple[list[Any], list[str]]:
     """Return (records, labels) from a JSON list or a JSONL file.
 
     ``labels[i]`` names record i for error messages: "record i" (0-based list index) for a JSON
-    list, "line n" (1-based file line) for JSONL. Refuses a missing file, bad JSON and a JSON
-    document that is not a list."""
+    list, "line n" (1-based file line) for JSONL. A file whose text starts with ``[`` is a JSON
+    list; otherwise one JSON document, else JSON Lines. Refuses a missing file, a file that is not
+    UTF-8, bad JSON (a list cut short says so, with its line and column) and a JSON document that
+    is not a list."""
     if not path.is_file():
         raise ConvertError(f"{path}: no such file; fix: pass the raw benchmark file as --src")
+    text = read_utf8(path)  # EncodingError naming the line and byte when not UTF-8
     data = None
     if path.suffix != ".jsonl":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            pass  # not one JSON document: read it as JSON Lines
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):  # a JSON list, not JSON Lines: say what is wrong with it
+                cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
+                raise ConvertError(f"{path}: not valid JSON{' (cut short?)' if cut else ''}: "
+                                   f"{e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno}; fix: "
+                                   "download or copy the benchmark file again (a JSON list of records)") from None
     if data is None:
         try:
             numbered = list(iter_jsonl(path))
         except JsonlError as exc:
-            raise ConvertError(f"{exc} (--src must be a JSON list or a JSONL file)") from exc
+            raise ConvertError(f"{exc}; --src must be a JSON list or a JSONL file") from exc
         return [rec for _, rec in numbered], [f"line {n}" for n, _ in numbered]
     if not isinstance(data, list):
         raise ConvertError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "

@@ -13,8 +13,13 @@ paper numbers) with ``eval_metrics/glossary.py`` (normalisation) and
 * token counts are multisets, and tp sums the *prediction's* count of shared words, so a
   repeated word in the prediction inflates recall (``"left left"`` vs ``"left lung"`` → 2/3).
 
+Closed (yes/no) questions are scored three ways (:mod:`stllava.eval.closed`): ``closed_acc`` (the
+batch scorer, the paper's column), ``yes_no_acc_run_eval`` (LLaVA-Med's ``run_eval.py`` "yes/no
+accuracy", bit for bit) and ``closed_acc_strict`` (ours: yes/no as a whole word).
+
 Public API: :func:`normalize_word`, :func:`normalize`, :func:`token_scores`,
-:func:`exact_match`, :func:`closed_hit`, :func:`closed_hit_strict`, :func:`score`.
+:func:`exact_match`, :func:`closed_hit`, :func:`closed_hit_strict`, :func:`yes_no_hit_run_eval`,
+:func:`score`.
 CLI: ``python -m stllava.eval.metrics --gt test.json --pred answers.jsonl [--out DIR]``.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 from typing import Any, Iterable
 
 from stllava.errors import StllavaError, run_cli
+from stllava.eval.closed import closed_hit, closed_hit_strict, yes_no_acc_run_eval, yes_no_hit_run_eval
 from stllava.eval.glossary import (
     ARTICLES,
     COMMA_STRIP,
@@ -38,7 +44,7 @@ from stllava.eval.glossary import (
     PERIOD_STRIP,
     PUNCTUATION,
 )
-from stllava.jsonl import JsonlError, read_jsonl
+from stllava.jsonl import JsonlError, read_jsonl, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ OPEN, CLOSED = "OPEN", "CLOSED"
 # Per-question CSV columns (also read by stllava.eval.report).
 ROW_FIELDS = ["question_id", "answer_type", "question", "answer", "prediction", "answer_norm",
               "prediction_norm", "recall", "precision", "f1", "exact_match", "open_hit",
-              "closed_hit", "closed_hit_strict"]
+              "closed_hit", "closed_hit_strict", "yes_no_hit_run_eval"]
 
 
 class EvalInputError(StllavaError, ValueError):
@@ -118,20 +124,6 @@ def exact_match(prediction: str, reference: str) -> float:
     return sum(1 for w in ref if w in cand) / total
 
 
-def closed_hit(prediction_norm: str, answer_norm: str) -> bool:
-    """Batch-scorer closed hit: the normalised answer is a substring of the normalised
-    prediction (so "no" hits "nodule"). Inputs must already be normalised."""
-    return answer_norm in prediction_norm
-
-
-def closed_hit_strict(prediction_norm: str, answer_norm: str) -> bool:
-    """Stricter closed hit: :func:`closed_hit` AND the prediction holds "yes" or "no" as a
-    whole word. (The reference's run_eval.py tested ``'no' in pred`` as a substring; a word
-    test is what "requires yes/no" means, so "nodule" alone does not count here.)"""
-    words = prediction_norm.split()
-    return closed_hit(prediction_norm, answer_norm) and ("yes" in words or "no" in words)
-
-
 # --- input handling ---------------------------------------------------------------------------
 def _gt_fields(item: Any, index: int) -> tuple[str, str, str, str]:
     """Return (id, answer_type, question, answer) of one test-file item, or raise."""
@@ -199,9 +191,12 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
     Returns ``{"overall": {...}, "rows": [...]}``. ``overall`` holds counts and ×100 metrics:
     ``open_recall`` (the paper's "Open"), ``open_f1``, ``open_precision``, ``exact_match``,
     ``open_hit`` (batch scorer's "open accuracy": answer substring of prediction),
-    ``closed_acc`` (substring hit — the paper's "Closed"), ``closed_acc_strict`` and
-    ``closed_recall``; a metric is ``None`` when its category has no items. ``rows`` holds one
-    dict per scored question (fields :data:`ROW_FIELDS`), in ground-truth order.
+    ``closed_acc`` (substring hit — the paper's "Closed"), ``yes_no_acc_run_eval`` (``run_eval.py``'s
+    "yes/no accuracy", with ``yes_no_n_run_eval`` closed questions in its denominator),
+    ``closed_acc_strict`` and ``closed_recall`` (see :mod:`stllava.eval.closed`); a metric is
+    ``None`` when its category has no items. ``rows`` holds one dict per scored question (fields
+    :data:`ROW_FIELDS`; ``yes_no_hit_run_eval`` None = not counted by ``run_eval.py``), in
+    ground-truth order.
 
     Refuses: duplicate ids, predictions for unknown ids, and (unless ``allow_missing``)
     ground-truth questions without a prediction; the error gives counts and the first ids.
@@ -243,6 +238,7 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
             "open_hit": float(gt_norm in pred_norm) if is_open else None,
             "closed_hit": None if is_open else float(closed_hit(pred_norm, gt_norm)),
             "closed_hit_strict": None if is_open else float(closed_hit_strict(pred_norm, gt_norm)),
+            "yes_no_hit_run_eval": None if is_open else yes_no_hit_run_eval(pred_norm, gt_norm),
         })
     opened = [r for r in rows if r["answer_type"] == OPEN]
     closed = [r for r in rows if r["answer_type"] == CLOSED]
@@ -257,6 +253,9 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
         "closed_acc": _mean100([r["closed_hit"] for r in closed]),
         "closed_acc_strict": _mean100([r["closed_hit_strict"] for r in closed]),
         "closed_recall": _mean100([r["recall"] for r in closed]),
+        # None without closed questions (like every metric here); the reference printed 0.0.
+        "yes_no_acc_run_eval": yes_no_acc_run_eval(r["yes_no_hit_run_eval"] for r in closed) if closed else None,
+        "yes_no_n_run_eval": sum(r["yes_no_hit_run_eval"] is not None for r in closed),
     }
     return {"overall": overall, "rows": rows}
 
@@ -267,7 +266,8 @@ METRIC_LABELS = {
     "open_recall": "Open recall",
     "open_f1": "Open F1",
     "closed_acc": "Closed acc (substring, paper)",
-    "closed_acc_strict": "Closed acc (strict yes/no)",
+    "closed_acc_strict": "Closed acc (strict: yes/no word)",
+    "yes_no_acc_run_eval": "Yes/no acc (LLaVA-Med run_eval.py)",
     "exact_match": "Exact match*",
     "open_precision": "Open precision",
     "open_hit": "Open hit",
@@ -279,7 +279,7 @@ def load_gt(path: str | pathlib.Path) -> list[dict]:
     """Load a test JSON list; refuses anything else, naming the file."""
     path = pathlib.Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))  # not UTF-8: EncodingError naming the line and byte
     except (OSError, json.JSONDecodeError) as exc:
         raise EvalInputError(f"{path}: cannot read ground truth ({exc}); fix: pass the test.json "
                              "written by stllava.eval.convert") from exc
@@ -311,8 +311,12 @@ def render_markdown(overall: dict, title: str = "") -> str:
               f"({overall['n_open']} / {overall['n_closed']}) |"]
     if overall.get("n_missing"):
         lines.append(f"| Missing predictions | {overall['n_missing']} |")
-    lines += ["", "Closed acc (substring) is LLaVA-Med's batch scorer (the paper's column); strict "
-              "also requires the word yes or no. *Exact match = distinct answer words found ÷ "
+    if overall.get("yes_no_acc_run_eval") is not None:
+        lines.append(f"| Yes/no acc: questions counted | {overall['yes_no_n_run_eval']} of {overall['n_closed']} |")
+    lines += ["", "Closed acc (substring) is LLaVA-Med's batch scorer (the paper's column). Yes/no acc is "
+              "LLaVA-Med run_eval.py's number, exactly: a hit needs 'yes' or 'no' as a substring and the "
+              "answer; a prediction with yes/no but not the answer is not counted. Strict (ours) needs "
+              "the answer and yes or no as a word. *Exact match = distinct answer words found ÷ "
               "prediction tokens (LLaVA-Med's name)."]
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,7 @@ from stllava.tooling import (
     model_path_setting,
     pending_items,
     read_done,
+    refuse_empty,
     run_batches,
     settle_conv_mode,
     setup_logging,
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     gen = settings_from_args(args)
     check_batch_size(args)
     questions = load_questions(args.question_file)
+    refuse_empty(questions, args, args.question_file, "questions")
     chunk = chunk_of(questions, args.num_chunks, args.chunk_idx)
     conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
     settings = {"model_path": model_path_setting(args.model_path), "model_base": model_path_setting(args.model_base),
@@ -202,7 +204,7 @@ def _main(argv: list[str] | None) -> int:
     s = run(args)
     rate = s["answered"] / s["seconds"] if s["seconds"] else 0.0
     print(f"answered {s['answered']} questions in {s['seconds']:.1f} s ({rate:.2f} q/s); "
-          f"{s['already_answered']} already answered; {s['skipped_bad']} skipped (missing/unreadable image); "
+          f"{s['already_answered']} already answered; {s['skipped_bad']} skipped (bad image); "
           f"chunk {args.chunk_idx}/{args.num_chunks} of {s['questions']} questions → {args.answers_file}")
     return 0
 

@@ -21,6 +21,7 @@ import sys
 
 from stllava.errors import StllavaError, run_cli
 from stllava.eval.metrics import ROW_FIELDS
+from stllava.jsonl import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ COLUMNS = [  # (key in metrics.json "overall", header)
     ("open_recall", "Open recall"),
     ("open_f1", "Open F1"),
     ("closed_acc", "Closed acc (substring; paper's)"),
-    ("closed_acc_strict", "Closed acc (strict yes/no)"),
+    ("closed_acc_strict", "Closed acc (strict: yes/no word)"),
+    ("yes_no_acc_run_eval", "Yes/no acc (run_eval.py)"),
     ("exact_match", "Exact match*"),
     ("n_open", "# open"),
     ("n_closed", "# closed"),
@@ -52,7 +54,7 @@ class ReportError(StllavaError, ValueError):
 def _load_one(folder: pathlib.Path) -> dict:
     path = folder / "metrics.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not JSON ({exc}); fix: re-run stllava.eval.metrics "
                           "--out") from exc
@@ -132,8 +134,10 @@ def render_markdown(table: dict) -> str:
     lines += [
         "Numbers ×100. *Open recall*, *Open F1*: LLaVA-Med token metrics over OPEN questions. "
         "*Closed acc (substring)*: the normalised answer is a substring of the normalised "
-        "prediction — LLaVA-Med's batch scorer, the paper's \"Closed\" column. *Closed acc "
-        "(strict)*: additionally the prediction contains the word yes or no. *Exact match: "
+        "prediction — LLaVA-Med's batch scorer, the paper's \"Closed\" column. *Yes/no acc "
+        "(run_eval.py)*: LLaVA-Med run_eval.py's \"yes/no accuracy\", exactly ('yes' or 'no' as a "
+        "substring and the answer; a prediction with yes/no but not the answer is not counted). "
+        "*Closed acc (strict)*: ours, the answer and the word yes or no. *Exact match: "
         "distinct answer words found ÷ prediction tokens (LLaVA-Med's name). "
         "See docs/Evaluation.md.", ""]
     return "\n".join(lines)

@@ -88,7 +88,7 @@ def quantization_config(load_8bit: bool, load_4bit: bool, device: str):
         raise ValueError(f"{flag} needs a CUDA device (got {device!r}); load without quantization on cpu/mps")
     from transformers import BitsAndBytesConfig
 
-    skip = ["mm_projector", "vision_tower", "lm_head"]  # small, precision-sensitive parts stay in fp16
+    skip = ["model.mm_projector", "model.vision_tower", "lm_head"]  # stay fp16 (prefixes: transformers 5 matching)
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True,
@@ -113,6 +113,7 @@ def _load_base(model_base: str, config, dtype, device: str) -> tuple[LlavaLlamaF
     if not os.path.isfile(os.path.join(model_base, cl.CONFIG)):
         raise cl.layout_error(model_base, "full", f"the base model folder has no {cl.CONFIG}")
     base_cfg = cl.read_json(os.path.join(model_base, cl.CONFIG))
+    cl.check_full_weights(model_base)
     if getattr(config, "mm_vision_tower", None) and not getattr(config, "mm_vision_config", None) \
             and base_cfg.get("mm_vision_config"):
         config.mm_vision_config = base_cfg["mm_vision_config"]  # no hub lookup for the tower's shape
@@ -219,6 +220,7 @@ def load_pretrained_model(model_path: str, model_base: str | None = None, model_
 
     Raises :class:`~stllava.model.checkpoint_layouts.CheckpointLayoutError` for missing files,
     :class:`~stllava.model.weights.UnsafeCheckpointError` for pickles that are not plain tensors,
+    :class:`~stllava.model.weights.CorruptCheckpointError` for weight or JSON files cut short or corrupt,
     ValueError for weights that do not fit and for 8/4-bit loading without bitsandbytes/CUDA.
     """
     device = resolve_device(device)
@@ -236,6 +238,7 @@ def load_pretrained_model(model_path: str, model_base: str | None = None, model_
 
     vit_in_adapter, adapter_hyper = {}, None
     if layout.kind == "full":
+        cl.check_full_weights(model_path)  # a cut-short or pickled file is named, not a library error
         kwargs = {}
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map=device_map if isinstance(device_map, dict)

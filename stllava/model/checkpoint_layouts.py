@@ -27,7 +27,7 @@ import re
 import torch
 
 from stllava.errors import StllavaError
-from stllava.model.weights import UnsafeCheckpointError, load_state_dict_file
+from stllava.model.weights import UnsafeCheckpointError, check_weight_file, corrupt, load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def detect_layout(model_path: str, model_base: str | None = None, lora_pt: str |
 
     if not os.path.isfile(os.path.join(model_path, CONFIG)):
         raise layout_error(model_path, kind, f"{CONFIG} is missing")
+    read_json(os.path.join(model_path, CONFIG))  # a config.json that is not JSON is named here
     layout = Layout(kind, model_path, files, vit_lora=lora_pt)
     if kind == "lora":
         layout.adapter_weights = _first(model_path, ADAPTER_WEIGHTS)
@@ -159,9 +160,52 @@ def has_tokenizer(path: str | None) -> bool:
     return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
+_JSON_FIX = "correct it, or copy it again from the checkpoint's source"
+
+
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON object in file ``path``. Refuses (:class:`~stllava.model.weights.CorruptCheckpointError`
+    naming the file, line and column) a file that is not UTF-8 JSON or holds something else than an
+    object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise corrupt(path, f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", "JSON file",
+                      _JSON_FIX) from None
+    except UnicodeDecodeError as e:
+        raise corrupt(path, f"not UTF-8 text: {e.reason} at byte {e.start}", "JSON file", _JSON_FIX) from None
+    if not isinstance(data, dict):
+        raise corrupt(path, f"a JSON {type(data).__name__}, not an object", "JSON file", _JSON_FIX)
+    return data
+
+
+def full_weight_files(model_path: str) -> list[str]:
+    """The weight files a full folder loads from: the single file, or every shard its
+    ``*.index.json`` lists (refused, naming the index, when it does not parse or lists none)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(model_path, single)):
+            return [os.path.join(model_path, single)]
+        index_path = os.path.join(model_path, index)
+        if os.path.isfile(index_path):
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise corrupt(index_path, "no 'weight_map' naming the shards", "shard index")
+            shards = [os.path.join(model_path, f) for f in sorted(set(map(str, weight_map.values())))]
+            missing = [f for f in shards if not os.path.isfile(f)]
+            if missing:
+                raise layout_error(model_path, "full", f"{index} lists shards that are missing ({missing[:3]})")
+            return shards
+    return []
+
+
+def check_full_weights(model_path: str) -> None:
+    """Check every weight file of full folder ``model_path`` before transformers loads it, so that a
+    file cut short or holding pickled code is refused naming it (transformers' own errors do not):
+    :class:`UnsafeCheckpointError` or :class:`~stllava.model.weights.CorruptCheckpointError`."""
+    for path in full_weight_files(model_path):
+        check_weight_file(path)
 
 
 # ---------------------------------------------------------------------------------------------

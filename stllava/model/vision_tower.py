@@ -7,6 +7,7 @@ really receive gradients.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from stllava.errors import StllavaError
 from stllava.model.checkpoint_layouts import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -112,8 +114,63 @@ class CLIPVisionTower(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        n = (self.config.image_size // self.config.patch_size) ** 2
-        return n + (1 if self.select_feature == "cls_patch" else 0)
+        return count_image_tokens(self.config, self.select_feature)
+
+    def load_lora_weights(self, path: str) -> int:
+        """Fill the enabled ViT-LoRA (:meth:`enable_lora`) from ``path``: a saved ``Vit-lora/``
+        folder (its ``adapter_model.safetensors`` or ``.bin``) or such a weights file. Keys may be
+        PEFT's saved form (``base_model.model.encoder...lora_A.weight``) or carry the model's prefix
+        (``...vision_tower.vision_tower.``) and adapter name. Returns the number of tensors loaded.
+        Raises :class:`ViTLoraWeightsError` naming the file when it holds no ViT-LoRA weights,
+        weights of other modules, or another rank than the enabled adapter."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from stllava.model.checkpoint_layouts import ADAPTER_SAFETENSORS
+        from stllava.model.weights import load_state_dict_file
+
+        if not self.lora_enabled:
+            raise ViTLoraWeightsError(f"{path}: enable the ViT-LoRA (--vit_lora_enable) before loading its weights")
+        f = path
+        if os.path.isdir(path):
+            f = next((os.path.join(path, n) for n in (ADAPTER_SAFETENSORS, "adapter_model.bin")
+                      if os.path.isfile(os.path.join(path, n))), None)
+            if f is None:
+                raise ViTLoraWeightsError(f"{path} holds no {ADAPTER_SAFETENSORS} or adapter_model.bin; give a saved "
+                                          "Vit-lora/ folder (or its weights file)")
+        sd = {}
+        for k, v in load_state_dict_file(f).items():
+            if "lora_" not in k:
+                continue
+            k = k.split("vision_tower.vision_tower.", 1)[-1].replace(".default.", ".")
+            sd[k if k.startswith("base_model.model.") else "base_model.model." + k] = v
+        expected = get_peft_model_state_dict(self.vision_tower)
+        unknown = [k for k in sd if k not in expected]
+        if not sd or unknown:
+            raise ViTLoraWeightsError(f"{f} holds no ViT-LoRA weights of this tower (first unknown keys: "
+                                      f"{unknown[:3]}); give a Vit-lora/ folder saved by stllava or SQ-LLaVA")
+        bad = [k for k in sd if tuple(sd[k].shape) != tuple(expected[k].shape)]
+        if bad:
+            k = bad[0]
+            raise ViTLoraWeightsError(f"{f}: {k} has shape {tuple(sd[k].shape)} but the ViT-LoRA's is "
+                                      f"{tuple(expected[k].shape)}; set --lora_r_vit to the saved adapter's rank")
+        missing = [k for k in expected if k not in sd]
+        if missing:
+            raise ViTLoraWeightsError(f"{f} lacks ViT-LoRA weights the tower has, e.g. {missing[0]}")
+        set_peft_model_state_dict(self.vision_tower, sd)
+        logger.info("ViT-LoRA started from %s (%d tensors)", f, len(sd))
+        return len(sd)
+
+
+class ViTLoraWeightsError(StllavaError, ValueError):
+    """A ViT-LoRA weights file (``--pretrain_lora``) does not fit the enabled adapter."""
+
+
+def count_image_tokens(vision_config, select_feature: str = "patch") -> int:
+    """Features one image gives: (image_size // patch_size)² patches, plus the CLS token for
+    ``cls_patch``. ``vision_config`` is a ``CLIPVisionConfig`` or its dict."""
+    get = vision_config.get if isinstance(vision_config, dict) else functools.partial(getattr, vision_config)
+    n = (get("image_size") // get("patch_size")) ** 2
+    return n + (1 if select_feature == "cls_patch" else 0)
 
 
 def build_vision_tower(config) -> CLIPVisionTower:

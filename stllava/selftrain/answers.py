@@ -50,6 +50,7 @@ from stllava.tooling import (
     model_path_setting,
     pending_items,
     read_done,
+    refuse_empty,
     run_batches,
     settle_conv_mode,
     setup_logging,
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
     settings, model_id = settings_of(args), model_name(args.model_path)
     questions = load_questions(args.questions)
+    refuse_empty(questions, args, args.questions, "questions")
     chunk = chunk_of(questions, args.num_chunks, args.chunk_idx)
     done = read_done(args.out, "question_id", settings, overwrite=args.overwrite)
     pending = pending_items(chunk, lambda q: q.question_id, done, "answers", args.out)
@@ -201,7 +203,7 @@ def _main(argv: list[str] | None) -> int:
     setup_logging()
     s = run(args)
     print(f"{s['written']} questions answered ({args.n_answers} answers each) in {s['seconds']:.1f} s; "
-          f"{s['already_done']} already done; {len(s['skipped'])} skipped (missing/unreadable image) → {args.out}")
+          f"{s['already_done']} already done; {len(s['skipped'])} skipped (bad image) → {args.out}")
     return 0
 
 

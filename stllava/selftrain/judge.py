@@ -138,7 +138,7 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
             seen[qid] = line
             items.append(Item(len(items), line, record, path, images[path]))
     except JsonlError as e:
-        raise JudgeInputError(str(e)) from None
+        raise JudgeInputError(f"{e}, or pass --skip-bad to skip and count it.") from None
     except FileNotFoundError:
         raise JudgeInputError(f"{answers_path}: answers file not found") from None
     return items, skipped
@@ -192,6 +192,9 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
     summary_path = side_path(out, ".summary.json")
     rule = load_rule(args.rule)
     items, skipped = load_items(args.answers, args.image_folder, skip_bad=args.skip_bad)
+    if not items and not skipped and not args.allow_empty:
+        raise JudgeInputError(f"{args.answers} holds no records; fix: pass the answers file of the answers stage "
+                              "(or --allow-empty when an empty file is expected)")
     cache = load_cache(cache_path)
     logger.info("%d items to judge (%d bad input skipped); %d finished requests in %s",
                 len(items), len(skipped), len(cache), cache_path)
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-in", type=float, default=None, help="USD per 1M prompt tokens (overrides the table)")
     p.add_argument("--price-out", type=float, default=None, help="USD per 1M completion tokens (overrides the table)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad input records instead of stopping")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept an answers file with no records (by default an error: a wrong or unfinished file)")
     p.add_argument("--reask-ties", action="store_true",
                    help="ask once more on a tie (still recorded 'tie' if it repeats)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")

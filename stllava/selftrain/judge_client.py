@@ -6,8 +6,10 @@ exponential backoff with jitter, a ``Retry-After`` of up to two minutes honoured
 setting for is written here, in :class:`_AttemptTransport`, the HTTP transport every attempt of
 the client's retry loop passes through: a cap on HTTP requests per run (``--max-requests``,
 retries included), stopping at once when another item has failed, and retry counts by kind for
-the run's summary. A 200 whose body does not parse is not retried by the client; :meth:`Judge.
-_complete` asks again for that alone.
+the run's summary, and failing fast when the server refuses the connection (nothing listens at
+``--base-url``: retrying for a minute would only hide a wrong URL). A 200 whose body does not
+parse -- cut short, or not JSON at all, like a proxy's HTML error page -- is not retried by the
+client; :meth:`Judge._complete` counts it as a failed attempt and asks again, within the same bound.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletion
 
 from stllava.errors import EXIT_FAILED, StllavaError
 from stllava.jsonl import JsonlWriter
@@ -90,6 +93,26 @@ class Stats:
             self.retries[kind] = self.retries.get(kind, 0) + 1
 
 
+class _Refused(openai.OpenAIError):
+    """Internal: the server refused the connection. An ``OpenAIError``, so the client re-raises it
+    without retrying; :meth:`Judge._complete` turns it into a :class:`JudgeAPIError`."""
+
+
+class _NotJson(ValueError):
+    """Internal: a 200 whose body is not JSON; the client then returns the body as a string."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from is a ``ConnectionRefusedError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _failure_kind(status: int) -> str:
     return "429" if status == 429 else "5xx" if status >= 500 else str(status)
 
@@ -112,14 +135,16 @@ class _AttemptTransport(httpx2.BaseTransport):
             logger.warning("%s: %s; retry %d/%d", getattr(ctx, "what", "request"), kind, retry, judge.max_retries)
         judge._take_request_slot()
         ctx.attempts = getattr(ctx, "attempts", 0) + 1
-        ctx.failure = None
+        ctx.failure = ctx.cause = None
         try:
             response = self.inner.handle_request(request)
         except httpx2.TimeoutException:
             ctx.failure = "timeout"
             raise
-        except httpx2.TransportError:
-            ctx.failure = "connection"
+        except httpx2.TransportError as exc:
+            ctx.failure, ctx.cause = "connection", str(exc) or type(exc).__name__
+            if _refused(exc):
+                raise _Refused(str(exc)) from exc
             raise
         if response.status_code >= 400:
             ctx.failure = _failure_kind(response.status_code)
@@ -181,12 +206,17 @@ class Judge:
         """One ChatCompletion for ``item``; raises JudgeAPIError when the server refuses or the
         retries are used up, _Stopped when the run stops."""
         self._ctx.what, self._ctx.attempts, self._ctx.failure = f"{item.name}, ask {ask}", 0, None
+        self._ctx.cause = None
         for again in range(self.max_retries + 1):
             try:
-                return self.client.chat.completions.create(
+                response = self.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
-                # A 200 whose body does not parse (a proxy cut it short) is not retried by the client.
+                if not isinstance(response, ChatCompletion):  # the client hands back a non-JSON body as text
+                    raise _NotJson(f"HTTP 200 with a body that is not JSON, starting {str(response)[:60]!r}")
+                return response
+            except (json.JSONDecodeError, openai.APIResponseValidationError, _NotJson) as exc:
+                # A 200 whose body does not parse (a proxy cut it short, or sent an HTML page) is not
+                # retried by the client.
                 if again == self.max_retries:
                     raise JudgeAPIError(self.redact(f"giving up on {item.name} after {self._ctx.attempts} attempts; "
                                                     f"last error: malformed response ({exc})")) from None
@@ -199,8 +229,15 @@ class Judge:
                     f"the server refused the request for {item.name} with HTTP {exc.status_code}: {exc}. Nothing "
                     "was retried; fix the cause (model name, key, request size) and rerun -- finished items "
                     "are reused from the cache.")) from None
+            except _Refused as exc:
+                raise JudgeAPIError(self.redact(
+                    f"cannot connect to {self.client.base_url} for {item.name}: connection refused ({exc}); "
+                    "nothing is listening there. Fix: check --base-url (scheme, host, port, /v1) and that the "
+                    "server is running; finished items are reused from the cache.")) from None
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                raise self._gave_up(item, f"{self._ctx.failure or 'connection'} ({exc})") from None
+                cause = getattr(self._ctx, "cause", None)
+                why = f"{self._ctx.failure or 'connection'} to {self.client.base_url} ({cause or exc})"
+                raise self._gave_up(item, why) from None
         raise AssertionError("unreachable")
 
     def _gave_up(self, item: Item, why: str) -> JudgeAPIError:

@@ -27,6 +27,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from stllava.data.images import ImageTooLarge, open_checked
+from stllava.errors import StllavaError
+from stllava.jsonl import read_utf8
+
 RULES_DIR = Path(__file__).with_name("rules")
 DEFAULT_RULE = RULES_DIR / "medical_v1.txt"
 API_IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -41,12 +45,20 @@ class Rule:
     sha256: str
 
 
+class RuleError(StllavaError, ValueError):
+    """A rule file that is missing, empty or not UTF-8 text."""
+
+
 def load_rule(path: str | os.PathLike = DEFAULT_RULE) -> Rule:
-    """Read a rule file (surrounding whitespace stripped). Refuses an empty file (ValueError)."""
+    """Read a rule file (surrounding whitespace stripped). Refuses (:class:`RuleError`, naming the
+    file) a missing or empty file; :class:`~stllava.jsonl.EncodingError` one that is not UTF-8."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8").strip()
+    try:
+        text = read_utf8(path).strip()
+    except OSError as e:
+        raise RuleError(f"{path}: cannot read the rule file ({e.strerror or e}); fix: --rule") from None
     if not text:
-        raise ValueError(f"{path}: the rule file is empty; give the [System] instruction text.")
+        raise RuleError(f"{path}: the rule file is empty; give the [System] instruction text.")
     return Rule(text, path.stem, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
@@ -96,10 +108,11 @@ def encode_image(data: bytes) -> tuple[str, bytes]:
     """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
 
     JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
-    Refuses (ValueError) bytes that are not a readable image.
+    Refuses (ValueError) bytes that are not a readable image, and an image over the pixel limit of
+    every stllava tool (:func:`stllava.data.images.max_image_pixels`).
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_checked(io.BytesIO(data)) as img:
             fmt = img.format
             img.verify()
         if fmt in API_IMAGE_FORMATS:
@@ -108,6 +121,8 @@ def encode_image(data: bytes) -> tuple[str, bytes]:
             buf = io.BytesIO()
             img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
         return "image/png", buf.getvalue()
+    except ImageTooLarge as e:
+        raise ValueError(f"image too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
 

@@ -1,7 +1,8 @@
 """A local OpenAI chat-completions server whose answers come from a Python *scorer*.
 
 It exists so the judge (and the end-to-end demo) can be exercised with the *real* ``openai`` client
-and no network: tests script faults (429 + Retry-After, 5xx, hung requests, garbage replies) and a
+and no network: tests script faults (429 + Retry-After, 5xx, hung requests, garbage replies, a 200
+whose body is not JSON such as a proxy's HTML page: ``Reply(raw_body=..., media_type="text/html")``) and a
 demo plugs in a "phantom judge" that knows the ground truth. It is the project's one protocol
 implementation (:func:`stllava.serve.protocol.create_app`, FastAPI on uvicorn) with a scorer
 backend instead of a model, so the phantom judge, the judge's fault tests and
@@ -57,7 +58,8 @@ class Reply:
     ``content``: the assistant message text (status 200). ``status`` other than 200 sends an
     OpenAI-style error object carrying ``error``. ``headers`` are added (e.g. ``Retry-After``).
     ``delay`` seconds are slept first (a hung server; the sleep ends early when the server stops).
-    ``raw_body`` is sent verbatim instead of JSON. ``usage`` = (prompt_tokens, completion_tokens);
+    ``raw_body`` is sent verbatim instead of JSON, with content type ``media_type`` (say
+    ``text/html`` for a proxy's error page). ``usage`` = (prompt_tokens, completion_tokens);
     by default a crude estimate (characters / 4) so token accounting can be tested.
     """
 
@@ -67,6 +69,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     raw_body: bytes | None = None
+    media_type: str = "application/json"
     usage: tuple[int, int] | None = None
     model: str | None = None
 
@@ -154,7 +157,7 @@ class ScorerBackend:
             return protocol.APIError(503, "server is shutting down").response()
         if reply.raw_body is not None:
             return Response(reply.raw_body, status_code=reply.status, headers=reply.headers,
-                            media_type="application/json")
+                            media_type=reply.media_type)
         if reply.status != 200:
             raise protocol.APIError(reply.status, reply.error, headers=reply.headers)
         content = reply.content or ""

@@ -55,6 +55,7 @@ from stllava.tooling import (
     model_path_setting,
     pending_items,
     read_done,
+    refuse_empty,
     run_batches,
     settle_conv_mode,
     setup_logging,
@@ -146,6 +147,8 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     question_prompt(conv_mode, "")  # refuses a template without VUSER before loading the model
     settings, model_id = settings_of(args), model_name(args.model_path)
     selected = list_images(args.image_folder, args.offset, args.limit)
+    refuse_empty(selected, args, args.image_folder, f"image files ({', '.join(IMAGE_EXTENSIONS)}) in the "
+                 f"selection --offset {args.offset} --limit {args.limit}")
     chunk = chunk_of(selected, args.num_chunks, args.chunk_idx)
     done = read_done(args.out, "image", settings, overwrite=args.overwrite)
     pending = pending_items(chunk, str, done, "images", args.out)

@@ -7,16 +7,20 @@
 Loads any checkpoint layout (``stllava.model.builder.load_pretrained_model``), then reads questions
 from the terminal: the answer is printed token by token as it is generated; each question continues
 the same conversation about the same image (the first carries ``<image>``). An empty line or EOF
-(Ctrl-D) ends the chat. ``--image-file`` is a local path; an http(s) URL is fetched only with
-``--allow-url``. The template is ``--conv-mode``, else the ``conv_mode`` training recorded in the
-checkpoint's config, else inferred (:func:`infer_conv_mode`); the chat's first line says which and
-why. Exit codes as every ``stllava`` command (:mod:`stllava.errors`).
+(Ctrl-D) ends the chat. A question that would take the prompt past the model's context length
+(the image counts as its patches) is refused with the numbers, and the conversation goes on
+without it; an answer is never generated past the context. ``--image-file`` is a local path,
+decoded as every stllava tool does (:mod:`stllava.data.images`: 16-bit images scaled, images over
+``$STLLAVA_MAX_IMAGE_PIXELS`` refused); an http(s) URL is fetched only with ``--allow-url``.
+The template is ``--conv-mode``, else the ``conv_mode`` training recorded in the checkpoint's
+config, else inferred (:func:`infer_conv_mode`); the chat's first line says which and why. A bad
+image, template or checkpoint file (missing, not JSON, cut short, pickled code) is reported on one
+line. Exit codes as every ``stllava`` command (:mod:`stllava.errors`).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import sys
@@ -24,7 +28,7 @@ import threading
 
 from PIL import Image
 
-from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 from stllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
@@ -38,6 +42,10 @@ V1_NAMES = ("stllava", "sqllava", "sq-llava", "sq_llava", "sophon", "med")
 
 class ChatInputError(StllavaError, ValueError):
     """A chat that cannot start: the image or the template given is unusable."""
+
+
+class PromptTooLongError(StllavaError, ValueError):
+    """A question that would take the prompt past the context length; the chat goes on without it."""
 
 
 def infer_conv_mode(model_path: str) -> tuple[str, str]:
@@ -58,8 +66,9 @@ def infer_conv_mode(model_path: str) -> tuple[str, str]:
         return recorded, f"recorded in {cfg_file}"
     mtype = None
     if os.path.isfile(cfg_file):
-        with open(cfg_file) as f:
-            mtype = json.load(f).get("model_type")
+        from stllava.model.checkpoint_layouts import read_json
+
+        mtype = read_json(cfg_file).get("model_type")  # not JSON: an error naming the file
     if mtype == "llava_llama":
         return "v1", "inferred: a stllava checkpoint that records no conv_mode"
     name = get_model_name_from_path(model_path).lower()
@@ -73,31 +82,57 @@ def infer_conv_mode(model_path: str) -> tuple[str, str]:
 
 
 def load_image(src: str, allow_url: bool = False) -> Image.Image:
-    """The RGB image at local path ``src``, or at an http(s) URL when ``allow_url``.
+    """The RGB image at local path ``src``, or at an http(s) URL when ``allow_url``, decoded as
+    every stllava tool decodes images (:func:`stllava.data.images.open_image`).
 
-    Raises ChatInputError for a URL without ``allow_url`` and for a missing file.
+    Raises ChatInputError for a URL without ``allow_url``, a download that fails, and a file
+    that is missing, not an image, truncated or over the pixel limit (naming what is wrong).
     """
+    from stllava.data.images import ImageLoadError, ImageTooLarge, open_image
+    from stllava.data.images import load_image as load_file
+
     if src.startswith(("http://", "https://")):
         if not allow_url:
             raise ChatInputError(f"--image-file {src} is a URL; pass --allow-url to download it, or give a local file")
+        import urllib.error
         import urllib.request
 
-        with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
-            return Image.open(io.BytesIO(r.read())).convert("RGB")
+        try:
+            with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
+                data = r.read()
+            return open_image(io.BytesIO(data))[0]
+        except (urllib.error.URLError, OSError) as e:
+            raise ChatInputError(f"--image-file {src}: cannot download or decode it ({e})") from None
+        except ImageTooLarge as e:
+            raise ChatInputError(f"--image-file {src}: image too large ({e})") from None
     if not os.path.isfile(src):
         raise ChatInputError(f"--image-file {src} does not exist")
-    return Image.open(src).convert("RGB")
+    try:
+        return load_file(src)
+    except ImageLoadError as e:  # its kind and detail, without training's advice
+        raise ChatInputError(f"--image-file {src}: {e.kind} ({e.detail})") from None
+
+
+def context_length(model) -> int:
+    """The context length of ``model`` as the loader reports it: the ``tokenizer_model_max_length``
+    training recorded, else ``max_sequence_length``, else 2048 (LLaVA's rule)."""
+    cfg = model.config
+    return int(getattr(cfg, "tokenizer_model_max_length", None) or getattr(cfg, "max_sequence_length", None) or 2048)
 
 
 class ChatSession:
     """One conversation about one image; :meth:`ask` streams each answer to ``write``."""
 
     def __init__(self, model, tokenizer, image_processor, image: Image.Image, conv_mode: str = "v1",
-                 temperature: float = 0.2, max_new_tokens: int = 512, debug: bool = False):
+                 temperature: float = 0.2, max_new_tokens: int = 512, debug: bool = False,
+                 context_len: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.conv = get_conv_template(conv_mode, "--conv-mode")
         self.pixels = process_images([image], image_processor, model.config)
         self.temperature, self.max_new_tokens, self.debug = temperature, max_new_tokens, debug
+        self.context_len = context_len or context_length(model)
+        tower = model.get_model().get_vision_tower()
+        self.image_positions = tower.num_patches if tower is not None else 1  # the projector keeps the count
         self.first = True
 
     @property
@@ -111,22 +146,50 @@ class ChatSession:
 
     def ask(self, text: str, write=None) -> str:
         """Append ``text`` as the user's turn, generate the answer (its pieces go to ``write`` as
-        they come) and return it."""
-        from transformers import TextIteratorStreamer
+        they come) and return it. Refuses (:class:`PromptTooLongError`, the conversation left as it
+        was) a question that takes the prompt to the context length."""
+        return self.answer(self.add_question(text), write)
 
-        if self.first:
-            text = DEFAULT_IMAGE_TOKEN + "\n" + text
-            self.first = False
-        self.conv.append_message(self.roles[0], text)
+    def add_question(self, text: str) -> tuple:
+        """Append ``text`` as the user's turn and an open assistant slot; returns what
+        :meth:`answer` needs. Refuses (:class:`PromptTooLongError`, nothing appended) a question
+        that leaves no room in the context for an answer: the prompt's positions (text tokens
+        plus the image's patches) are counted first."""
+        self.conv.append_message(self.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + text if self.first else text)
         self.conv.append_message(self.roles[1], None)
         prompt = self.conv.get_prompt()
         device = self.model.get_input_embeddings().weight.device
         ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")[None].to(device)
+        n_images = int((ids == IMAGE_TOKEN_INDEX).sum())
+        positions = ids.shape[1] + n_images * (self.image_positions - 1)
+        if positions >= self.context_len:  # no room for one answer token: refuse, keep the chat as it was
+            del self.conv.messages[-2:]
+            raise PromptTooLongError(
+                f"this question makes the prompt {positions} positions ({n_images * self.image_positions} of them "
+                f"the image, {ids.shape[1] - n_images} text tokens of the conversation so far and the question), "
+                f"over the model's context length of {self.context_len}; ask a shorter question, or start a new "
+                "chat to drop the earlier turns")
+        self.first = False
+        return prompt, ids, positions
+
+    def answer(self, question: tuple, write=None) -> str:
+        """Generate the answer to the question :meth:`add_question` appended (pieces to ``write``
+        as they come), store it in the conversation and return it. The answer stops at the
+        context length at the latest."""
+        from transformers import TextIteratorStreamer
+
+        prompt, ids, positions = question
+        room = self.context_len - positions  # an answer never runs past the context either
+        device = ids.device
         pixels = self.pixels.to(device=device, dtype=self.model.dtype)
         stop = self.stop_str()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sampling = self.temperature > 0
-        kwargs = dict(images=pixels, max_new_tokens=self.max_new_tokens, do_sample=sampling, streamer=streamer,
+        if room < self.max_new_tokens:
+            logger.warning("answer limited to %d new tokens: the prompt takes %d of the %d positions of the context",
+                           room, positions, self.context_len)
+        kwargs = dict(images=pixels, max_new_tokens=min(self.max_new_tokens, room), do_sample=sampling,
+                      streamer=streamer,
                       use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         if stop and stop != self.tokenizer.eos_token:  # e.g. "\n" of `plain`; "</s>" is the EOS token itself
@@ -200,7 +263,7 @@ def _chat(argv, read, write) -> int:
     from stllava.model.builder import load_pretrained_model
 
     try:
-        tokenizer, model, processor, _ = load_pretrained_model(
+        tokenizer, model, processor, context_len = load_pretrained_model(
             args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device)
     except StllavaError:
         raise
@@ -211,7 +274,7 @@ def _chat(argv, read, write) -> int:
         raise ChatInputError(f"{args.model_path} has no vision tower (no mm_vision_tower in its config); it cannot "
                              "chat about an image")
     session = ChatSession(model, tokenizer, processor, image, conv_mode, args.temperature, args.max_new_tokens,
-                          args.debug)
+                          args.debug, context_len)
     logger.info("conversation template %s (%s)", conv_mode, why)
     write(f"template {conv_mode} ({why})\n")
     write(f"[{args.model_path} | {conv_mode} | {model.device}] empty line or Ctrl-D to quit\n")
@@ -223,8 +286,13 @@ def _chat(argv, read, write) -> int:
             break
         if not text.strip():
             break
+        try:
+            question = session.add_question(text.strip())
+        except PromptTooLongError as e:  # one line, and the conversation goes on as before
+            write(f"error: {e}\n")
+            continue
         write(f"{session.roles[1]}: ")
-        session.ask(text.strip(), write)
+        session.answer(question, write)
         write("\n")
     return 0
 

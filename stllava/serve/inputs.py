@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.conversation import get_conv_template
+from stllava.data.images import to_rgb
 from stllava.generation import image_prompt_text, render_prompt
 from stllava.serve.protocol import APIError, Message
 
@@ -100,7 +101,7 @@ def decode_image(raw: bytes, limits: ImageLimits, where: str) -> Image.Image:
             raise APIError(400, f"{where}: image is empty ({w}x{h})", param=where)
         try:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)  # 16-bit images scaled to 8 bits, as every stllava tool does
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             kind = "truncated" if "truncat" in str(e).lower() else "corrupt"
             raise APIError(400, f"{where}: image does not decode ({kind} data)", param=where) from None

@@ -7,6 +7,11 @@ on a machine without CUDA (logged and ignored; transformers would refuse it). ``
 without wandb installed falls back to no reporting, with a warning. ``--data_aug`` and
 ``--lazy_preprocess`` are accepted (data is always loaded lazily;
 ``--data_aug True`` is refused: the published runs use False and it is not implemented).
+LLaVA's ``train.py`` flags are accepted with LLaVA's meaning: ``--bits``/``--double_quant``/
+``--quant_type`` (QLoRA), ``--tune_mm_mlp_adapter`` (projector pretraining), ``--freeze_backbone``,
+``--freeze_mm_mlp_adapter``, and SQ-LLaVA's ``--pretrain_lora`` (the ViT-LoRA's start). Where this
+training differs from the published one, a flag gives the published behaviour
+(``--loss_averaging``, ``--model_max_length_unit``, ``--data_vuser_turns``; docs/Training.md).
 """
 from __future__ import annotations
 
@@ -59,6 +64,16 @@ class ModelArguments:
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel; default flash_attention_2 when flash-attn is installed and CUDA is used, "
                 "else sdpa."})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={
+        "help": "Projector pretraining (LLaVA's stage 0): train the projector alone (LLM and tower frozen; "
+                "with --version plain on image-caption data) and save only mm_projector.bin (+ config) in every "
+                "checkpoint-N/ and the output folder: the file --pretrain_mm_mlp_adapter reads."})
+    freeze_backbone: bool = field(default=False, metadata={
+        "help": "LLaVA's meaning: freeze the LLM body (embeddings and decoder layers). Without --lora_enable "
+                "lm_head and the projector still train; with LoRA everything but the adapters is frozen anyway."})
+    pretrain_lora: str | None = field(default=None, metadata={
+        "help": "Start the ViT-LoRA (--vit_lora_enable) from a saved Vit-lora/ folder or its adapter weights file "
+                "(.safetensors or .bin); its rank must equal --lora_r_vit."})
 
 
 @dataclass
@@ -80,6 +95,11 @@ class DataArguments:
                 "of order, <image> mismatches, too long): 'stop' with the report, or 'skip' them and log the count.",
         "choices": ["stop", "skip"]})
     verify_workers: int = field(default=8, metadata={"help": "Threads decoding images in the start-up data check."})
+    data_vuser_turns: str = field(default="train", metadata={
+        "help": "A 'vuser' turn already in the data: 'train' it like a converted one (question + </s> are "
+                "targets; SPEC §3), or mask it like an instruction without </s> ('published', as the published "
+                "preprocess did). Turns converted by --sq_r are trained either way.",
+        "choices": ["train", "published"]})
 
 
 @dataclass
@@ -89,8 +109,31 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Must stay False: the batches carry 'images', which the Trainer would otherwise drop."})
     model_max_length: int = field(default=2048, metadata={
-        "help": "Maximum sequence length in model positions (an image counts its patch tokens). Longer "
-                "records are reported by the start-up check; samples are right-padded and cut to this."})
+        "help": "Maximum sequence length, counted as --model_max_length_unit says. Longer records are reported by "
+                "the start-up check; samples are right-padded and cut to this."})
+    model_max_length_unit: str = field(default="positions", metadata={
+        "help": "What --model_max_length counts: 'positions' (model positions: an image counts its patch tokens, "
+                "576 for CLIP-L/336) or 'text_tokens' (the published code: input ids, an image counting one, so a "
+                "sample can reach model_max_length + 575 positions).", "choices": ["positions", "text_tokens"]})
+    loss_averaging: str = field(default="tokens", metadata={
+        "help": "SFT loss: 'tokens' (transformers 5: cross-entropy summed over every target token of the "
+                "accumulated batch on all processes, divided by their count) or 'micro_batch' (the published "
+                "transformers 4.3x behaviour: the mean over each micro-batch's tokens, averaged over "
+                "micro-batches and processes).", "choices": ["tokens", "micro_batch"]})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={
+        "help": "LLaVA's meaning: keep the projector frozen (it is trained by default)."})
+    bits: int = field(default=16, metadata={
+        "help": "QLoRA: 4 or 8 loads the LLM's Linear layers through bitsandbytes (tower, projector and lm_head "
+                "stay in --bf16/--fp16) and prepares it for k-bit training (peft); needs --lora_enable (or "
+                "--tune_mm_mlp_adapter / --freeze_backbone) and bitsandbytes (pip install 'stllava[qlora]'). "
+                "16: no quantization.", "choices": [4, 8, 16]})
+    double_quant: bool = field(default=True, metadata={
+        "help": "4-bit: quantize the quantization constants too (bitsandbytes double quantization)."})
+    quant_type: str = field(default="nf4", metadata={
+        "help": "4-bit data type: nf4 or fp4.", "choices": ["nf4", "fp4"]})
+    trust_resume_checkpoint: bool = field(default=False, metadata={
+        "help": "Resume under --deepspeed without checking the checkpoint against the file hashes saved with it "
+                "(stllava_manifest.json). DeepSpeed unpickles checkpoint files: only for checkpoints you trust."})
     lora_enable: bool = field(default=False, metadata={"help": "LoRA on every LLM Linear except lm_head."})
     lora_r: int = field(default=64, metadata={"help": "LLM LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LLM LoRA alpha."})
@@ -158,6 +201,55 @@ def check_supported(model_args: ModelArguments, data_args: DataArguments, traini
     if not os.path.isfile(data_args.data_path):
         raise FlagError(f"--data_path {data_args.data_path} does not exist; give the training data file "
                         "(a JSON list or JSONL of records)")
+    check_trainable_flags(model_args, training_args)
+    if training_args.bits != 16:
+        check_kbit_training(training_args)
+
+
+def check_trainable_flags(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Refuse (:class:`FlagError`) combinations of LLaVA's trainable-part flags that would train
+    nothing or silently freeze what the user asked to train (also ``--bits`` with only the
+    quantized LLM to train); ``--pretrain_lora`` needs
+    ``--vit_lora_enable`` and an existing path."""
+    import os
+
+    lora = training_args.lora_enable or training_args.vit_lora_enable
+    if model_args.tune_mm_mlp_adapter and lora:
+        raise FlagError("--tune_mm_mlp_adapter trains the projector alone: drop --lora_enable / --vit_lora_enable "
+                        "(LLaVA would freeze the adapters it just added)")
+    if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
+        raise FlagError("--tune_mm_mlp_adapter with --freeze_mm_mlp_adapter leaves nothing to train; drop one")
+    if training_args.bits != 16 and not (training_args.lora_enable or model_args.tune_mm_mlp_adapter
+                                         or model_args.freeze_backbone):
+        raise FlagError(f"--bits {training_args.bits} quantizes the LLM, whose weights then cannot train: add "
+                        "--lora_enable True (QLoRA), or --tune_mm_mlp_adapter / --freeze_backbone")
+    if model_args.pretrain_lora:
+        if not training_args.vit_lora_enable:
+            raise FlagError(f"--pretrain_lora {model_args.pretrain_lora} starts the ViT-LoRA: add --vit_lora_enable")
+        if not os.path.exists(model_args.pretrain_lora):
+            raise FlagError(f"--pretrain_lora {model_args.pretrain_lora} does not exist; give a saved Vit-lora/ "
+                            "folder or its adapter_model.safetensors / .bin")
+
+
+def check_kbit_training(training_args: TrainingArguments) -> None:
+    """Refuse (:class:`FlagError`, naming what is needed) ``--bits 4|8`` when bitsandbytes is not
+    installed or has no backend for this machine (CUDA; recent bitsandbytes also runs on the CPU),
+    and under ZeRO-3 (which cannot partition quantized weights)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    flag = f"--bits {training_args.bits}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FlagError(f"{flag} (QLoRA) needs bitsandbytes, which is not installed: pip install 'stllava[qlora]' "
+                        "(or pip install bitsandbytes), on a CUDA machine or with bitsandbytes >= 0.50 on the CPU; "
+                        "or train without --bits")
+    from transformers.integrations import validate_bnb_backend_availability
+
+    if not validate_bnb_backend_availability(raise_exception=False):
+        raise FlagError(f"{flag} (QLoRA): the installed bitsandbytes has no backend for this machine; it needs a "
+                        "CUDA GPU (or bitsandbytes >= 0.50 for the CPU)")
+    if training_args.deepspeed and is_deepspeed_zero3_enabled():
+        raise FlagError(f"{flag}: ZeRO-3 cannot partition bitsandbytes weights; use --deepspeed scripts/zero2.json "
+                        "or no --deepspeed")
 
 
 # ---------------------------------------------------------------------------------------------

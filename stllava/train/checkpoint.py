@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from stllava.model.checkpoint_layouts import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONFIG, NON_LORA, VIT_LORA_DIR
+from stllava.model.checkpoint_layouts import PROJECTOR as MM_PROJECTOR
 
 logger = logging.getLogger(__name__)
 
@@ -209,26 +210,66 @@ def save_llava_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], outp
                                            save_embedding_layers=False)
         written.append(VIT_LORA_DIR + "/")
 
+    written += _save_config_and_processors(base, output_dir, tokenizer, image_processor, config_updates)
+    logger.info("saved %s to %s (%d LLM LoRA, %d ViT-LoRA, %d other tensors)", ", ".join(written),
+                output_dir, len(parts["llm_lora"]), len(parts["vit_lora"]), len(parts["non_lora"]))
+    return written
+
+
+def _save_config_and_processors(base: nn.Module, output_dir: str, tokenizer, image_processor,
+                                config_updates: dict | None) -> list[str]:
+    """Write ``config.json`` (with ``config_updates``, ``use_cache`` on), the tokenizer and the image
+    processor; returns what was written."""
     config = base.config.__class__.from_dict(base.config.to_dict())
     config.use_cache = True
     config.architectures = [type(base).__name__]
     for k, v in (config_updates or {}).items():
         setattr(config, k, v)
     config.save_pretrained(output_dir)
-    written.append(CONFIG)
+    written = [CONFIG]
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
         written.append("tokenizer")
     if image_processor is not None:
         image_processor.save_pretrained(output_dir)
         written.append("preprocessor_config.json")
-    logger.info("saved %s to %s (%d LLM LoRA, %d ViT-LoRA, %d other tensors)", ", ".join(written),
-                output_dir, len(parts["llm_lora"]), len(parts["vit_lora"]), len(parts["non_lora"]))
+    return written
+
+
+def save_projector_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], output_dir: str, *, tokenizer=None,
+                              image_processor=None, config_updates: dict | None = None) -> list[str]:
+    """Projector pretraining (LLaVA's ``--tune_mm_mlp_adapter``): write ``mm_projector.bin`` (the
+    gathered projector weights of ``state``, keys ``model.mm_projector.*``: the file
+    ``--pretrain_mm_mlp_adapter`` reads), ``config.json``, tokenizer and image processor. Refuses
+    (ValueError) a ``state`` holding anything but projector weights. Call on the main process only;
+    returns the written paths. (LLaVA wrote its intermediate ones to ``mm_projector/checkpoint-N.bin``;
+    here every ``checkpoint-N/`` is a complete projector-only folder.)"""
+    other = [k for k in state if param_part(k) != PROJECTOR]
+    if other or not state:
+        raise ValueError(f"projector-only checkpoint: the trainable weights are not the projector's ({other[:3]})")
+    os.makedirs(output_dir, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, MM_PROJECTOR))
+    written = [MM_PROJECTOR] + _save_config_and_processors(model, output_dir, tokenizer, image_processor,
+                                                           config_updates)
+    logger.info("saved %s to %s (%d projector tensors)", ", ".join(written), output_dir, len(state))
     return written
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading (resume without DeepSpeed; DeepSpeed restores its own shards)
+
+def load_projector_checkpoint(model: nn.Module, ckpt_dir: str) -> int:
+    """Load ``ckpt_dir/mm_projector.bin`` into ``model``'s projector (resume of a projector-only
+    run); returns the number of tensors. Raises ValueError naming the file when it is missing or
+    does not fit."""
+    from stllava.model.weights import load_projector_weights
+
+    f = os.path.join(ckpt_dir, MM_PROJECTOR)
+    if not os.path.isfile(f):
+        raise ValueError(f"{ckpt_dir} holds no {MM_PROJECTOR}; it is not a checkpoint of a --tune_mm_mlp_adapter run")
+    sd = load_projector_weights(f)
+    _strict_load(model.get_model().mm_projector, sd, f"projector weights of {f}")
+    return len(sd)
 
 def load_llava_trainables(model: nn.Module, ckpt_dir: str) -> dict[str, int]:
     """Load a checkpoint's LLM LoRA, ``non_lora_trainables.bin`` and ``Vit-lora/`` into ``model``

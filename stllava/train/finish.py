@@ -4,6 +4,8 @@
 trainer state and the final checkpoint (the layout of ``stllava.train.checkpoint``, in
 ``--output_dir``), evaluates the held-out set when the trainer has one (``eval_results.json``) and
 reports what a user must know: tokenization mismatches, where the checkpoint is and how to load it.
+Under ``--deepspeed`` a checkpoint to resume is first checked against the file hashes saved with it
+(``stllava.train.manifest``): DeepSpeed unpickles its files.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 from typing import Sequence
 
 from stllava.train.launch import resume_from_checkpoint
+from stllava.train.manifest import verify_resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +26,18 @@ def train_and_save(trainer, stage: str, *, model_base: str | None = None,
     with (logged); ``eval_keys`` are the held-out metrics worth a log line (all are saved).
     Every process must call it (saving gathers ZeRO-3 shards)."""
     args = trainer.args
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint(args))
+    resume = resume_from_checkpoint(args)
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir)
+        if resume is None:
+            from stllava.train.arguments import FlagError
+
+            raise FlagError(f"--resume_from_checkpoint True but {args.output_dir} holds no checkpoint-N folder")
+    if resume and args.deepspeed:  # DeepSpeed's own resume unpickles (weights_only=False) its files
+        verify_resume_checkpoint(resume, trust=getattr(args, "trust_resume_checkpoint", False))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     trainer.save_model(args.output_dir)
     if trainer.eval_dataset is not None:

@@ -12,6 +12,11 @@
    nested PEFT model, attached before the LLM one, which therefore never wraps tower modules), the
    projector.
 3. :func:`cast_unpartitioned` gives DeepSpeed one dtype across the model.
+
+:func:`load_processing` reads what the data need (tokenizer, image processor, image tokens) from
+configuration files alone, so the entry points check the data before loading any weights.
+LLaVA's ``--bits 4|8`` (QLoRA) loads the LLM through bitsandbytes (:func:`kbit_quantization_config`)
+and :func:`prepare_model` prepares it for k-bit training.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ import torch
 from stllava.train.arguments import FlagError
 
 logger = logging.getLogger(__name__)
+
+# Modules --bits leaves unquantized, as module-path prefixes (transformers 5 matches a pattern from
+# the start of a module's name or as its suffix, so a bare "mm_projector" would match nothing).
+KBIT_SKIP_MODULES = ["model.mm_projector", "model.vision_tower", "lm_head"]
 
 # LoRA targets of the LLM, by module path (vision tower and projector live elsewhere; lm_head excluded).
 LLM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn|mlp)\.[A-Za-z0-9_]+_proj"
@@ -109,17 +118,32 @@ def llm_lora_target_names(model) -> list[str]:
     return chosen
 
 
-def make_trainable(model, training_args):
-    """Freeze, then attach ViT-LoRA (first) and LLM LoRA, unfreeze the projector; returns the model
-    to train (a PEFT model with ``--lora_enable``)."""
+def make_trainable(model, training_args, model_args=None):
+    """Freeze, then attach ViT-LoRA (first; started from ``--pretrain_lora`` when given) and LLM
+    LoRA, unfreeze the projector; returns the model to train (a PEFT model with ``--lora_enable``).
+
+    LLaVA's flags (read with getattr, so any namespace works): ``--tune_mm_mlp_adapter`` (model_args)
+    trains the projector alone; ``--freeze_backbone`` (model_args) freezes the LLM body, leaving
+    ``lm_head`` trainable in full fine-tuning (with LoRA only the adapters train anyway);
+    ``--freeze_mm_mlp_adapter`` (training_args) keeps the projector frozen. Raises
+    :class:`~stllava.train.arguments.FlagError` when nothing is left to train."""
+    tune_projector = getattr(model_args, "tune_mm_mlp_adapter", False)
+    freeze_backbone = getattr(model_args, "freeze_backbone", False)
     tower = model.get_model().get_vision_tower()
-    if training_args.lora_enable:
-        model.requires_grad_(False)
-    else:  # full fine-tuning of the LLM; the tower's own weights stay frozen
-        model.requires_grad_(True)
-        tower.requires_grad_(False)
+    model.requires_grad_(False)
+    if not (training_args.lora_enable or tune_projector):  # full fine-tuning of the LLM
+        if freeze_backbone:  # LLaVA: model.model.requires_grad_(False); what lies outside it (lm_head) trains
+            for name, p in model.named_parameters():
+                p.requires_grad_(not name.startswith("model."))
+        else:  # the tower's own weights stay frozen
+            model.requires_grad_(True)
+            tower.requires_grad_(False)
+    elif freeze_backbone:
+        logger.info("--freeze_backbone: the LLM is frozen anyway (only adapters / the projector train)")
     if training_args.vit_lora_enable:
         tower.enable_lora(training_args.lora_r_vit, training_args.lora_alpha_vit, training_args.lora_dropout_vit)
+        if getattr(model_args, "pretrain_lora", None):
+            tower.load_lora_weights(model_args.pretrain_lora)
     if training_args.lora_enable:
         from peft import LoraConfig, get_peft_model
 
@@ -132,7 +156,11 @@ def make_trainable(model, training_args):
             # above keeps the two apart.
             warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
             model = get_peft_model(model, cfg)
-    model.get_model().mm_projector.requires_grad_(True)  # (PEFT forwards get_model to the base model)
+    # (PEFT forwards get_model to the base model)
+    model.get_model().mm_projector.requires_grad_(not getattr(training_args, "freeze_mm_mlp_adapter", False))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise FlagError("nothing left to train: --freeze_mm_mlp_adapter froze the projector and no LoRA or LLM "
+                        "weight trains; drop it or add --lora_enable True")
     return model
 
 
@@ -151,19 +179,76 @@ def cast_unpartitioned(model, dtype: torch.dtype) -> int:
     return cast
 
 
-def load_model_for_training(model_args, data_args, training_args):
+def kbit_quantization_config(training_args):
+    """The ``BitsAndBytesConfig`` of ``--bits 4|8`` (LLaVA's: ``--double_quant``, ``--quant_type``,
+    compute dtype from ``--bf16``/``--fp16``), or None for ``--bits 16``. Only the LLM's Linear
+    layers are quantized: the tower, the projector and ``lm_head`` stay in the compute dtype (the
+    same parts the inference loader keeps unquantized). Availability is checked first
+    (:func:`stllava.train.arguments.check_kbit_training`)."""
+    if training_args.bits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from stllava.train.arguments import check_kbit_training
+
+    check_kbit_training(training_args)
+    return BitsAndBytesConfig(load_in_4bit=training_args.bits == 4, load_in_8bit=training_args.bits == 8,
+                              llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
+                              llm_int8_skip_modules=KBIT_SKIP_MODULES,
+                              bnb_4bit_compute_dtype=compute_dtype(training_args),
+                              bnb_4bit_use_double_quant=training_args.double_quant,
+                              bnb_4bit_quant_type=training_args.quant_type)
+
+
+def load_processing(model_args, data_args, training_args):
+    """What the data need, from configuration files only (no weights): ``(tokenizer,
+    image_processor, image_tokens)``, so the data check can run before the model loads. The tower
+    is the model's (its ``mm_vision_config``) or, for a plain LLaMA folder, ``--vision_tower``'s.
+    Returns None when ``--model_name_or_path`` is not a local folder (a hub id): then
+    :func:`load_model_for_training` derives them from the loaded model."""
+    import os
+
+    from transformers import CLIPVisionConfig
+
+    from stllava.model.builder import load_image_processor, load_tokenizer
+    from stllava.model.llava_llama import load_llava_config
+    from stllava.model.vision_tower import count_image_tokens
+
+    if not os.path.isdir(model_args.model_name_or_path):
+        return None
+    cfg = load_llava_config(model_args.model_name_or_path)
+    if getattr(cfg, "mm_vision_tower", None):
+        vision = getattr(cfg, "mm_vision_config", None) or CLIPVisionConfig.from_pretrained(cfg.mm_vision_tower)
+        feature = getattr(cfg, "mm_vision_select_feature", "patch")
+    elif model_args.vision_tower:
+        vision, feature = CLIPVisionConfig.from_pretrained(model_args.vision_tower), model_args.mm_vision_select_feature
+    else:
+        raise FlagError(f"{model_args.model_name_or_path} has no vision tower: pass --vision_tower "
+                        "(a CLIP folder or hub id) to attach one")
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.model_max_length, training=True)
+    image_processor = load_image_processor(model_args.vision_tower or model_args.model_name_or_path, cfg)
+    return tokenizer, image_processor, count_image_tokens(vision, feature)
+
+
+def load_model_for_training(model_args, data_args, training_args, processing=None):
     """Load the model to train and set it up for the data: ``from_pretrained`` of
-    ``--model_name_or_path`` (ZeRO-3-partitioned under an active DeepSpeed config),
-    :func:`attach_vision`, the config fields every checkpoint records (``conv_mode`` = ``--version``
-    among them), the tokenizer and the image processor. Trainable parts are not chosen here
+    ``--model_name_or_path`` (ZeRO-3-partitioned under an active DeepSpeed config; through
+    bitsandbytes with ``--bits 4|8``, :func:`kbit_quantization_config`), :func:`attach_vision`, the
+    config fields every checkpoint records (``conv_mode`` = ``--version`` among them), the
+    tokenizer and the image processor (``processing``: :func:`load_processing`'s, reused; the
+    model's tower must then give as many image tokens). Trainable parts are not chosen here
     (:func:`make_trainable`). Returns ``(model, tokenizer, image_processor, image_tokens)``."""
     from stllava.model import LlavaLlamaForCausalLM
     from stllava.model.builder import load_image_processor, load_tokenizer
 
     dtype = compute_dtype(training_args)
     attn = attn_implementation(model_args.attn_implementation)
-    logger.info("loading %s (dtype %s, attention %s)", model_args.model_name_or_path, dtype, attn)
-    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, attn_implementation=attn)
+    quant = kbit_quantization_config(training_args)
+    kw = {"quantization_config": quant, "device_map": {"": training_args.device}} if quant is not None else {}
+    logger.info("loading %s (dtype %s, attention %s%s)", model_args.model_name_or_path, dtype, attn,
+                f", {training_args.bits}-bit LLM" if quant is not None else "")
+    model = LlavaLlamaForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, attn_implementation=attn,
+                                                  **kw)
     model.config.use_cache = False
     if training_args.deepspeed:
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -172,7 +257,6 @@ def load_model_for_training(model_args, data_args, training_args):
 
         logger.info("DeepSpeed ZeRO-3: %s; parameters partitioned at load: %s", is_deepspeed_zero3_enabled(),
                     any(is_zero3_param(p) for p in model.parameters()))
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.model_max_length, training=True)
 
     attach_vision(model, model_args, dtype)
     cfg = model.config
@@ -183,18 +267,38 @@ def load_model_for_training(model_args, data_args, training_args):
     cfg.tokenizer_model_max_length = training_args.model_max_length
     cfg.tokenizer_padding_side = "right"
     cfg.conv_mode = model_args.version  # the template this model learns: the tools' default
-    processor_src = model_args.vision_tower or model_args.model_name_or_path
-    image_processor = load_image_processor(processor_src, cfg)
     image_tokens = model.get_model().get_vision_tower().num_patches
+    if processing is not None:
+        tokenizer, image_processor, expected = processing
+        if expected != image_tokens:  # the data were checked with the configs' count: they must agree
+            raise RuntimeError(f"the configuration promised {expected} image tokens but the model's tower gives "
+                               f"{image_tokens}")
+    else:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.model_max_length, training=True)
+        image_processor = load_image_processor(model_args.vision_tower or model_args.model_name_or_path, cfg)
     return model, tokenizer, image_processor, image_tokens
 
 
-def prepare_model(model, training_args):
-    """:func:`make_trainable`, then :func:`cast_unpartitioned` under DeepSpeed; logs the trainable
-    parameters per part and returns the model to train."""
+def prepare_model(model, training_args, model_args=None):
+    """Prepare a ``--bits 4|8`` model for k-bit training (peft's ``prepare_model_for_kbit_training``:
+    fp32 norms and head, inputs that carry gradients; the tower and projector return to the compute
+    dtype, as in LLaVA), then :func:`make_trainable` (``model_args``: LLaVA's trainable-part flags),
+    then :func:`cast_unpartitioned` under DeepSpeed; records LLaVA's ``tune_mm_mlp_adapter`` /
+    ``freeze_mm_mlp_adapter`` in the config, logs the trainable parameters per part and returns the
+    model to train."""
     from stllava.train.checkpoint import format_trainable_summary, trainable_summary
 
-    model = make_trainable(model, training_args)
+    if getattr(training_args, "bits", 16) in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        # Activation checkpointing stays the Trainer's (--gradient_checkpointing), as without --bits.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        dtype = compute_dtype(training_args)
+        model.get_model().get_vision_tower().to(dtype=dtype)
+        model.get_model().mm_projector.to(dtype=dtype)
+    model.config.tune_mm_mlp_adapter = bool(getattr(model_args, "tune_mm_mlp_adapter", False))
+    model.config.freeze_mm_mlp_adapter = bool(getattr(training_args, "freeze_mm_mlp_adapter", False))
+    model = make_trainable(model, training_args, model_args)
     if training_args.deepspeed:
         cast_unpartitioned(model, compute_dtype(training_args))
     logger.info("trainable parameters per part:\n%s", format_trainable_summary(trainable_summary(model)))

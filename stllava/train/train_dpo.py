@@ -19,7 +19,8 @@ and ``--model_base``. The run:
 2. like the reference, DPO then trains NEW adapters on the merged start model: LLM LoRA, ViT-LoRA
    (dropout 0.1) and the projector (``stllava.train.model_setup``), and the start
    model is the DPO reference (``--ref_model``, see ``stllava.train.dpo_trainer``);
-3. checks the pairs (``stllava.data.preference``) and applies ``--on_bad_sample``;
+3. checks the pairs (``stllava.data.preference``) and applies ``--on_bad_sample`` — before the
+   start model is merged or loaded;
 4. trains with :class:`~stllava.train.dpo_trainer.LlavaDPOTrainer`, saving the stage-1 checkpoint
    layout (``conv_mode`` = ``--version`` in its config) in every ``checkpoint-N/`` and in
    ``--output_dir`` (``stllava.train.finish``).
@@ -118,7 +119,15 @@ def resolve_ref_mode(training_args) -> str:
 
 def _set_ref_mode(model_args, data_args, training_args) -> None:
     """Write :func:`resolve_ref_mode` into ``--ref_model``; refuses (FlagError) adapter_disabled
-    without ``--lora_enable``."""
+    without ``--lora_enable``, ``--tune_mm_mlp_adapter`` (projector pretraining is an SFT stage)
+    and ``--loss_averaging`` other than its default (the DPO loss is a mean over each
+    micro-batch's pairs, as published)."""
+    if model_args.tune_mm_mlp_adapter:
+        raise FlagError("--tune_mm_mlp_adapter (projector pretraining) is a stage of SFT: run it with "
+                        "python -m stllava.train.train_sft --version plain")
+    if training_args.loss_averaging != "tokens":
+        raise FlagError("--loss_averaging applies to the SFT cross-entropy; the DPO loss is already the mean over "
+                        "each micro-batch's pairs, as published")
     training_args.ref_model = resolve_ref_mode(training_args)
     if training_args.ref_model == "adapter_disabled" and not training_args.lora_enable:
         raise FlagError("--ref_model adapter_disabled needs --lora_enable True; use --ref_model separate")
@@ -136,11 +145,30 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     from stllava.data.preference import DataCollatorForPreferenceDataset, build_preference_dataset
     from stllava.train.dpo_trainer import LlavaDPOTrainer
     from stllava.train.launch import prepare_run
-    from stllava.train.model_setup import compute_dtype, load_model_for_training, prepare_model
+    from stllava.train.model_setup import compute_dtype, load_model_for_training, load_processing, prepare_model
+    from stllava.train.trainer import length_image_tokens
 
     parse = functools.partial(parse_dpo_args, description=__doc__.split("\n\n")[0])
     model_args, data_args, training_args = prepare_run(argv, parse, check=_set_ref_mode)
     ref_mode = training_args.ref_model
+    if training_args.eval_data_path and training_args.precompute_ref_log_probs:
+        raise FlagError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")
+
+    def pairs(path: str, tokenizer, image_processor, image_tokens):
+        return build_preference_dataset(
+            path, tokenizer, image_processor, image_folder=data_args.image_folder,
+            version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
+            on_bad_sample=data_args.on_bad_sample, model_max_length=training_args.model_max_length,
+            image_tokens=length_image_tokens(training_args, image_tokens), verify_workers=data_args.verify_workers)
+
+    def all_pairs(*processing):
+        return (pairs(data_args.data_path, *processing),
+                pairs(training_args.eval_data_path, *processing) if training_args.eval_data_path else None)
+
+    # The pairs are checked before the start model is merged or loaded (a stage-1 folder carries
+    # the tokenizer and the tower's config), unless the start model is a hub id.
+    processing = load_processing(model_args, data_args, training_args)
+    datasets = all_pairs(*processing) if processing is not None else None
 
     dtype = compute_dtype(training_args)
     source = {"start_model": model_args.model_name_or_path, "model_base": model_args.model_base}
@@ -149,20 +177,9 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     start_model = os.path.abspath(model_args.model_name_or_path)
     fingerprint = ref_cache_fingerprint(model_args, data_args, training_args, dtype, source)
 
-    model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args)
-    def pairs(path: str):
-        return build_preference_dataset(
-            path, tokenizer, image_processor, image_folder=data_args.image_folder,
-            version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
-            on_bad_sample=data_args.on_bad_sample, model_max_length=training_args.model_max_length,
-            image_tokens=image_tokens, verify_workers=data_args.verify_workers)
-
-    dataset = pairs(data_args.data_path)
-    eval_dataset = None
-    if training_args.eval_data_path:
-        if training_args.precompute_ref_log_probs:
-            raise FlagError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")
-        eval_dataset = pairs(training_args.eval_data_path)
+    model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args,
+                                                                              processing)
+    dataset, eval_dataset = datasets if datasets is not None else all_pairs(tokenizer, image_processor, image_tokens)
 
     ref_model = None
     cache_path = training_args.ref_log_probs_path or os.path.join(training_args.output_dir, REF_CACHE_NAME)
@@ -172,9 +189,10 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
             ref_model = load_model_for_training(model_args, data_args, training_args)[0]
         else:
             ref_model = copy.deepcopy(model)
-    model = prepare_model(model, training_args)
+    model = prepare_model(model, training_args, model_args)
 
-    collator = DataCollatorForPreferenceDataset(tokenizer.pad_token_id, training_args.model_max_length, image_tokens)
+    collator = DataCollatorForPreferenceDataset(tokenizer.pad_token_id, training_args.model_max_length,
+                                                length_image_tokens(training_args, image_tokens))
     trainer = LlavaDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset,
                               eval_dataset=eval_dataset,
                               data_collator=collator, processing_class=tokenizer, image_processor=image_processor,

@@ -7,11 +7,14 @@
 Takes the flags of the published ``sqllava_med.sh`` (``stllava.train.arguments``; ``--help`` lists
 this project's flags first). The run:
 
-1. loads the model (``stllava.train.model_setup``): a full LLaVA folder, or a plain LLaMA folder +
-   ``--vision_tower``; records ``conv_mode`` (= ``--version``) in the config;
-2. makes trainable LLM LoRA, ViT-LoRA and the projector, and logs a table of trainable
+1. checks the data (``stllava.data.verify``) and applies ``--on_bad_sample``, with the tokenizer
+   and image-token count read from the configuration files, before any weight is loaded;
+2. loads the model (``stllava.train.model_setup``): a full LLaVA folder, or a plain LLaMA folder +
+   ``--vision_tower`` (``--bits 4|8``: the LLM through bitsandbytes); records ``conv_mode``
+   (= ``--version``) in the config;
+3. makes trainable LLM LoRA, ViT-LoRA and the projector (or what LLaVA's ``--tune_mm_mlp_adapter``
+   / ``--freeze_backbone`` / ``--freeze_mm_mlp_adapter`` select), and logs a table of trainable
    parameters per part;
-3. checks the data (``stllava.data.verify``) and applies ``--on_bad_sample``;
 4. trains with :class:`~stllava.train.trainer.LLaVATrainer` and saves the checkpoint layout of
    ``stllava.train.checkpoint`` in every ``checkpoint-N/`` and in ``--output_dir``
    (``stllava.train.finish``).
@@ -30,35 +33,46 @@ logger = logging.getLogger("stllava.train.train_sft")
 PROG = "python -m stllava.train.train_sft"
 
 
-def run_sft(argv: list[str]) -> str:
-    """Run stage-1 SFT with command-line flags ``argv``; returns the output folder.
+def run_sft(argv: list[str], callbacks: list | None = None) -> str:
+    """Run stage-1 SFT with command-line flags ``argv`` (``callbacks``: extra ``TrainerCallback``
+    objects, for tests and tools); returns the output folder.
 
     Raises :class:`stllava.data.verify.BadDataError` (with the report) when the data has bad
-    records and ``--on_bad_sample`` is ``stop``; :class:`~stllava.train.arguments.FlagError` for
-    unsupported flag values.
+    records and ``--on_bad_sample`` is ``stop`` — before any model weight is loaded;
+    :class:`~stllava.train.arguments.FlagError` for unsupported flag values.
     """
     from stllava.data.collate import DataCollatorForSupervisedDataset
     from stllava.data.sft import build_sft_dataset
     from stllava.train.arguments import parse_args
     from stllava.train.finish import train_and_save
     from stllava.train.launch import prepare_run
-    from stllava.train.model_setup import load_model_for_training, prepare_model
-    from stllava.train.trainer import LLaVATrainer
+    from stllava.train.model_setup import load_model_for_training, load_processing, prepare_model
+    from stllava.train.trainer import LLaVATrainer, length_image_tokens
 
     parse = functools.partial(parse_args, prog=PROG, description=__doc__.split("\n\n")[0])
     model_args, data_args, training_args = prepare_run(argv, parse)
-    model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args)
-    model = prepare_model(model, training_args)
+    training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter  # the trainer saves mm_projector.bin then
 
-    dataset = build_sft_dataset(
-        data_args.data_path, tokenizer, image_processor, image_folder=data_args.image_folder,
-        version=model_args.version, sq_r=data_args.sq_r, seed=training_args.seed,
-        image_aspect_ratio=data_args.image_aspect_ratio, on_bad_sample=data_args.on_bad_sample,
-        model_max_length=training_args.model_max_length, image_tokens=image_tokens,
-        verify_workers=data_args.verify_workers)
-    collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, training_args.model_max_length, image_tokens)
+    def dataset_for(tokenizer, image_processor, image_tokens):
+        return build_sft_dataset(
+            data_args.data_path, tokenizer, image_processor, image_folder=data_args.image_folder,
+            version=model_args.version, sq_r=data_args.sq_r, seed=training_args.seed,
+            image_aspect_ratio=data_args.image_aspect_ratio, on_bad_sample=data_args.on_bad_sample,
+            model_max_length=training_args.model_max_length,
+            image_tokens=length_image_tokens(training_args, image_tokens), verify_workers=data_args.verify_workers,
+            data_vuser_turns=data_args.data_vuser_turns)
+
+    processing = load_processing(model_args, data_args, training_args)
+    dataset = dataset_for(*processing) if processing is not None else None  # the data check, before the weights
+    model, tokenizer, image_processor, image_tokens = load_model_for_training(model_args, data_args, training_args,
+                                                                              processing)
+    model = prepare_model(model, training_args, model_args)
+    if dataset is None:
+        dataset = dataset_for(tokenizer, image_processor, image_tokens)
+    collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, training_args.model_max_length,
+                                                length_image_tokens(training_args, image_tokens))
     trainer = LLaVATrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                           processing_class=tokenizer, image_processor=image_processor)
+                           processing_class=tokenizer, image_processor=image_processor, callbacks=callbacks)
     return train_and_save(trainer, "stage-1 SFT")
 
 

@@ -13,6 +13,13 @@ the bases of any ``transformers.Trainer`` subclass (``class X(LlavaTrainerMixin,
   scheduler, RNG and trainer state to each ``checkpoint-N/`` (DeepSpeed: its ``global_stepN/`` shards).
 - :meth:`~LlavaTrainerMixin._load_from_checkpoint`: resume restores LLM LoRA, projector and
   ViT-LoRA (without DeepSpeed; DeepSpeed reloads them from its shards).
+- every ``checkpoint-N/`` gets a manifest of its files' hashes (``stllava.train.manifest``),
+  checked before a DeepSpeed resume.
+- LLaVA's projector pretraining (``args.tune_mm_mlp_adapter``, set from the model flag by the entry
+  point): every save writes only ``mm_projector.bin`` + config (+ tokenizer, image processor).
+
+:class:`LLaVATrainer` adds ``--loss_averaging micro_batch``: the published per-micro-batch mean of
+the cross-entropy instead of transformers 5's token-weighted average (docs/Training.md).
 """
 from __future__ import annotations
 
@@ -28,10 +35,13 @@ from stllava.train.checkpoint import (
     VIT_LORA,
     gather_state_dict,
     load_llava_trainables,
+    load_projector_checkpoint,
     param_part,
     save_llava_checkpoint,
+    save_projector_checkpoint,
     trainable_state_dict,
 )
+from stllava.train.manifest import ManifestCallback
 from stllava.train.sampler import build_train_sampler
 from stllava.train.throughput import ThroughputLogMixin
 
@@ -54,6 +64,13 @@ def part_lr(part: str, args) -> float:
     if part == "vision_tower" and getattr(args, "vision_tower_lr", None) is not None:
         return float(args.vision_tower_lr)
     return float(args.learning_rate)
+
+
+def length_image_tokens(args, image_tokens: int) -> int:
+    """How many positions an image counts towards ``--model_max_length``: its ``image_tokens``
+    features (``--model_max_length_unit positions``, the default), or 1 (``text_tokens``: the
+    published code cut input ids, an image being one of them)."""
+    return 1 if getattr(args, "model_max_length_unit", "positions") == "text_tokens" else image_tokens
 
 
 def build_param_groups(model: torch.nn.Module, args, decay_names: set[str] | list[str]) -> list[dict]:
@@ -91,6 +108,7 @@ class LlavaTrainerMixin(ThroughputLogMixin):
     def __init__(self, *args, image_processor=None, **kwargs):
         self.image_processor = image_processor
         super().__init__(*args, **kwargs)
+        self.add_callback(ManifestCallback())
 
     # ---- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -137,6 +155,16 @@ class LlavaTrainerMixin(ThroughputLogMixin):
         them without LoRA) are gathered first; the main process writes."""
         output_dir = output_dir or self.args.output_dir
         model = self.model
+        if getattr(self.args, "tune_mm_mlp_adapter", False):  # LLaVA's stage 0: the projector alone
+            state = trainable_state_dict(model)
+            if self.args.should_save:
+                save_projector_checkpoint(model, state, output_dir, tokenizer=self.processing_class,
+                                          image_processor=self.image_processor,
+                                          config_updates=self.llava_config_updates())
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            return
         if hasattr(model, "peft_config"):
             state = trainable_state_dict(model)
         else:
@@ -164,11 +192,26 @@ class LlavaTrainerMixin(ThroughputLogMixin):
         then restores optimizer, scheduler and RNG). Not used under DeepSpeed, whose
         ``global_stepN/`` shards hold all trainable states."""
         model = self.model if model is None else model
-        if hasattr(model, "peft_config"):
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            load_projector_checkpoint(model, resume_from_checkpoint)
+        elif hasattr(model, "peft_config"):
             load_llava_trainables(model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 class LLaVATrainer(LlavaTrainerMixin, Trainer):
-    """The stage-1 (SFT) trainer: ``transformers.Trainer`` + :class:`LlavaTrainerMixin`."""
+    """The stage-1 (SFT) trainer: ``transformers.Trainer`` + :class:`LlavaTrainerMixin`.
+
+    ``--loss_averaging micro_batch`` turns off the Trainer's loss kwargs: the model then averages
+    the cross-entropy over each micro-batch's target tokens, the Trainer divides by the
+    accumulation steps and the processes' gradients are averaged — the published (transformers
+    4.3x) loss. The default (``tokens``) lets transformers 5 pass ``num_items_in_batch``: one sum
+    over every target token of the accumulated batch on all processes, divided by their count."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self.args, "loss_averaging", "tokens") == "micro_batch":
+            # The Trainer's documented switch: no num_items_in_batch is counted or passed, the loss
+            # is divided by the accumulation steps, and it is not rescaled across devices.
+            self.model_accepts_loss_kwargs = False

@@ -472,3 +472,34 @@ def test_mismatch_is_counted_blanked_and_reported(caplog):
     assert len(warnings) == 2 and "rec-7" in warnings[0] and "tokenization mismatch" in warnings[0]
     n_full = len(out["input_ids"][0])
     assert f"{n_full} tokens" in warnings[0]
+
+
+@pytest.mark.parametrize("kind,legacy,after_answer", [
+    ("hf", True, [478]), ("hf", False, [29963]), ("slow", True, [478]), ("slow", False, [29963])])
+def test_golden_vuser_turn_in_data_published_masking(llama_tokenizer_path, kind, legacy, after_answer):
+    """``data_vuser_turns="published"``: a vuser turn of the data is rendered without ``</s>`` and
+    masked like an instruction (the published preprocess); converted turns are unaffected."""
+    tok = real_tokenizer(llama_tokenizer_path, kind, legacy)
+    src = [{"from": "human", "value": "<image>\nWhat organ?"}, {"from": "gpt", "value": "Brain"},
+           {"from": "vuser", "value": "Is it normal?"}, {"from": "gpt", "value": "No"}]
+    out = preprocess([src], tok, True, "v1_sq", data_vuser_turns="published")
+    ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
+    system = tok(SQ, add_special_tokens=False).input_ids
+    user = [3148, 1001, 29901, 29871, IMAGE_TOKEN_INDEX, 29871, 13, 5618, 2894, 29973]  # ▁US ER : ▁ img ▁ \n What ▁organ ?
+    assistant = [319, 1799, 9047, 13566, 29901]  # ▁A SS IST ANT :
+    brain, question, no = [5032, 262, 2], [1317, 372, 4226, 29973], [1939, 2]  # no </s> after the question
+    vuser_tag = after_answer + [11889, 29901]  # (▁)V USER :
+    assert ids == [1] + system + user + assistant + brain + vuser_tag + question + assistant + no
+    assert labels == [M] * (1 + 93 + 10 + 5) + brain + [M] * (len(vuser_tag) + 4 + 5) + no
+    assert out["mismatches"] == 0
+    # the rendered text is the published one: "VUSER: Q ASSISTANT: A</s>"
+    assert tok.decode(ids[1 + 93 + 10 + 5 + 3:]).endswith("VUSER: Is it normal? ASSISTANT: No</s>")
+    # default ("train"): the same record trains the question with its </s> (test_golden_v1_sq_labels)
+    default = preprocess([src], tok, True, "v1_sq")
+    assert default["input_ids"][0].tolist() != ids
+    assert [t for t in default["labels"][0].tolist() if t != M] == brain + question + [2] + no
+    # a question already ending in </s> loses it in the published mode (the published code would
+    # have blanked the whole sample with a "tokenization mismatch")
+    src2 = [dict(t) for t in src]
+    src2[2]["value"] += "</s>"
+    assert preprocess([src2], tok, True, "v1_sq", data_vuser_turns="published")["input_ids"][0].tolist() == ids

@@ -146,3 +146,36 @@ def test_load_records_errors(tmp_path):
     good = tmp_path / "y.jsonl"
     good.write_text(json.dumps({"id": 1, "conversations": []}) + "\n")
     assert load_records(str(good)) == [{"id": 1, "conversations": []}]
+
+
+def test_model_max_length_unit_text_tokens_counts_the_image_as_one(tok_proc, tmp_path):
+    """The published counting (``--model_max_length_unit text_tokens``): the cut and the start-up
+    length check count input ids, an image being one, so a sample may reach max + (patches - 1)
+    model positions; the default counts model positions."""
+    from types import SimpleNamespace
+
+    from stllava.data.sft import build_sft_dataset
+    from stllava.data.verify import BadDataError
+    from stllava.splice import splice_layout
+    from stllava.train.trainer import length_image_tokens
+
+    patches, max_len = 64, 40
+    text = length_image_tokens(SimpleNamespace(model_max_length_unit="text_tokens"), patches)
+    positions = length_image_tokens(SimpleNamespace(model_max_length_unit="positions"), patches)
+    assert (text, positions, length_image_tokens(SimpleNamespace(), patches)) == (1, patches, patches)
+
+    ids = torch.tensor([1, IMG] + list(range(100, 160)))
+    sample = {"input_ids": ids, "labels": ids.clone()}
+    cut_text = DataCollatorForSupervisedDataset(0, max_len, text)([sample])["input_ids"][0]
+    cut_pos = DataCollatorForSupervisedDataset(0, max_len, positions)([sample])["input_ids"][0]
+    assert cut_text.tolist() == ids[:max_len].tolist()  # the published input_ids[:, :max_len]
+    assert int(splice_layout(cut_text, patches).lengths) == max_len + patches - 1
+    assert cut_pos.tolist() == [1, IMG]  # nothing after the image fits in 40 positions (and it is never cut)
+
+    tok, proc = tok_proc
+    data, folder = write_colour_dataset(str(tmp_path), n=2)
+    # 79 input ids each: within 100 counting the image as one, 142 positions counting its 64 patches
+    kw = dict(image_folder=folder, version="v1", sq_r=0.0, seed=0, image_aspect_ratio="pad", model_max_length=100)
+    assert len(build_sft_dataset(data, tok, proc, image_tokens=text, **kw)) == 2
+    with pytest.raises(BadDataError, match="too long"):
+        build_sft_dataset(data, tok, proc, image_tokens=positions, **kw)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from bad_files import write_bomb_png, write_png16
 from PIL import Image
 
 from stllava.data.images import ImageLoadError, check_image, load_image
@@ -32,6 +33,8 @@ def write_bad_dataset(root, n_good=4):
     open(os.path.join(folder, "empty.png"), "wb").close()
     with open(os.path.join(folder, "notes.jpg"), "w") as f:
         f.write("not an image")
+    write_bomb_png(os.path.join(folder, "bomb.png"))  # 15000x15000 in a few KB: over the pixel limit
+    write_png16(os.path.join(folder, "ct16.png"))      # a good record: loads (scaled), verify notes its mode
     recs = [{"id": f"ok{i}", "image": "good.png", "conversations": _qa()} for i in range(n_good)]
     recs += [
         {"id": "missing", "image": "nope.png", "conversations": _qa()},
@@ -42,10 +45,13 @@ def write_bad_dataset(root, n_good=4):
         {"id": "no-token", "image": "good.png", "conversations": _qa(q="What is shown?")},
         {"id": "long", "image": "good.png", "conversations": _qa(a=LONG)},
         {"id": "no-convs", "image": "good.png"},
+        {"id": "bomb", "image": "bomb.png", "conversations": _qa()},
+        {"id": "deep", "image": "ct16.png", "conversations": _qa()},
     ]
     expected = {n_good: "missing image", n_good + 1: "truncated image", n_good + 2: "empty image file",
                 n_good + 3: "unreadable image", n_good + 4: "bad roles or turns",
-                n_good + 5: "<image> token mismatch", n_good + 6: "too long", n_good + 7: "malformed record"}
+                n_good + 5: "<image> token mismatch", n_good + 6: "too long", n_good + 7: "malformed record",
+                n_good + 8: "image too large"}
     path = os.path.join(root, "bad.json")
     with open(path, "w") as f:
         json.dump(recs, f)
@@ -79,9 +85,9 @@ def test_verify_names_every_bad_record(tmp_path, tokenizer):
     assert report.bad_indices == sorted(expected) and not report.ok
     long = next(p for p in report.problems if p.kind == "too long")
     assert long.record_id == "long" and "> model_max_length 512" in long.detail
-    assert report.summary() == (f"{path}: 12 records checked, 8 bad (<image> token mismatch: 1, bad roles or turns: 1, "
-                                "empty image file: 1, malformed record: 1, missing image: 1, too long: 1, "
-                                "truncated image: 1, unreadable image: 1)")
+    assert report.summary() == (f"{path}: 14 records checked, 9 bad (<image> token mismatch: 1, bad roles or turns: 1, "
+                                "empty image file: 1, image too large: 1, malformed record: 1, missing image: 1, "
+                                "too long: 1, truncated image: 1, unreadable image: 1)")
     # without a tokenizer there is no length check
     assert "too long" not in verify_records(load_records(path), folder).counts()
 
@@ -94,15 +100,19 @@ def test_verify_cli(tmp_path, tiny_bundle, capsys):
     assert rc == 1
     assert out[:2] == [f"record 4 (id 'missing'): missing image: {folder}/nope.png (no such file)",
                        f"record 5 (id 'corrupt'): truncated image: {folder}/cut.jpg (Truncated File Read)"]
-    assert out[-1].endswith("12 records checked, 8 bad (<image> token mismatch: 1, bad roles or turns: 1, "
-                            "empty image file: 1, malformed record: 1, missing image: 1, too long: 1, "
-                            "truncated image: 1, unreadable image: 1)")
+    assert out[-1] == (f"{path} (SFT conversations): 14 records checked, 9 bad (<image> token mismatch: 1, "
+                       "bad roles or turns: 1, empty image file: 1, image too large: 1, malformed record: 1, "
+                       "missing image: 1, too long: 1, truncated image: 1, unreadable image: 1); 1 note")
+    assert (f"record 12 (id 'bomb'): image too large: {folder}/bomb.png (225,000,000 pixels, over the limit of "
+            "89,478,485; set STLLAVA_MAX_IMAGE_PIXELS to accept larger images)") in out
+    assert (f"note: record 13 (id 'deep'): unusual image mode: {folder}/ct16.png: mode I;16 (16-bit): scaled to "
+            "8 bits (value / 257) before RGB") in out
     clean = tmp_path / "clean.json"
     clean.write_text(json.dumps([{"id": "a", "image": "good.png", "conversations": _qa()}]))
     proc = subprocess.run([sys.executable, "-m", "stllava.data.verify", "--data_path", str(clean), "--image_folder",
                            folder], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{clean}: 1 records checked, all good"
+    assert proc.stdout.strip() == f"{clean} (SFT conversations): 1 records checked, all good"
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -132,8 +142,8 @@ def test_policy_stop_and_skip(tmp_path, caplog):
     assert e.value.report is report
     with caplog.at_level(logging.WARNING, logger="stllava.data.verify"):
         keep = apply_bad_sample_policy(records, report, "skip")
-    assert keep == [0, 1, 2, 3, 10]  # the too-long record stays: no length check without a tokenizer
-    assert "skipped 7 of 12 records" in caplog.text
+    assert keep == [0, 1, 2, 3, 10, 13]  # the too-long record stays: no length check without a tokenizer
+    assert "skipped 8 of 14 records" in caplog.text
     with pytest.raises(ValueError, match="on_bad_sample"):
         apply_bad_sample_policy(records, report, "ignore")
 
@@ -150,11 +160,68 @@ def test_training_stops_or_skips(tmp_path, tiny_bundle, caplog):
 
     path, folder, expected = write_bad_dataset(str(tmp_path))
     out = str(tmp_path / "out")
-    with pytest.raises(BadDataError, match=r"(?s)record 10 \(id 'long'\): too long.*8 bad"):
+    with pytest.raises(BadDataError, match=r"(?s)record 10 \(id 'long'\): too long.*9 bad"):
         run_sft(_train_argv(tiny_bundle, path, folder, out))
     assert not os.path.exists(os.path.join(out, "adapter_model.safetensors"))
     with caplog.at_level(logging.WARNING):
         run_sft(_train_argv(tiny_bundle, path, folder, out) + ["--on_bad_sample", "skip"])
-    assert "skipped 8 of 12 records" in caplog.text
+    assert "skipped 9 of 14 records" in caplog.text  # the bomb among them; the 16-bit record trained on
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     assert state["global_step"] == 1 and os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+def _pair(rid, image="good.png", chosen="A lung.", rejected="A liver.", question="<image>\nWhat organ is shown?"):
+    """A record in the released STLLaVA-Med-DPO schema (what selftrain.build_pairs writes)."""
+    return {"id": rid, "image": image,
+            "chosen_conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": chosen}],
+            "reject_conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": rejected}],
+            "scores": [8, 3]}
+
+
+def test_verify_recognises_preference_pair_files(tmp_path, capsys):
+    """The DPO data error tells users to run verify: it must accept valid pair files (it reported
+    every record of dpo_train.json as malformed) and name the bad ones."""
+    _, folder, _ = write_bad_dataset(str(tmp_path))
+    good = tmp_path / "dpo_train.json"
+    good.write_text(json.dumps([_pair(f"p{i}") for i in range(5)]))
+    assert main(["--data_path", str(good), "--image_folder", folder]) == 0
+    assert capsys.readouterr().out.strip() == f"{good} (preference pairs (DPO)): 5 records checked, all good"
+
+    bad = tmp_path / "dpo_bad.json"
+    no_reject = _pair("no-reject")
+    del no_reject["reject_conversations"]
+    bad.write_text(json.dumps([_pair("ok"), _pair("other-q", question="<image>\nWhich side?") | {
+        "reject_conversations": _pair("x")["reject_conversations"]}, no_reject, _pair("bomb", image="bomb.png")]))
+    assert main(["--data_path", str(bad), "--image_folder", folder]) == 1
+    out = capsys.readouterr().out
+    assert "record 1 (id 'other-q'): chosen/rejected prompts differ" in out
+    assert "record 2 (id 'no-reject'): malformed record: no 'reject_conversations' list" in out
+    assert "record 3 (id 'bomb'): image too large" in out
+    assert out.strip().endswith("(preference pairs (DPO)): 4 records checked, 3 bad (chosen/rejected prompts "
+                                "differ: 1, image too large: 1, malformed record: 1)")
+
+
+@pytest.mark.parametrize("name,content", [("empty.json", "[]"), ("empty.jsonl", ""), ("blank.jsonl", "\n\n")])
+def test_verify_refuses_an_empty_file_unless_allowed(tmp_path, name, content, capsys):
+    path = tmp_path / name
+    path.write_text(content)
+    assert main(["--data_path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path} holds no records; fix: pass the dataset file (or --allow_empty when an empty " \
+                  "file is expected)\n"
+    assert main(["--data_path", str(path), "--allow_empty"]) == 0
+    assert capsys.readouterr().out.strip() == f"{path} (SFT conversations): 0 records checked, all good"
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_verify_names_a_file_that_is_not_utf8(tmp_path, name, capsys):
+    """A Latin-1 file gave a bare UnicodeDecodeError; now one line naming the file, line and byte."""
+    rec = {"id": "a", "image": "good.png", "conversations": _qa(a="Une lésion.")}
+    text = json.dumps(rec, ensure_ascii=False) if name.endswith(".jsonl") else json.dumps([rec], ensure_ascii=False)
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1") + b"\n")
+    col = text.index("é") + 1
+    assert main(["--data_path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{path}, line 1: not UTF-8 text (byte 0xe9 at column {col})" in err and "iconv" in err

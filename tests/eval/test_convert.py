@@ -179,3 +179,39 @@ def test_cli_writes_test_json_questions_and_stats(tmp_path, capsys):
                             "text": "Is fibrosis present?"}
     assert convert.main(["slake", "--src", str(src), "--out", str(tmp_path / "o2")]) == 2
     assert "record 0: field 'q_lang' is missing" in capsys.readouterr().err
+
+
+# --- files that are not what they claim ---------------------------------------------------------
+VQA_RAD_ROWS = [{"qid": i, "image_name": "synpic1.jpg", "question": "Is it?", "answer": "yes",
+                 "answer_type": "CLOSED"} for i in range(3)]
+
+
+def test_truncated_json_list_is_called_cut_short_not_jsonl(tmp_path, capsys):
+    """It gave JSON Lines advice and named a --skip-bad flag convert does not have."""
+    text = json.dumps(VQA_RAD_ROWS)
+    src = tmp_path / "testset.json"
+    src.write_text(text[: len(text) // 2])
+    assert convert.main(["vqa_rad", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}: not valid JSON (cut short?): ") and err.count("\n") == 1
+    assert "at line 1, column" in err and "download or copy the benchmark file again" in err
+    assert "--skip-bad" not in err and "JSON object" not in err and "at at" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_jsonl_line_names_no_flag_convert_lacks(tmp_path):
+    src = tmp_path / "hf.jsonl"
+    src.write_text(json.dumps({"image": "a.jpg", "question": "Q?", "answer": "no"}) + '\n{"image": "b.jpg", "quest\n')
+    with pytest.raises(ConvertError) as e:
+        convert.convert("pvqa", src)
+    assert str(e.value).startswith(f"{src}, line 2: not valid JSON (Unterminated string starting at column 20)")
+    assert "--skip-bad" not in str(e.value)
+
+
+def test_source_that_is_not_utf8_is_named(tmp_path, capsys):
+    src = tmp_path / "testset.json"
+    src.write_bytes(json.dumps(VQA_RAD_ROWS[:1] + [{**VQA_RAD_ROWS[1], "question": "Lésion ?"}],
+                               ensure_ascii=False).encode("latin-1"))
+    assert convert.main(["vqa_rad", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}, line 1: not UTF-8 text (byte 0xe9 at column ") and "iconv" in err

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from bad_files import write_bomb_png
 from PIL import Image
 
 from stllava.eval import convert, metrics
@@ -180,6 +181,54 @@ def test_bad_question_file_names_the_line(tiny_bundle, loaded, vqa):
     vqa["qfile"].write_text('{"question_id": 1, "text": "a"}\n')
     with pytest.raises(ToolError, match="line 1 .*'image'"):
         run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
+
+
+def test_an_empty_question_file_is_an_error_unless_allowed(tiny_bundle, vqa, capsys):
+    """It exited 0 with "answered 0 questions" and wrote nothing."""
+    vqa["qfile"].write_text("\n")
+    out = vqa["tmp"] / "a.jsonl"
+    argv = ["--model-path", tiny_bundle["model"], "--question-file", str(vqa["qfile"]), "--image-folder",
+            str(vqa["folder"]), "--answers-file", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {vqa['qfile']} holds no questions; fix: check the path (or pass "
+                                       "--allow-empty when an empty input is expected)\n")
+    assert main(argv + ["--allow-empty"]) == 0 and "answered 0 questions" in capsys.readouterr().out
+
+
+def test_an_image_over_the_pixel_limit_is_named_or_a_counted_skip(tiny_bundle, loaded, vqa):
+    write_bomb_png(vqa["folder"] / "img3.png")  # questions 103 and 108: 15000x15000 in a few KB
+    out = vqa["tmp"] / "a.jsonl"
+    with pytest.raises(ToolError, match=r"line 4 \(question_id 103\): image too large: .*img3\.png "
+                                        r"\(225,000,000 pixels, over the limit of 89,478,485; set "
+                                        r"STLLAVA_MAX_IMAGE_PIXELS.*--skip-bad"):
+        run(_args(tiny_bundle, vqa, out), loaded)
+    s = run(_args(tiny_bundle, vqa, out, "--skip-bad", "--batch-size", "4"), loaded)
+    assert s["answered"] == 8 and s["skipped_bad"] == 2
+    assert s["skipped"] == [{"question_id": 103, "image": "img3.png", "reason": "image too large"},
+                            {"question_id": 108, "image": "img3.png", "reason": "image too large"}]
+
+
+def test_a_question_file_that_is_not_utf8_is_named(tiny_bundle, loaded, vqa):
+    vqa["qfile"].write_bytes(b'{"question_id": 1, "image": "img0.png", "text": "Qu\'est-ce que c\'est ?"}\n'
+                             b'{"question_id": 2, "image": "img0.png", "text": "Une l\xe9sion ?"}\n')
+    with pytest.raises(ToolError, match=r"questions\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 55\)"):
+        run(_args(tiny_bundle, vqa, vqa["tmp"] / "x.jsonl"), loaded)
+
+
+def test_resume_when_the_kill_cut_a_multibyte_character(tiny_bundle, loaded, vqa):
+    """Answers are written with ensure_ascii=False; a kill inside "é" must be trimmed like any cut line."""
+    for q in vqa["questions"]:
+        q["text"] = q["text"].replace("?", " (lésion) ?")
+    vqa["qfile"].write_text("".join(json.dumps(q) + "\n" for q in vqa["questions"]))
+    full = vqa["tmp"] / "full.jsonl"
+    run(_args(tiny_bundle, vqa, full, "--batch-size", "4"), loaded)
+    data = full.read_bytes().split(b"\n")
+    cut = data[3][: data[3].index("é".encode()) + 1]  # inside the two bytes of "é"
+    part = vqa["tmp"] / "part.jsonl"
+    part.write_bytes(b"\n".join(data[:3]) + b"\n" + cut)
+    s = run(_args(tiny_bundle, vqa, part, "--batch-size", "4"), loaded)
+    assert s["already_answered"] == 3 and s["answered"] == 7
+    assert [r["text"] for r in _read(part)] == [r["text"] for r in _read(full)]
 
 
 def _answer_and_score(tiny_bundle, test_dir, image_folder, batch_size=32):

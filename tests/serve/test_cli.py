@@ -157,3 +157,141 @@ def test_main_reports_a_bad_checkpoint(tmp_path, capsys):
                       read=lambda p: pytest.fail("must not read"), write=lambda s: None)
     err = capsys.readouterr().err
     assert status == 2 and "no checkpoint layout recognised" in err and len(err.strip().splitlines()) == 1
+
+
+# --- bad input: one line, never a traceback (issue 14 §4) ----------------------------------------
+def _one_line_error(capsys, argv, lines=()):
+    feed = iter(lines)
+    status = cli.main(argv, read=lambda p: next(feed), write=lambda s: None)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return status, err
+
+
+def _broken_checkpoint(tiny_bundle, tmp_path, kind):
+    """A copy of the tiny checkpoint with one broken file; returns (folder, the file)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / kind
+    shutil.copytree(tiny_bundle["model"], folder, ignore=shutil.ignore_patterns("llm", "vision_tower"))
+    weights = folder / "model.safetensors"
+    if kind == "pickle":
+        state = load_file(weights)
+        weights.unlink()
+        target = folder / "pytorch_model.bin"
+        torch.save({**state, "x": _Exec(tmp_path / "PWNED")}, target)
+    elif kind == "cut-safetensors":
+        target = weights
+        target.write_bytes(weights.read_bytes()[:5000])
+    elif kind == "cut-bin":
+        state = load_file(weights)
+        weights.unlink()
+        target = folder / "pytorch_model.bin"
+        torch.save(state, target)
+        target.write_bytes(target.read_bytes()[:3000])
+    else:
+        target = folder / "config.json"
+        target.write_text(target.read_text()[:30])
+    return folder, target
+
+
+class _Exec:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("pickle", "is not a plain tensor checkpoint and was refused"),
+    ("cut-safetensors", ": this weight file cannot be read"),
+    ("cut-bin", ": this weight file cannot be read"),
+    ("bad-config", ": this JSON file cannot be read (not valid JSON"),
+])
+def test_a_broken_checkpoint_file_is_one_line_naming_it(tiny_bundle, tmp_path, capsys, kind, needle):
+    folder, target = _broken_checkpoint(tiny_bundle, tmp_path, kind)
+    status, err = _one_line_error(capsys, ["--model-path", str(folder), "--image-file", ASSET_IMAGE, "--device", "cpu"])
+    assert status == 2 and err.startswith(f"error: {target}") and needle in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_bad_image_is_one_line(tiny_bundle, tmp_path, capsys):
+    from bad_files import write_bomb_png
+
+    bomb = tmp_path / "bomb.png"
+    write_bomb_png(bomb)
+    status, err = _one_line_error(capsys, ["--model-path", tiny_bundle["model"], "--image-file", str(bomb),
+                                           "--device", "cpu"])
+    assert status == 2 and err == (f"error: --image-file {bomb}: image too large (225,000,000 pixels, over the "
+                                   "limit of 89,478,485; set STLLAVA_MAX_IMAGE_PIXELS to accept larger images)\n")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(open(ASSET_IMAGE, "rb").read()[:2000])
+    status, err = _one_line_error(capsys, ["--model-path", tiny_bundle["model"], "--image-file", str(cut),
+                                           "--device", "cpu"])
+    assert status == 2 and err.startswith(f"error: --image-file {cut}: truncated image (")
+
+
+def test_a_16_bit_image_is_scaled_for_the_chat(tmp_path):
+    import numpy as np
+    from bad_files import write_png16
+
+    path = tmp_path / "ct16.png"
+    write_png16(path)
+    assert abs(np.asarray(cli.load_image(str(path))).mean() - 127.5) < 0.6  # not ~254.5 (almost white)
+
+
+def _positions(session, text):
+    ids = tokenizer_image_token(session.conv.get_prompt() if text is None else text, session.tokenizer)
+    return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (session.image_positions - 1)
+
+
+def test_a_question_past_the_context_is_refused_and_the_chat_goes_on(loaded):
+    """It was accepted silently, and every later answer of the conversation degraded."""
+    from PIL import Image
+
+    tok, model, proc, context_len = loaded
+    assert context_len == 1024 and cli.context_length(model) == 1024
+    session = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=6)
+    assert session.image_positions == 64  # the tiny tower: (112 / 14)^2 patches
+    long_question = "Describe the lung fields. " * 200
+    conv = cli.get_conv_template("v1")
+    conv.append_message("USER", "<image>\n" + long_question)
+    conv.append_message("ASSISTANT", None)
+    expected = _positions(session, conv.get_prompt())
+    with pytest.raises(cli.PromptTooLongError) as e:
+        session.ask(long_question)
+    assert str(e.value).startswith(f"this question makes the prompt {expected} positions (64 of them the image, "
+                                   f"{expected - 64} text tokens of the conversation so far and the question), over "
+                                   "the model's context length of 1024; ask a shorter question")
+    assert session.conv.messages == [] and session.first  # nothing of the refused turn stays
+    fresh = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=6)
+    assert session.ask("What is shown?") == fresh.ask("What is shown?")  # the chat goes on, unharmed
+    assert session.conv.get_prompt() == fresh.conv.get_prompt()
+
+
+def test_an_answer_never_runs_past_the_context(loaded, caplog):
+    from PIL import Image
+
+    tok, model, proc, _ = loaded
+    probe = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=12)
+    _, ids, positions = probe.add_question("What is shown?")
+    session = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=12,
+                              context_len=positions + 3)
+    with caplog.at_level(logging.WARNING, logger="stllava.serve.cli"):
+        answer = session.ask("What is shown?")
+    assert f"answer limited to 3 new tokens: the prompt takes {positions} of the {positions + 3}" in caplog.text
+    assert len(tok(answer, add_special_tokens=False).input_ids) <= 3
+
+
+def test_main_refuses_a_long_question_in_one_line_and_goes_on(tiny_bundle):
+    argv = ["--model-path", tiny_bundle["model"], "--image-file", ASSET_IMAGE, "--device", "cpu",
+            "--max-new-tokens", "4", "--temperature", "0"]
+    status, out = _run(argv, ["lung " * 1500, "What is shown?", EOFError()])
+    assert status == 0
+    refusal = [line for line in out.splitlines() if "error: " in line]
+    assert len(refusal) == 1 and refusal[0].startswith("USER: error: this question makes the prompt ")
+    assert refusal[0].endswith("over the model's context length of 1024; ask a shorter question, or start a new chat "
+                               "to drop the earlier turns")
+    assert out.count("ASSISTANT: ") == 1  # the refused question got no answer; the next one did

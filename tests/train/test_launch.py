@@ -159,3 +159,33 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, tiny_bundle):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (f"error: --data_path {tmp_path / 'nope.json'} does not exist; "
                                                     "give the training data file (a JSON list or JSONL of records)")
+
+
+@pytest.mark.parametrize("script", ["sqllava_med.sh", "dpo_finetune.sh"])
+def test_launch_scripts_name_a_missing_input_before_starting_anything(tmp_path, tiny_bundle, script):
+    """A MODEL / VISION_TOWER / PROJECTOR / DATA / IMAGES path that does not exist: one line naming the
+    variable, exit status 2, before any launcher or Python starts (no hub retries from every rank)."""
+    from stllava.data.sft import write_colour_dataset
+
+    data, images = write_colour_dataset(str(tmp_path / "d"), n=2)
+    good = {"MODEL": tiny_bundle["model"], "VISION_TOWER": tiny_bundle["vision_tower"], "PROJECTOR": "",
+            "MODEL_BASE": "", "DATA": data, "IMAGES": images, "OUT": str(tmp_path / "out"),
+            "LAUNCHER": "python", "PYTHON": "/nonexistent/python"}  # reaching the launcher would fail otherwise
+    cases = {"MODEL": str(tmp_path / "no-model"), "VISION_TOWER": "./checkpoints/no-tower",
+             "PROJECTOR": str(tmp_path / "mm_projector.bin"), "DATA": str(tmp_path / "no.json"),
+             "IMAGES": str(tmp_path / "no-images")}
+    if script == "dpo_finetune.sh":
+        cases["MODEL_BASE"] = str(tmp_path / "no-base")
+    for var, value in cases.items():
+        env = {**ENV, **good, var: value, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(["bash", os.path.join(REPO, script)], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (var, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: error: {var}={value} is not an existing "), lines
+        assert proc.stdout == ""
+    # a hub id passes the check when the hub may be reached; offline it is refused the same way
+    env = {**ENV, **good, "VISION_TOWER": "openai/clip-vit-large-patch14-336", "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.run(["bash", os.path.join(REPO, script)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 2 and "/nonexistent/python" in proc.stderr  # it got as far as the launcher

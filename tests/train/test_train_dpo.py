@@ -4,11 +4,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
 import pytest
+import ranks
 import torch
 
 from stllava.data.preference import write_colour_preference_dataset
@@ -167,13 +167,13 @@ ZERO3_DRIVER = textwrap.dedent('''
 
 def _torchrun(driver, argv, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = ranks.run(cmd, cwd=REPO, env=ENV, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_two_processes(setup, tmp_path):
+def test_deepspeed_zero3_two_processes(setup, tmp_path, shm_comm_op):
     """Full-folder start, bf16, ZeRO-3 over 2 CPU processes: the reference of a fixed batch does not
     move while the (gathered) projector does; reward accuracy and margin rise; the separate
     reference (its own ZeRO-3 engine) gives the same first step; the checkpoint loads and chats."""
@@ -208,14 +208,13 @@ def test_deepspeed_zero3_two_processes(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_finetune_sh_runs_with_overrides(setup, tmp_path):
+def test_dpo_finetune_sh_runs_with_overrides(setup, tmp_path, shm_comm_op):
     s, out = setup, tmp_path / "sh"
     env = {**ENV, "LAUNCHER": "torchrun", "NUM_GPUS": "1", "PYTHON": sys.executable, "MODEL": s["stage1"],
            "MODEL_BASE": s["model"], "DATA": s["data"], "IMAGES": s["images"], "OUT": str(out), "BATCH": "2",
            "ACCUM": "2", "MAX_LEN": "512", "SAVE_STEPS": "2", "WORKERS": "0", "REPORT_TO": "none",
            "PRECOMPUTE": "True", "EXTRA": "--max_steps 3 --lora_r 8 --lora_alpha 16 --lora_r_vit 4"}
-    proc = subprocess.run(["bash", os.path.join(REPO, "dpo_finetune.sh")], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = ranks.run(["bash", os.path.join(REPO, "dpo_finetune.sh")], cwd=str(tmp_path), env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     logs = train_logs(str(out))
     assert len(logs) == 3 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -2,10 +2,10 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+import ranks
 import torch
 from safetensors.torch import load_file
 
@@ -122,21 +122,10 @@ def test_resume_matches_uninterrupted_run(learnable, tmp_path):
     assert ckpt["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 0
 
 
-@pytest.fixture(scope="module")
-def shm_comm_op():
-    """JIT-build DeepSpeed's CPU comm op in one process before a launcher starts ranks: ranks racing
-    to build it leave a stale lock in $TORCH_EXTENSIONS_DIR (and every later run waiting on it)
-    when one of them is killed mid-build. Cached after the first build (30-90 s)."""
-    code = ("from deepspeed.accelerator import get_accelerator; "
-            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def _torchrun(nproc, argv, timeout=900):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "stllava/train/train_sft.py", *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = ranks.run(cmd, cwd=REPO, env=ENV, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -172,7 +161,31 @@ def test_deepspeed_zero3_two_processes_and_resume(learnable, tmp_path, shm_comm_
     shutil.copytree(os.path.join(a_out, "checkpoint-3"), os.path.join(b_out, "checkpoint-3"))
     _torchrun(2, common(b, b_out, *args, "--resume_from_checkpoint", os.path.join(b_out, "checkpoint-3")))
     lb = losses(b_out)
-    assert [lb[4], lb[5]] == pytest.approx([la[4], la[5]], rel=1e-5)
+    assert [lb[4], lb[5]] == pytest.approx([la[4], la[5]], rel=1e-5)  # (it passed the manifest check)
+
+    # A file planted in the checkpoint would run its payload inside DeepSpeed's torch.load: refused.
+    import pickle
+
+    c_out, marker = str(tmp_path / "c"), tmp_path / "payload_ran"
+    shutil.copytree(os.path.join(a_out, "checkpoint-3"), os.path.join(c_out, "checkpoint-3"))
+    planted = os.path.join(c_out, "checkpoint-3", "global_step3", "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    with open(planted, "wb") as f:
+        f.write(pickle.dumps(_Payload(str(marker))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "stllava/train/train_sft.py", *common(b, c_out, *args, "--resume_from_checkpoint",
+                                                 os.path.join(c_out, "checkpoint-3"))]
+    proc = ranks.run(cmd, cwd=REPO, env=ENV, timeout=900)
+    assert proc.returncode != 0 and not marker.exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: refusing to resume")]
+    assert len(errors) == 1 and f"{planted} changed since the checkpoint was saved" in errors[0], proc.stderr[-3000:]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 @pytest.mark.slow
@@ -182,8 +195,7 @@ def test_sqllava_med_sh_runs_with_overrides(learnable, tmp_path, shm_comm_op):
            "VISION_TOWER": learnable["vision_tower"], "PROJECTOR": learnable["projector"], "DATA": learnable["data"],
            "IMAGES": learnable["images"], "OUT": out, "EPOCHS": "1", "BATCH": "2", "ACCUM": "2", "MAX_LEN": "512",
            "SAVE_STEPS": "2", "WORKERS": "0", "REPORT_TO": "none", "EXTRA": "--max_steps 3"}
-    proc = subprocess.run(["bash", os.path.join(REPO, "sqllava_med.sh")], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = ranks.run(["bash", os.path.join(REPO, "sqllava_med.sh")], cwd=str(tmp_path), env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert sorted(losses(out)) == [1, 2, 3]
     for d in (out, os.path.join(out, "checkpoint-2")):
