@@ -229,6 +229,8 @@ SEARCH: dict[str, dict] = {
     "paper-k2": {},
     "k4-cap-beta0.5": {**_CAP, "dpo_beta": 0.5},
     "k4-cap-beta0.5-rpo1": {**_CAP, "dpo_beta": 0.5, "dpo_rpo_alpha": 1.0},
+    "k4-cap-beta0.5-3ep": {**_CAP, "dpo_beta": 0.5, "dpo_epochs": 3},
+    "k8-cap-beta0.5": {**_CAP, "n_answers": 8, "dpo_beta": 0.5},
 }
 
 
