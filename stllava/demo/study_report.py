@@ -206,8 +206,8 @@ def write_search(found: dict, workdir: str) -> None:
              "Variants override the loop settings of `stllava.demo.steps.LoopSettings`. Scores ×100 on the "
              "validation set, mean ± sd over seeds; Δ = paired st − sft [95% interval] when there are ≥ 2 seeds.", "",
              "| variant | overrides | labelled | sft closed | st closed | rft closed | sft open | st open | rft open | "
-             "Δ closed (st − sft) | pairs | identical | chosen right & rejected wrong |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ closed (st − sft) | Δ open (st − sft) | pairs | identical | chosen right & rejected wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list] = {}
     for run in found["runs"]:
         groups.setdefault((run["variant"], run["n_labelled"]), []).append(run)
@@ -216,17 +216,36 @@ def write_search(found: dict, workdir: str) -> None:
             vals = [r["conditions"][cond]["val"][metric] for r in runs if cond in r["conditions"]]
             return fmt_mean_sd(mean_sd(vals)) if vals else "–"
 
-        diff = "–"
-        if len(runs) > 1:
-            diff = fmt_diff(paired_difference([r["conditions"]["st"]["val"]["closed_acc"] for r in runs],
-                                              [r["conditions"]["sft"]["val"]["closed_acc"] for r in runs]))
+        diffs = {}
+        for m in METRICS:
+            diffs[m] = "–"
+            if len(runs) > 1:
+                diffs[m] = fmt_diff(paired_difference([r["conditions"]["st"]["val"][m] for r in runs],
+                                                      [r["conditions"]["sft"]["val"][m] for r in runs]))
         q = [r["stage2"]["st"]["pair_quality"] for r in runs]
         crw = [x["chosen_right_rejected_wrong"] for x in q if x["chosen_right_rejected_wrong"] is not None]
         over = ", ".join(f"{k}={v}" for k, v in found["variants"][variant].items()) or "(LoopSettings defaults)"
         lines.append(f"| {variant} | {over} | {n} | {stat('sft', 'closed_acc')} | {stat('st', 'closed_acc')} | "
                      f"{stat('rft', 'closed_acc')} | {stat('sft', 'open_recall')} | {stat('st', 'open_recall')} | "
-                     f"{stat('rft', 'open_recall')} | {diff} | {fmt_mean_sd(mean_sd([x['pairs'] for x in q]), 0)} | "
+                     f"{stat('rft', 'open_recall')} | {diffs['closed_acc']} | {diffs['open_recall']} | "
+                     f"{fmt_mean_sd(mean_sd([x['pairs'] for x in q]), 0)} | "
                      f"{fmt_mean_sd(mean_sd([x['identical_rate'] or 0.0 for x in q]), 3)} | "
                      f"{fmt_mean_sd(mean_sd(crw), 3) if crw else '–'} |")
+    scores = search_scores(found)
+    best = max(scores, key=scores.get)
+    lines += ["", "Choice rule: the variant with the largest mean validation gain of self-training over SFT, "
+              "(Δ closed + Δ open) / 2 averaged over runs (every size and seed):", "",
+              "| variant | mean gain |", "|---|---|"]
+    lines += [f"| {v}{' (chosen)' if v == best else ''} | {g:+.2f} |" for v, g in scores.items()]
     with open(os.path.join(workdir, "search.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def search_scores(found: dict) -> dict[str, float]:
+    """Per variant: the mean over its runs of (Δ closed + Δ open) / 2, st − sft, validation set."""
+    gains: dict[str, list[float]] = {}
+    for run in found["runs"]:
+        c = run["conditions"]
+        gains.setdefault(run["variant"], []).append(
+            sum(c["st"]["val"][m] - c["sft"]["val"][m] for m in METRICS) / len(METRICS))
+    return {v: sum(g) / len(g) for v, g in gains.items()}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from stllava.demo.study import StudyConfig
-from stllava.demo.study_report import aggregate, render_markdown
+from stllava.demo.study_report import aggregate, render_markdown, search_scores, write_search
 
 KINDS = {"closed": {"presence": 90.0, "side": 60.0}, "open": {"count": 50.0},
          "n_closed": {"presence": 10, "side": 10}, "n_open": {"count": 5}}
@@ -47,6 +47,24 @@ def test_aggregate_pairs_by_seed_on_known_inputs():
     md = render_markdown(study)
     assert "| st − sft | what self-training adds | **+4.0 [+1.5, +6.5]** |" in md
     assert "| SFT only | 70.0 ± 10.0 | 35.0 ± 5.0 | – |" in md
+
+
+def test_search_choice_on_known_inputs(tmp_path):
+    """The choice rule: the largest mean of (Δ closed + Δ open) / 2, st − sft, on validation."""
+    def run(variant, seed, sft, st):
+        val = {c: {"val": {"closed_acc": v[0], "open_recall": v[1]}} for c, v in (("sft", sft), ("st", st))}
+        val["rft"] = val["sft"]
+        return {"variant": variant, "seed": seed, "n_labelled": 30, "conditions": val,
+                "stage2": {"st": {"pair_quality": {"pairs": 5, "identical_rate": 0.5,
+                                                   "chosen_right_rejected_wrong": 1.0}}}}
+    found = {"variants": {"a": {}, "b": {"dpo_beta": 0.5}},
+             "runs": [run("a", 0, (60, 40), (64, 40)), run("a", 1, (70, 50), (70, 48)),  # +2, -1
+                      run("b", 0, (60, 40), (61, 42)), run("b", 1, (70, 50), (71, 51))]}  # +1.5, +1
+    assert search_scores(found) == {"a": 0.5, "b": 1.25}
+    write_search(found, str(tmp_path))
+    md = (tmp_path / "search.md").read_text()
+    assert "| b (chosen) | +1.25 |" in md and "| a | +0.50 |" in md
+    assert "| a | (LoopSettings defaults) | 30 | 65.0 ± 7.1 | 67.0 ± 4.2 |" in md
 
 
 @pytest.mark.slow
