@@ -59,6 +59,28 @@ class LoopSettings:
         return dataclasses.replace(self, **changes)
 
 
+# The settings search on the validation phantoms (``python -m stllava.demo.study --search``): each
+# variant overrides LoopSettings, whose own defaults are stage 2 as the paper runs it (two answers
+# per question, DPO beta 0.1). What was tried and why: docs/Study.md; the results: docs/study/search.md.
+_K4 = {"n_answers": 4, "a_temperature": 1.5, "a_top_k": 5}
+_CAP = {**_K4, "max_pairs_per_question": 50}
+SEARCH: dict[str, dict] = {
+    "paper-k2": {},
+    "k4-cap-beta0.5": {**_CAP, "dpo_beta": 0.5},
+    "k4-cap-beta0.5-rpo1": {**_CAP, "dpo_beta": 0.5, "dpo_rpo_alpha": 1.0},
+    # three passes over the judged data, for DPO and for the control alike
+    "k4-cap-beta0.5-3ep": {**_CAP, "dpo_beta": 0.5, "dpo_epochs": 3, "rft_epochs": 3},
+    "k8-cap-beta0.5": {**_CAP, "n_answers": 8, "dpo_beta": 0.5},
+}
+# The variant the search chose (its choice rule: docs/study/search.md); the study and the demo run it.
+CHOSEN = "k4-cap-beta0.5-3ep"
+
+
+def chosen_settings(**changes) -> LoopSettings:
+    """LoopSettings with the chosen search variant's overrides (and ``changes``)."""
+    return LoopSettings(**{**SEARCH[CHOSEN], **changes})
+
+
 def _trainable_args(lr: float) -> list[str]:
     """LoRA + ViT-LoRA + projector, one learning rate: the flags shared by SFT, RFT and DPO."""
     lr = str(lr)

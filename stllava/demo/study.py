@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from stllava.demo import steps
 from stllava.demo.quality import pair_stats, per_kind, question_stats
 from stllava.demo.runner import Runner
-from stllava.demo.steps import LoopSettings
+from stllava.demo.steps import SEARCH, LoopSettings, chosen_settings
 from stllava.errors import StllavaError, run_cli
 
 logger = logging.getLogger("stllava.demo")
@@ -46,7 +46,7 @@ SPLITS = ("val", "test")
 @dataclasses.dataclass
 class StudyConfig:
     workdir: str = "playground/study"
-    sizes: tuple[int, ...] = (30, 100)
+    sizes: tuple[int, ...] = (30, 100, 300, 1500)
     seeds: tuple[int, ...] = (0, 1, 2)
     conditions: tuple[str, ...] = CONDITIONS
     n_unlabelled: int = 1000
@@ -58,7 +58,7 @@ class StudyConfig:
     data_seed: int = 0
     splits: tuple[str, ...] = SPLITS  # evaluation sets: val (settings were chosen on it) and test
     jobs: int = 2
-    loop: LoopSettings = dataclasses.field(default_factory=lambda: LoopSettings(heldout_share=0.1))
+    loop: LoopSettings = dataclasses.field(default_factory=lambda: chosen_settings(heldout_share=0.1))
 
 
 QUICK = dict(sizes=(24,), seeds=(0, 1), n_unlabelled=12, labelled_pool=24, n_val=4, n_test=6, splits=("test",),
@@ -211,27 +211,15 @@ class Study:
         variants = variants or SEARCH
         self.prepare()
         names = [name for name in variants for _ in sorted(self.cfg.sizes) for _ in self.cfg.seeds]
-        jobs = [(seed, n, self.cfg.loop.replace(**over), ("sft", "st", "rft"))
+        # every variant starts from the study's settings with the searched ones at LoopSettings' defaults
+        searched = {k for over in variants.values() for k in over}
+        base = self.cfg.loop.replace(**{k: getattr(LoopSettings(), k) for k in searched})
+        jobs = [(seed, n, base.replace(**over), ("sft", "st", "rft"))
                 for over in variants.values() for n in sorted(self.cfg.sizes) for seed in self.cfg.seeds]
         rows = [{"variant": name, "overrides": variants[name], **res} for name, res in zip(names, self._map(jobs))]
         out = {"config": config_record(self.cfg), "variants": variants, "runs": rows}
         write_search(out, self.cfg.workdir)
         return out
-
-
-# The settings search, on the validation phantoms (``--search``): each variant overrides the loop
-# settings in LoopSettings; what was tried and what was chosen is in docs/Study.md.
-# Stage 2 as the paper runs it (two answers) and with the extensions this project offers, then DPO
-# made stronger or better anchored. Every variant keeps SFT as it is (so they share their SFT models).
-_K4 = {"n_answers": 4, "a_temperature": 1.5, "a_top_k": 5}
-_CAP = {**_K4, "max_pairs_per_question": 50}
-SEARCH: dict[str, dict] = {
-    "paper-k2": {},
-    "k4-cap-beta0.5": {**_CAP, "dpo_beta": 0.5},
-    "k4-cap-beta0.5-rpo1": {**_CAP, "dpo_beta": 0.5, "dpo_rpo_alpha": 1.0},
-    "k4-cap-beta0.5-3ep": {**_CAP, "dpo_beta": 0.5, "dpo_epochs": 3},
-    "k8-cap-beta0.5": {**_CAP, "n_answers": 8, "dpo_beta": 0.5},
-}
 
 
 def _count(json_list_file: str) -> int:
@@ -252,7 +240,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="where every run writes (default playground/study, "
                     "playground/study-quick with --quick)")
-    ap.add_argument("--sizes", default=None, help="labelled-set sizes, comma-separated (default 30,100)")
+    ap.add_argument("--sizes", default=None, help="labelled-set sizes, comma-separated (default 30,100,300,1500)")
     ap.add_argument("--seeds", default=None, help="seeds, comma-separated (default 0,1,2)")
     ap.add_argument("--conditions", default=None, help=f"subset of {','.join(CONDITIONS)} (default: all)")
     ap.add_argument("--unlabelled", type=int, default=None, help="size of the unlabelled pool (default 1000)")
