@@ -185,7 +185,7 @@ def export(model_path: str, out: str, conv_mode: str | None = None) -> dict:
         raise ExportError(str(e), fix="--model-path must be a merged stllava checkpoint folder") from None
     if layout.kind != "full" or layout.vit_lora:
         raise ExportError(f"this is a {layout.kind} layout{' with a ViT-LoRA' if layout.vit_lora else ''}, not a "
-                          "merged checkpoint", file=model_path, fix="merge it with scripts/merge_lora_weights.py first")
+                          "merged checkpoint", file=model_path, fix="merge it first with python -m stllava.model.merge")
     if not getattr(config, "mm_vision_tower", None):
         raise ExportError("the checkpoint has no vision tower (no mm_vision_tower in its config)", file=model_path)
     act = projector_activation(config.mm_projector_type, model_path)
