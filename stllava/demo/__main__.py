@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                     "docs/Study.md)")
     ap.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
+    ap.add_argument("--figures", action="store_true", help="also write README's demo pictures into images/ "
+                    "(the report's curves and a row of test phantoms)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
@@ -48,6 +50,11 @@ def main(argv=None) -> int:
     if args.redo:
         demo.forget(args.redo)
     demo.run_all([s for s in args.stages.split(",") if s])
+    if args.figures:
+        from stllava.demo.report import copy_figures
+
+        for path in copy_figures(demo):
+            logging.getLogger("stllava.demo").info("figure: %s", path)
     print(f"\ndemo finished in {time.time() - t0:.1f} s; report: {demo.path('report', 'README.md')}")
     return 0
 

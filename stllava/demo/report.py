@@ -167,3 +167,44 @@ def write_report(demo) -> str:
         f.write("\n".join(md) + "\n")
     logger.info("report written to %s", out)
     return out
+
+
+def phantom_gallery(images: str, facts_file: str, out_png: str, n: int = 6) -> None:
+    """The first ``n`` phantoms of a split in a row, each captioned with its modality and lesion count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    with open(facts_file) as f:
+        facts = json.load(f)
+    names = sorted(facts)[:n]
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 * len(names), 1.9))
+    for ax, name in zip(axes, names):
+        ax.imshow(Image.open(os.path.join(images, name)).convert("L"), cmap="gray", vmin=0, vmax=255)
+        k = facts[name]["count"]
+        ax.set_title(f"{facts[name]['modality']}, {k} lesion{'' if k == 1 else 's'}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def copy_figures(demo, images_dir: str = "images") -> list[str]:
+    """README's demo pictures from this run: ``images/demo_sft_loss.png``, ``demo_dpo_rewards.png``
+    (the report's curves) and ``images/phantoms.png`` (test phantoms); returns the paths written."""
+    import shutil
+
+    os.makedirs(images_dir, exist_ok=True)
+    written = []
+    for name in ("sft_loss.png", "dpo_rewards.png"):
+        src = demo.path("report", name)
+        if os.path.isfile(src):
+            written.append(os.path.join(images_dir, f"demo_{name}"))
+            shutil.copy(src, written[-1])
+    written.append(os.path.join(images_dir, "phantoms.png"))
+    phantom_gallery(demo.path("data", "phantoms", "test", "images"),
+                    demo.path("data", "phantoms", "test", "facts.json"), written[-1])
+    return written
+

@@ -60,6 +60,17 @@ def test_quick_demo_loop_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (work / "report" / "summary.json").read_bytes() == before
 
+    # README's pictures come from the run (``--figures``): the report's curves and a row of test phantoms
+    from PIL import Image
+
+    from stllava.demo.pipeline import Demo, DemoConfig
+    from stllava.demo.report import copy_figures
+
+    images = tmp_path / "images"
+    written = copy_figures(Demo(DemoConfig(workdir=str(work))), str(images))
+    assert sorted(os.listdir(images)) == ["demo_dpo_rewards.png", "demo_sft_loss.png", "phantoms.png"]
+    assert all(Image.open(p).size[0] > 300 for p in written)
+
 
 def test_bad_redo_stage_is_a_usage_error(tmp_path):
     out = demo(tmp_path / "demo", "--redo", "nonsense", timeout=120)
