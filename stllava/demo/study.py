@@ -9,7 +9,8 @@ held-out phantom test set (and the validation set the settings were chosen on):
               answers, the phantom judge, preference pairs, DPO from the SFT model
     rft       the control: SFT + judge-filtered SFT — continue SFT on the same pairs' *chosen*
               answers (rejection-sampling fine-tuning): what the judge's information brings
-              without DPO
+              without DPO (at the SFT learning rate)
+    rft_lo    the same control at DPO's learning rate (ten times smaller than SFT's)
     nosq      the ablation's SFT: self-questioning off (sq_r 0; same template and steps)
     nosq_st   nosq + self-training: what stages 2 + 3 gain when the model never learned to ask
 
@@ -39,7 +40,7 @@ from stllava.errors import StllavaError, run_cli
 
 logger = logging.getLogger("stllava.demo")
 
-CONDITIONS = ("sft", "st", "rft", "nosq", "nosq_st")  # ("nosq_rft" also exists, outside the study's default)
+CONDITIONS = ("sft", "st", "rft", "rft_lo", "nosq", "nosq_st")  # ("nosq_rft" also exists, outside the default)
 SPLITS = ("val", "test")
 
 
@@ -156,7 +157,7 @@ class Study:
         if conditions is None and self.cfg.ablation_sizes is not None and n not in self.cfg.ablation_sizes:
             want -= {"nosq", "nosq_st", "nosq_rft"}
         for tag, sq_r in (("", s.sq_r), ("nosq", 0.0)):
-            names = {c: (f"{tag}_{c}" if tag else c) for c in ("sft", "st", "rft")}
+            names = {c: (f"{tag}_{c}" if tag else c) for c in ("sft", "st", "rft", "rft_lo")}
             names["sft"] = tag or "sft"
             if not want & set(names.values()):
                 continue
@@ -164,21 +165,26 @@ class Study:
             sft_model = steps.sft(self.r, self.path(cell, "sft-{key}"), tiny, data, images, s, seed, sq_r=sq_r,
                                   log=log)
             res["conditions"][names["sft"]] = self._evaluate(sft_model, s, log)
-            if not want & {names["st"], names["rft"]}:
+            if not want & {names["st"], names["rft"], names["rft_lo"]}:
                 continue
             st = self._self_train(cell, sft_model, s, seed, n, log)
             res["stage2"][names["st"]] = {"questions": st["questions"], "pair_quality": st["pair_quality"]}
             if names["st"] in want:
                 model, extra = self._dpo(cell, sft_model, st, s, seed, log)
                 res["conditions"][names["st"]] = {**self._evaluate(model, s, f"{log}_st"), **extra}
-            if names["rft"] in want:
+            # the control at its own (SFT) learning rate, and at DPO's: a fair control must not lose
+            # only because its steps are ten times larger
+            controls = ((names["rft"], s, "rft"), (names["rft_lo"], s.replace(rft_lr=s.dpo_lr), "rft_lo"))
+            for name, rs, tag_log in controls:
+                if name not in want:
+                    continue
                 if not _count(st["pairs"][0]):
-                    res["conditions"][names["rft"]] = {**res["conditions"][names["sft"]], "trained": False}
-                else:
-                    model = steps.rft(self.r, self.path(cell, "rft-{key}"), sft_model, st["pairs"][0],
-                                      self.path("data", "phantoms", "unlabelled", "images"), s, seed,
-                                      log=f"{log}_rft")
-                    res["conditions"][names["rft"]] = {**self._evaluate(model, s, f"{log}_rft"), "trained": True}
+                    res["conditions"][name] = {**res["conditions"][names["sft"]], "trained": False}
+                    continue
+                model = steps.rft(self.r, self.path(cell, "rft-{key}"), sft_model, st["pairs"][0],
+                                  self.path("data", "phantoms", "unlabelled", "images"), rs, seed,
+                                  log=f"{log}_{tag_log}")
+                res["conditions"][name] = {**self._evaluate(model, rs, f"{log}_{tag_log}"), "trained": True}
         return res
 
     def _map(self, jobs: list[tuple]) -> list[dict]:

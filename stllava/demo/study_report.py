@@ -11,12 +11,15 @@ from stllava.jsonl import write_json_atomic
 logger = logging.getLogger("stllava.demo")
 
 LABELS = {"sft": "SFT only", "st": "SFT + self-training (DPO)", "rft": "SFT + judge-filtered SFT (control)",
-          "nosq": "SFT, self-questioning off", "nosq_st": "SFT, self-questioning off + self-training"}
+          "rft_lo": "control at DPO's learning rate", "nosq": "SFT, self-questioning off",
+          "nosq_st": "SFT, self-questioning off + self-training"}
 # (a, b): the paired difference a − b, and what it answers.
 COMPARISONS = [
     ("st", "sft", "what self-training adds"),
     ("rft", "sft", "what the judge's information adds through plain SFT"),
     ("st", "rft", "DPO vs SFT on the same judged data"),
+    ("rft_lo", "sft", "the control at DPO's learning rate"),
+    ("st", "rft_lo", "DPO vs SFT on the same judged data, same learning rate"),
     ("nosq", "sft", "turning self-questioning off (SFT alone)"),
     ("nosq_st", "nosq", "what self-training adds without self-questioning"),
 ]

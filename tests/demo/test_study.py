@@ -77,10 +77,11 @@ def test_quick_study_end_to_end(tmp_path):
     study = json.load(open(work / "study.json"))
     assert sorted((r["seed"], r["n_labelled"]) for r in study["runs"]) == [(0, 24), (1, 24)]
     for run in study["runs"]:
-        assert set(run["conditions"]) == {"sft", "st", "rft", "nosq", "nosq_st"}
+        assert set(run["conditions"]) == {"sft", "st", "rft", "rft_lo", "nosq", "nosq_st"}
         assert set(run["stage2"]) == {"st", "nosq_st"}
     comps = study["comparisons"]["24"]
-    assert set(comps) == {"st - sft", "rft - sft", "st - rft", "nosq - sft", "nosq_st - nosq"}
+    assert set(comps) == {"st - sft", "rft - sft", "st - rft", "rft_lo - sft", "st - rft_lo", "nosq - sft",
+                          "nosq_st - nosq"}
     for name, d in comps.items():  # each interval is the one of its own per-seed differences
         a, b = name.split(" - ")
         diffs = [r["conditions"][a]["test"]["closed_acc"] - r["conditions"][b]["test"]["closed_acc"]
