@@ -97,8 +97,8 @@ def study_line(n_labelled: int, study_file: str = STUDY_FILE) -> str | None:
     for metric, name in (("closed_acc", "closed accuracy"), ("open_recall", "open recall")):
         d = comp["test"][metric]
         parts.append(f"{d['mean']:+.1f} {name} points [95% interval {d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
-    return (f"The study (`python -m stllava.demo.study`, {seeds} seeds, same setting) measured self-training "
-            f"over SFT: {'; '.join(parts)} on its test phantoms.")
+    return (f"The study (`python -m stllava.demo.study`, {seeds} seeds, {n_labelled} labelled phantoms) measured "
+            f"self-training over SFT: {'; '.join(parts)} on its test phantoms.")
 
 
 def write_report(demo) -> str:
