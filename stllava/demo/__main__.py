@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a shortened loop (minutes) for CI and smoke tests")
     ap.add_argument("--sft-procs", type=int, default=None, help="2 = stage 1 on 2-process DeepSpeed ZeRO-3 (gloo)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads per stage command (default 1; results depend on it in the last bits, see "
+                    help="CPU threads per stage command (default 1; 1 and 2 gave bit-identical results here, see "
                     "docs/Study.md)")
     ap.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
