@@ -28,7 +28,7 @@
 #
 # What happens: a LoRA-layout MODEL is merged (LLM LoRA, projector, ViT-LoRA) and written once to
 # OUT/start_model/; DPO then trains NEW LoRA (r 128) + ViT-LoRA (r 32) adapters and the projector on
-# top of the merged model, as the reference did. The reference log-probs come from the start
+# top of the merged model, as the recipe does. The reference log-probs come from the start
 # weights only (REF_MODEL=adapter_disabled: the policy with its adapters off and a frozen copy of
 # the start projector, no second model copy). The paths above are checked first (a missing one stops
 # the script with one line naming its variable, exit status 2); the pairs are checked next, before any

@@ -8,7 +8,7 @@ Forms: ``ours`` is `ClusterProjector` as the model runs it (matmul aggregation; 
 `QuickGELU` keeps only its input); ``published`` is the published
 module's forward written with plain autograd ops (`published_forward`: the same steps 1-4, the
 [B, N, L, D] aggregation of `cluster_aggregate_direct`, QuickGELU as x·sigmoid(1.702x)), on the
-same weights and input. Modes: ``aggregate`` = steps 5-6 only (SPEC §2; inputs precomputed, no
+same weights and input. Modes: ``aggregate`` = steps 5-6 only (docs/Method.md#cluster-projector; inputs precomputed, no
 grad), ``forward`` = the whole projector under no_grad, ``train`` = forward + backward of a
 loss on the output (input and every parameter get gradients), with ``--backward``.
 

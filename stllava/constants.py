@@ -1,4 +1,4 @@
-"""Constants shared by every stage (SPEC §2)."""
+"""Constants shared by every stage (docs/Method.md#constants)."""
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200

@@ -1,4 +1,4 @@
-"""Conversation templates, byte-exact to SPEC §3.
+"""Conversation templates, byte-exact to docs/Method.md#templates.
 
 A :class:`Conversation` renders a list of ``(role, text)`` messages into the prompt string the
 model was trained on. ``conv_templates`` maps a template name to a blank conversation; always
@@ -40,7 +40,7 @@ class Conversation:
 
     @staticmethod
     def _first_image_text(text: str) -> str:
-        # A first message holding <image> is rendered as "<image>\n" + the rest (SPEC §3).
+        # A first message holding <image> is rendered as "<image>\n" + the rest (docs/Method.md#separators).
         if DEFAULT_IMAGE_TOKEN in text:
             return DEFAULT_IMAGE_TOKEN + "\n" + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         return text

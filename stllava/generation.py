@@ -178,7 +178,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 def clean_output(text: str) -> str:
-    """Strip whitespace and a trailing literal ``</s>`` (the reference's post-processing)."""
+    """Strip whitespace and a trailing literal ``</s>`` (LLaVA's post-processing of an answer)."""
     text = text.strip()
     if text.endswith(STOP_STR):
         text = text[: -len(STOP_STR)]

@@ -1,8 +1,8 @@
 """Multimodal helpers shared by training, generation and evaluation (LLaVA's ``mm_utils``).
 
 - :func:`tokenizer_image_token`: prompt → ids with ``IMAGE_TOKEN_INDEX`` where ``<image>`` was.
-- :func:`expand2square`, :func:`process_images`: the image preprocessing of SPEC §2, identical in
-  training, generation and evaluation.
+- :func:`expand2square`, :func:`process_images`: the image preprocessing (docs/Method.md#image-preprocessing),
+  identical in training, generation and evaluation.
 - :func:`get_model_name_from_path`: LLaVA's model-name rule.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _aspect_ratio(model_cfg: Any) -> str | None:
 
 
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor:
-    """Preprocess PIL images into a ``[N, 3, H, W]`` float tensor (SPEC §2).
+    """Preprocess PIL images into a ``[N, 3, H, W]`` float tensor (docs/Method.md#image-preprocessing).
 
     Every image is converted to RGB. With ``model_cfg.image_aspect_ratio == "pad"`` (attribute or
     dict key) each is first padded to a square with the processor's mean colour

@@ -1,4 +1,4 @@
-"""Where image features go in the model's sequence: the one splice layout (SPEC §2).
+"""Where image features go in the model's sequence: the one splice layout (docs/Method.md#splice).
 
 Each ``IMAGE_TOKEN_INDEX`` of a row of input ids becomes the ``image_tokens`` projected features
 of its image, every other token one position. :func:`splice_layout` computes, for every input

@@ -1,7 +1,7 @@
 """Build every checkpoint layout from an in-memory "trained" tiny model (helpers for the tests of
 ``stllava.model.builder``, ``scripts/merge_lora_weights.py`` and the chat CLI).
 
-The layouts are written here with peft and torch directly, following the contract of SPEC §2 (and
+The layouts are written here with peft and torch directly, following docs/Method.md#checkpoint-compatibility (and
 the released STLLaVA-Med / SQ-LLaVA files for the legacy layout), independently of the trainer's
 own saving code; ``test_builder.py`` also checks the layouts a real SFT run writes.
 """

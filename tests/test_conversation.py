@@ -1,9 +1,9 @@
-"""Byte-exact prompts of every template (SPEC §3). Expected strings are written out by hand."""
+"""Byte-exact prompts of every template (docs/Method.md#templates). Expected strings are written out by hand."""
 import pytest
 
 from stllava.conversation import conv_templates, get_conv_template
 
-# Copied by hand from SPEC §3 (not imported: the test must catch a typo in conversation.py).
+# Copied by hand from docs/Method.md#templates (not imported: the test must catch a typo in conversation.py).
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions.")
 LLAVA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -36,13 +36,13 @@ def test_generation_slot_has_no_trailing_space(name, system):
 
 
 def test_spec_self_questioning_example():
-    # SPEC §3: `SYS USER: <image>\nQ1 ASSISTANT: A1</s>VUSER: Q2</s> ASSISTANT: A2</s>`
+    # docs/Method.md#self-questioning: `SYS USER: <image>\nQ1 ASSISTANT: A1</s>VUSER: Q2</s> ASSISTANT: A2</s>`
     prompt = render("v1_sq", [(0, "<image>\nQ1"), (1, "A1"), (2, "Q2</s>"), (1, "A2")])
     assert prompt == SQ + " USER: <image>\nQ1 ASSISTANT: A1</s>VUSER: Q2</s> ASSISTANT: A2</s>"
 
 
 def test_vuser_generation_slot_for_question_sampling():
-    # Stage 2 (SPEC §5): [USER: prompt, ASSISTANT: description, VUSER:] — the model writes a question.
+    # Stage 2 (docs/Method.md#questions): [USER: prompt, ASSISTANT: description, VUSER:] — the model writes a question.
     prompt = render("v1_sq", [(0, "<image>\nCan you describe the image in detail?"), (1, "A CT."), (2, None)])
     assert prompt == SQ + " USER: <image>\nCan you describe the image in detail? ASSISTANT: A CT.</s>VUSER:"
 

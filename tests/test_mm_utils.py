@@ -174,7 +174,7 @@ def test_process_images_pad_on_grey_and_batch(processor):
 
 # ------------------------------------------------- the PIL-resize shortcut gives the same pixels
 def _processor_alone(images, processor):
-    """SPEC §2 with the processor doing all the resizing (process_images before its shortcut)."""
+    """docs/Method.md#image-preprocessing with the processor doing all the resizing (process_images before its shortcut)."""
     bg = tuple(int(x * 255) for x in processor.image_mean)
     return processor([expand2square(im.convert("RGB"), bg) for im in images], return_tensors="pt")["pixel_values"]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Zero-shot evaluation on one benchmark (SPEC §7): convert → answer (greedy, one process per GPU)
+# Zero-shot evaluation on one benchmark (docs/Evaluation.md): convert → answer (greedy, one process per GPU)
 # → merge → score.
 #
 #   MODEL_PATH=playground/checkpoints/stllava-med-7b bash scripts/eval/run_benchmark.sh vqa_rad

@@ -1,4 +1,4 @@
-"""Stage-3 (DPO) data: a lazy dataset of preference pairs and its collator (SPEC §5, §6).
+"""Stage-3 (DPO) data: a lazy dataset of preference pairs and its collator (docs/Method.md#pairs, #dpo).
 
 A record is the schema of the released ``ZachSun/STLLaVA-Med-DPO`` data, as
 ``stllava.selftrain.build_pairs`` writes it::

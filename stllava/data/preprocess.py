@@ -1,4 +1,4 @@
-"""Render conversation records with a template and build their training labels (SPEC §3).
+"""Render conversation records with a template and build their training labels (docs/Method.md#loss-masks).
 
 A record's conversation is a list of ``{"from": "human" | "gpt" | "vuser", "value": str}``.
 :func:`preprocess` renders it with a template (``v1``/``vicuna_v1``, ``llava_v1``, ``v1_sq``,
@@ -6,9 +6,9 @@ A record's conversation is a list of ``{"from": "human" | "gpt" | "vuser", "valu
 IGNORE_INDEX on the BOS, the system text, every ``USER: …`` instruction and the ``ASSISTANT:`` /
 ``VUSER:`` tags; trained are each answer and each VUSER question, with their ``</s>``.
 
-How the mask is found (and why it cannot be silently wrong). The reference tokenized each round on
-its own and subtracted magic offsets, which breaks wherever the tokenizer treats the text after a
-``</s>`` differently (the two ``legacy`` modes do). Here every span boundary is a character
+How the mask is found (and why it cannot be silently wrong). Tokenizing each round on its own and
+adding fixed offsets breaks wherever the tokenizer treats the text after a ``</s>`` differently
+(the two ``legacy`` modes do; docs/Differences.md#tokenization-mismatch). So every span boundary is a character
 position in the rendered prompt — right after ``ASSISTANT:``/``VUSER:`` (before the space) and right
 after each trained ``</s>`` — and its token position is the length of the tokenized prompt prefix
 ending there. SentencePiece splits words at whitespace and at special tokens, so those prefixes
@@ -97,8 +97,8 @@ def render_turns(source: Sequence[dict], conv: Conversation, has_image: bool, sq
     human → roles[0], gpt → roles[1] (trained), vuser → roles[2]. For ``v1_sq`` and a record with an
     image, each human turn of pair index j > 0 becomes a VUSER turn when ``rng.random() < sq_r``
     (one draw per such turn, in order); such a turn is a trained question, ``question + "</s>"``.
-    A vuser turn already in the data is the same (``data_vuser_turns="train"``, SPEC §3), or, with
-    ``"published"``, what the published preprocess made of it: the question without ``</s>``
+    A vuser turn already in the data is the same (``data_vuser_turns="train"``), or, with
+    ``"published"``, the published rendering (docs/Differences.md#data-vuser-turns): the question without ``</s>``
     (a trailing one is dropped), masked like an instruction.
     """
     if data_vuser_turns not in DATA_VUSER_TURNS:

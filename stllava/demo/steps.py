@@ -34,10 +34,10 @@ class LoopSettings:
     sft_steps: int = 800
     sft_batch: int = 16
     sft_lr: float = 1e-3
-    sq_r: float = 0.3  # SPEC's default; the published 7B script uses 0.5
+    sq_r: float = 0.3  # the training default (docs/Method.md#self-questioning); sqllava_med.sh uses 0.5
     sft_procs: int = 1  # 2 = two-process DeepSpeed ZeRO-3 (gloo) on CPU
     n_questions: int = 5
-    # Sampling for the tiny model: SPEC §5's T=1.2 / top-k 300 (questions) and top-k 100 (answers)
+    # Sampling for the tiny model: the 7B recipe's T=1.2 / top-k 300 (questions) and top-k 100 (answers)
     # suit a 7B model; a 1,000-token, 200k-parameter one needs a sharper distribution.
     q_temperature: float = 0.8
     q_top_k: int = 20

@@ -1,11 +1,11 @@
-"""Raw benchmark files → LLaVA-Med evaluation files (SPEC §7).
+"""Raw benchmark files → LLaVA-Med evaluation files (docs/Evaluation.md#file-formats).
 
 ``python -m stllava.eval.convert {vqa_rad,slake,pvqa} --src FILE --out DIR`` writes into DIR:
 
 * ``test.json`` — a JSON list of ``{"id", "image", "answer_type", "conversations": [
   {"from": "human", "value": "<image>\\n" + question}, {"from": "gpt", "value": answer}]}``
   (the ground truth for :mod:`stllava.eval.metrics`; the human turn follows the LLaVA
-  convention of SPEC §3: the image token on its own first line);
+  convention of docs/Method.md#separators: the image token on its own first line);
 * ``questions.jsonl`` — one ``{"question_id", "image", "text"}`` per question, ``text`` being the
   plain question (the answering model adds the image token itself);
 * ``stats.json`` — the benchmark name, source, counts of questions, images, open and closed.

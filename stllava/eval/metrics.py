@@ -1,4 +1,4 @@
-"""LLaVA-Med VQA scoring, reproduced exactly (SPEC §7).
+"""LLaVA-Med VQA scoring, reproduced exactly (docs/Method.md#evaluation).
 
 The reference is LLaVA-Med v1.0 ``llava/eval/run_eval_batch.py`` (the batch scorer behind the
 paper numbers) with ``eval_metrics/glossary.py`` (normalisation) and
@@ -253,7 +253,7 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
         "closed_acc": _mean100([r["closed_hit"] for r in closed]),
         "closed_acc_strict": _mean100([r["closed_hit_strict"] for r in closed]),
         "closed_recall": _mean100([r["recall"] for r in closed]),
-        # None without closed questions (like every metric here); the reference printed 0.0.
+        # None without closed questions, like every metric here (docs/Differences.md#eval-empty).
         "yes_no_acc_run_eval": yes_no_acc_run_eval(r["yes_no_hit_run_eval"] for r in closed) if closed else None,
         "yes_no_n_run_eval": sum(r["yes_no_hit_run_eval"] is not None for r in closed),
     }

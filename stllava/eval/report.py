@@ -8,7 +8,7 @@ Each run DIR is either one ``stllava.eval.metrics --out`` folder (``metrics.json
 (one table per benchmark: open recall, open F1, both closed accuracies, exact match, counts),
 ``per_question.csv`` (every run's rows, with ``run`` and ``benchmark`` columns) and
 ``report.png`` (bars of the paper's three numbers per run). ``--paper`` adds the published
-STLLaVA-Med-7B numbers (SPEC §1) beside ours.
+STLLaVA-Med-7B numbers (docs/Method.md#pipeline) beside ours.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 BENCHMARK_NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "pvqa": "PathVQA"}
 PAPER_NAME = "STLLaVA-Med-7B (paper)"
-# STLLaVA-Med-7B, zero-shot, ×100 (SPEC §1). Its "Closed" column is the substring accuracy.
+# STLLaVA-Med-7B, zero-shot, ×100 (docs/Method.md#pipeline). Its "Closed" column is the substring accuracy.
 PAPER = {
     "vqa_rad": {"open_recall": 37.12, "open_f1": 10.83, "closed_acc": 60.35},
     "slake": {"open_recall": 46.69, "open_f1": 11.46, "closed_acc": 57.69},

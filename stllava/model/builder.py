@@ -109,7 +109,7 @@ def _same_source(a: str | None, b: str | None) -> bool:
 def _load_base(model_base: str, config, dtype, device: str) -> tuple[LlavaLlamaForCausalLM, set[str]]:
     """The base weights under ``config`` (the checkpoint's), on ``device``; returns the model and the
     state-dict keys nothing has filled yet. The tower is reloaded from ``config.mm_vision_tower``
-    when the base has none or names another one (as the reference's ``vision_tower.load_model()``)."""
+    when the base has none or names another one (so released checkpoints load as LLaVA's loader does)."""
     if not os.path.isfile(os.path.join(model_base, cl.CONFIG)):
         raise cl.layout_error(model_base, "full", f"the base model folder has no {cl.CONFIG}")
     base_cfg = cl.read_json(os.path.join(model_base, cl.CONFIG))

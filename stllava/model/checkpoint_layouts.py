@@ -11,8 +11,8 @@ any of them    may hold ``Vit-lora/`` (a PEFT adapter of the CLIP tower), merged
 
 Released STLLaVA-Med / SQ-LLaVA checkpoints were written by transformers 4 and older peft, so their
 key names differ from ours; :func:`model_key`, :func:`vit_lora_key` and :func:`split_adapter_state`
-map them. In particular the reference saved every ``lora_`` parameter of the whole model into the
-LLM adapter, so it also holds the ViT-LoRA weights, under names such as
+map them. In particular their LLM adapter holds every ``lora_`` parameter of the whole model,
+the ViT-LoRA's included, under names such as
 ``base_model.model.model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight``
 (transformers 5's ``CLIPVisionModel`` has no ``vision_model`` level any more).
 """

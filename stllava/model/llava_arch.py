@@ -1,4 +1,4 @@
-"""Image splicing: the multimodal half of the LLaVA model (SPEC §2).
+"""Image splicing: the multimodal half of the LLaVA model (docs/Method.md#splice).
 
 ``prepare_inputs_labels_for_multimodal`` replaces every ``IMAGE_TOKEN_INDEX`` in ``input_ids`` with
 the projected features of one image, in a single vectorised scatter (no per-sample Python loop over

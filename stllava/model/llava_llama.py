@@ -1,4 +1,4 @@
-"""``LlavaLlamaForCausalLM``: LLaMA/Vicuna with a CLIP tower and a projector (SPEC §2).
+"""``LlavaLlamaForCausalLM``: LLaMA/Vicuna with a CLIP tower and a projector (docs/Method.md#model).
 
 Registered with the Auto classes under ``model_type = "llava_llama"``: transformers owns
 ``"llava"`` (its native LLaVA), so released configs that say ``"llava"`` with ``mm_vision_tower``
@@ -20,7 +20,7 @@ from stllava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "llava_llama"
-# Fields a multimodal config must carry (SPEC §2, checkpoint compatibility).
+# Fields a multimodal config must carry (docs/Method.md#checkpoint-compatibility).
 MM_DEFAULTS = {
     "mm_vision_select_layer": -2,
     "mm_vision_select_feature": "patch",

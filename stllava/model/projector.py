@@ -1,4 +1,4 @@
-"""Vision projectors: map vision-tower features [B, L, D] to LLM embeddings [B, L, H] (SPEC §2).
+"""Vision projectors: map vision-tower features [B, L, D] to LLM embeddings [B, L, H] (docs/Method.md#projectors).
 
 `build_vision_projector(config)` picks one from `config.mm_projector_type`:
 
@@ -85,10 +85,10 @@ def cluster_aggregate(
     x: torch.Tensor, sim: torch.Tensor, mask: torch.Tensor, feature: torch.Tensor,
     centers_feature: torch.Tensor,
 ) -> torch.Tensor:
-    """Steps 5-6 of SPEC §2 in matmul form; returns x + Simᵀ @ O, shape [B, L, D].
+    """Steps 5-6 of docs/Method.md#cluster-projector in matmul form; returns x + Simᵀ @ O, shape [B, L, D].
 
     O = (Sim @ F + CF) / (count + 1) with count[b, n] = tokens assigned to centre n. Same numbers as
-    the reference's [B, N, L, D] broadcast (`cluster_aggregate_direct`) with O(B·N·D) extra memory.
+    the published module's [B, N, L, D] broadcast (`cluster_aggregate_direct`) with O(B·N·D) extra memory.
     `sim` and `mask` are [B, N, L] (sim already masked), `feature` [B, L, D], `centers_feature`
     [B, N, D]. The count is summed in float32 (exact), then the result is cast to `feature`'s dtype
     so bf16 runs neither round counts above 256 nor mix dtypes in the next matmul.
@@ -105,7 +105,7 @@ def cluster_aggregate_direct(
     x: torch.Tensor, sim: torch.Tensor, mask: torch.Tensor, feature: torch.Tensor,
     centers_feature: torch.Tensor,
 ) -> torch.Tensor:
-    """Steps 5-6 as the reference wrote them, with two [B, N, L, D] temporaries; returns [B, L, D].
+    """Steps 5-6 as the published module wrote them, with two [B, N, L, D] temporaries; returns [B, L, D].
 
     Kept only to benchmark against (scripts/bench_projector.py): it needs ~B·N·L·D·4 bytes twice
     (1.2 GB at B=1, N=256, L=576, D=1024 in fp32). Do not use it in the model.
@@ -123,7 +123,7 @@ class ClusterProjector(nn.Module):
     N centres start as the average-pooled tokens, are refined `num_iters` times by soft assignment,
     then every token is hard-assigned to its most similar centre and receives that centre's
     aggregate, weighted by its similarity, as a residual; `mlp` maps the result to the LLM width.
-    Parameter names and shapes match the published checkpoints (SPEC §2); ``ln_1`` is unused.
+    Parameter names and shapes match the released checkpoints (docs/Method.md#cluster-projector); ``ln_1`` is unused.
     Refuses num_centers < 1 or num_iters < 0 (ValueError).
     """
 
@@ -142,11 +142,11 @@ class ClusterProjector(nn.Module):
         self.c = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
         self.f = nn.Linear(d, d)
-        self.ln_1 = nn.LayerNorm(d)  # unused in forward, as in the reference; kept for checkpoints
+        self.ln_1 = nn.LayerNorm(d)  # unused in forward; released checkpoints hold it, so it stays
         self.mlp = nn.Sequential(nn.Linear(d, h), QuickGELU(), nn.Linear(h, h))
 
     def assign(self, x: torch.Tensor):
-        """Steps 1-4 of SPEC §2; returns (sim, mask, feature, centers_feature).
+        """Steps 1-4 of docs/Method.md#cluster-projector; returns (sim, mask, feature, centers_feature).
 
         sim [B, N, L] is sigmoid(beta + alpha·cos(centre, token)) kept only at each token's arg-max
         centre; mask [B, N, L] is that one-hot assignment; feature = f(x) [B, L, D];
@@ -157,7 +157,8 @@ class ClusterProjector(nn.Module):
         centers = F.adaptive_avg_pool1d(x.transpose(1, 2), self.num_centers).transpose(1, 2)
         centers_feature = F.adaptive_avg_pool1d(
             feature.transpose(1, 2), self.num_centers).transpose(1, 2)       # [B, N, D]
-        # Reference quirk, kept on purpose: V is normalised along the token axis (its last dim).
+        # V is normalised along the token axis (its last dim): the released weights were trained so
+        # (kept on purpose, docs/Differences.md#kept-on-purpose).
         value = F.normalize(value, dim=-1)
         for _ in range(self.num_iters):
             centers = self.c(centers)

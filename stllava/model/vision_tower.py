@@ -1,9 +1,9 @@
-"""CLIP vision tower with optional ViT-LoRA (SPEC §2).
+"""CLIP vision tower with optional ViT-LoRA (docs/Method.md#vision-tower).
 
 The tower returns the hidden state of layer ``mm_vision_select_layer`` (default -2); feature
-``patch`` drops the CLS token, ``cls_patch`` keeps it. Unlike the published code, the forward does
-not run under ``torch.no_grad()`` whenever any tower parameter is trainable, so ViT-LoRA weights
-really receive gradients.
+``patch`` drops the CLS token, ``cls_patch`` keeps it. The forward keeps gradients whenever any
+tower parameter is trainable (no ``torch.no_grad()`` then), so ViT-LoRA weights really learn
+(docs/Differences.md#vit-lora-gradients).
 """
 from __future__ import annotations
 

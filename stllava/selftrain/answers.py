@@ -1,4 +1,4 @@
-"""Stage 2(c): the stage-1 model answers each of its own questions twice (or K times), by sampling (SPEC §5).
+"""Stage 2(c): the stage-1 model samples two (or K) answers to each of its own questions (docs/Method.md#answers).
 
     python -m stllava.selftrain.answers --model-path CKPT [--model-base BASE] \\
         --questions questions.jsonl --image-folder IMAGES --out answers.jsonl \\
@@ -8,14 +8,14 @@
 "question_ids", ...}`` per image). Also accepted: records without ``question_ids`` (ids become
 ``"<image>#q<k>"``) and the published ``visual_sq.py`` layout, whose list is called ``prompt``.
 
-**Per question** (the published ``model_collectA.py``, batched and seeded): the prompt
+**Per question** (docs/Method.md#answers, batched and seeded): the prompt
 ``"<image>\\n" + question`` as the USER turn of the template (``--conv-mode``, else the
-checkpoint's recorded ``conv_mode``, else ``llava_v1`` as the reference), two answers (``--n-answers``
+checkpoint's recorded ``conv_mode``, else ``llava_v1``, the recipe's), two answers (``--n-answers``
 K; the judge then pairs the best with the worst) sampled with
 T = ``--temperature`` 1.2, ``--top-k`` 100, ``--top-p`` 0.95, ≤ ``--max-new-tokens`` 1024,
-``</s>`` stripped. Answer j of question ``qid`` uses seed ``derive_seed(--seed, qid, j)`` (the
-reference used ``set_seed(40)`` / ``set_seed(42)`` for every question, so each question's two
-draws were correlated across questions): same seed, same answers, at any batch size, chunking or
+``</s>`` stripped. Answer j of question ``qid`` uses seed ``derive_seed(--seed, qid, j)``, so
+every question gets its own random streams (not two shared by all questions,
+docs/Differences.md#answer-seeds): same seed, same answers, at any batch size, chunking or
 resume point.
 
 **Output** — the input of :mod:`stllava.selftrain.judge`, one line per question, in input order::

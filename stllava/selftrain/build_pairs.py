@@ -1,4 +1,4 @@
-"""Stage 2(e): judged answers -> the DPO training JSON (SPEC §5).
+"""Stage 2(e): judged answers -> the DPO training JSON (docs/Method.md#pairs).
 
     python -m stllava.selftrain.build_pairs --judged judged.jsonl --out dpo.json [--min-margin 1]
 
@@ -184,7 +184,7 @@ def stats_path(out: str | Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m stllava.selftrain.build_pairs",
-                                description="Judged answers -> DPO training JSON (SPEC §5).",
+                                description="Judged answers -> DPO training JSON (docs/Method.md#pairs).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--judged", required=True, help="judged.jsonl written by stllava.selftrain.judge")
     p.add_argument("--out", required=True, help="DPO JSON to write (stats go to <out>.stats.json)")

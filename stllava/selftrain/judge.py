@@ -12,7 +12,7 @@
      ...}                                 # any other fields (model, seeds, ...) are provenance,
                                           # copied to the output unchanged
 
-**Request** (SPEC §5, built by :mod:`stllava.selftrain.judge_prompt`): one user message, the
+**Request** (docs/Method.md#judge-prompt, built by :mod:`stllava.selftrain.judge_prompt`): one user message, the
 ``[Question]/[Answer 1]/[Answer 2]/[System]`` text then the image as a data URL, temperature 0.2;
 sent by :mod:`stllava.selftrain.judge_client` (the ``openai`` client and its retries).
 
@@ -35,9 +35,9 @@ temperature, ask number). Re-running the same command after a crash, a kill or
 ``--max-requests`` asks nothing twice. ``<out>.summary.json`` holds counts, retries, tokens and
 estimated cost.
 
-Fixed against the reference script: ties no longer go to answer 2 (recorded "tie"); unparsable
-replies are re-asked once, then recorded; no hard-coded skip of 2000 items; resume by content key,
-not by a wrong index; bounded, logged retries; the openai>=1 client.
+Nothing is decided or dropped silently (docs/Differences.md#stage-2): a tie is recorded "tie" and
+makes no pair; an unparsable reply is re-asked once, then recorded; every item is judged; resume
+goes by content key; retries are bounded and logged; the client is openai>=1.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The judge's request and the reading of its reply (SPEC §5), without any HTTP client.
+"""The judge's request and the reading of its reply (docs/Method.md#judge), without any HTTP client.
 
 What a judge *server* needs as much as the judge client: the phantom judge of the demo parses
 requests with :func:`split_prompt`, and tests build and read replies with these functions, so this
@@ -63,7 +63,7 @@ def load_rule(path: str | os.PathLike = DEFAULT_RULE) -> Rule:
 
 
 def build_prompt(question: str, answer1: str, answer2: str, rule_text: str) -> str:
-    """The text part of the judge request, exactly the SPEC §5 layout."""
+    """The text part of the judge request, exactly the layout of docs/Method.md#judge-prompt."""
     return (f"[Question]\n{question}\n\n"
             f"[Answer 1]\n{answer1}\n\n[End of Answer 1]\n\n"
             f"[Answer 2]\n{answer2}\n\n[End of Answer 2]\n\n"
@@ -77,7 +77,7 @@ _PROMPT_RE = re.compile(r"\A\[Question\]\n(.*?)\n\n\[Answer 1\]\n(.*?)\n\n\[End 
 def split_prompt(text: str) -> tuple[str, str, str, str]:
     """Inverse of :func:`build_prompt`: (question, answer1, answer2, rule). For test/phantom judges.
 
-    Refuses (ValueError) text that does not have the SPEC §5 layout.
+    Refuses (ValueError) text that does not have that layout.
     """
     m = _PROMPT_RE.match(text)
     if m is None:
@@ -88,7 +88,7 @@ def split_prompt(text: str) -> tuple[str, str, str, str]:
 def parse_scores(reply: str | None) -> tuple[float, float] | None:
     """The two scores on the reply's first line, or None when it is not exactly two finite numbers.
 
-    As SPEC §5: first line (after leading blank space), commas read as spaces. "8 6", "8,6",
+    As docs/Method.md#judge-parsing: first line (after leading blank space), commas read as spaces. "8 6", "8,6",
     "7.5, 9" parse; "Scores: 8 6", "8/10 6/10", "8" and "8 6 5" do not.
     """
     if not reply or not reply.strip():

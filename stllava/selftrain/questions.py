@@ -1,4 +1,4 @@
-"""Stage 2(a–b): the stage-1 model describes each image, then asks questions about it (SPEC §5).
+"""Stage 2(a–b): the stage-1 model describes each image, then asks questions about it (docs/Method.md#questions).
 
     python -m stllava.selftrain.questions --model-path CKPT [--model-base BASE] \\
         --image-folder IMAGES --out questions.jsonl [--n-questions 5] [--seed 0] \\
@@ -8,7 +8,7 @@
 .bmp .tif .tiff (any case), sorted by relative path (``/``-separated); ``--offset``/``--limit``
 select a slice of that list, ``--num-chunks``/``--chunk-idx`` this process's chunk of the slice.
 
-**Per image** (the published ``visual_sq.py``, batched and seeded):
+**Per image** (docs/Method.md#questions, batched and seeded):
 
 1. greedy description of ``"<image>\\nCan you describe the image in detail?"`` — template
    ``--conv-mode`` (default: the checkpoint's recorded ``conv_mode``, else ``v1_sq``; it needs a

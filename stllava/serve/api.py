@@ -1,4 +1,4 @@
-"""Serve a checkpoint over the OpenAI chat-completions protocol (SPEC §8), with a chat page at ``/``.
+"""Serve a checkpoint over the OpenAI chat-completions protocol (docs/Serving.md), with a chat page at ``/``.
 
     python -m stllava.serve.api --model-path CKPT [--model-base BASE] [--conv-mode v1] \\
         [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 8] [--device cpu|cuda|mps]

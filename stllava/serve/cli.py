@@ -1,4 +1,4 @@
-"""Chat about one image in the terminal (SPEC §8).
+"""Chat about one image in the terminal (docs/Checkpoints.md#chatting-with-any-of-them).
 
     python -m stllava.serve.cli --model-path CKPT [--model-base BASE] --image-file IMG \\
         [--conv-mode v1] [--temperature 0.2] [--max-new-tokens 512] [--device cpu|cuda|mps] \\

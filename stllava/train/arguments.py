@@ -97,8 +97,8 @@ class DataArguments:
     verify_workers: int = field(default=8, metadata={"help": "Threads decoding images in the start-up data check."})
     data_vuser_turns: str = field(default="train", metadata={
         "help": "A 'vuser' turn already in the data: 'train' it like a converted one (question + </s> are "
-                "targets; SPEC §3), or mask it like an instruction without </s> ('published', as the published "
-                "preprocess did). Turns converted by --sq_r are trained either way.",
+                "targets), or mask it like an instruction without </s> ('published', as the published preprocess "
+                "did; docs/Differences.md#data-vuser-turns). Turns converted by --sq_r are trained either way.",
         "choices": ["train", "published"]})
 
 

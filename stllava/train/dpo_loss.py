@@ -1,4 +1,4 @@
-"""DPO losses and the log-probabilities they compare: pure tensor functions, no model (SPEC §6).
+"""DPO losses and the log-probabilities they compare: pure tensor functions, no model (docs/Method.md#dpo-loss).
 
 - :func:`answer_logps` sums the log-probabilities of the answer tokens (labels != IGNORE_INDEX,
   next-token shifted) per row, and counts them. The labels are the model's own output

@@ -6,9 +6,9 @@ optimizer groups, sampler, checkpoint layout and resume, unchanged) + a ``comput
 (one common width, the images repeated), the answer tokens' log-probs are summed per row, and the
 loss compares them with the reference's.
 
-**The reference** (SPEC §6). The published trainer built a second full model, but encoded the
-images of its reference pass with the *policy's* projector and tower, so the reference drifted
-with training. Here the reference log-probs come from the start weights only, in one of three ways
+**The reference** (docs/Method.md#dpo-reference) is the whole start model, tower and projector
+included: a reference pass through the *policy's* trainable projector or tower would drift with
+training (docs/Differences.md#dpo-reference). Its log-probs come from the start weights only, in one of three ways
 (``--ref_model``, ``--precompute_ref_log_probs``):
 
 ``adapter_disabled``  (default with ``--lora_enable``) the policy itself, run with its LLM LoRA and
@@ -59,7 +59,7 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 @dataclass
 class DPOTrainingArguments(TrainingArguments):
-    """The SFT training flags plus DPO's; ``--lora_dropout_vit`` defaults to 0.1 here (SPEC §2)."""
+    """The SFT training flags plus DPO's; ``--lora_dropout_vit`` defaults to 0.1 here (docs/Method.md#vision-tower)."""
 
     lora_dropout_vit: float = field(default=0.1, metadata={"help": "ViT-LoRA dropout (0.1 in DPO, 0.2 in SFT)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})

@@ -3,8 +3,8 @@
 1. :func:`load_model_for_training` loads ``--model_name_or_path``: a full LLaVA folder, or a plain
    LLaMA folder + ``--vision_tower`` (a tower and a new projector are attached;
    ``--pretrain_mm_mlp_adapter`` fills the projector). With a full folder, ``--vision_tower``
-   reloads the tower weights and ``--pretrain_mm_mlp_adapter`` the projector, as the reference
-   does (:func:`attach_vision`). It records in the config what the checkpoints must carry: the
+   reloads the tower weights and ``--pretrain_mm_mlp_adapter`` the projector, as the published
+   scripts expect (:func:`attach_vision`). It records in the config what the checkpoints must carry: the
    data setup and the conversation template (``conv_mode`` = ``--version``, which the generating
    tools default to).
 2. :func:`make_trainable` chooses the trainable parts by module path: LoRA on every LLM Linear

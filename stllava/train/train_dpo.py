@@ -1,4 +1,4 @@
-"""Stage 3: DPO on self-made preference pairs, HF Trainer + DeepSpeed (SPEC §6).
+"""Stage 3: DPO on self-made preference pairs, HF Trainer + DeepSpeed (docs/Method.md#dpo).
 
     python -m stllava.train.train_dpo --model_name_or_path STAGE1 --data_path dpo.json --image_folder D ...
     deepspeed stllava/train/train_dpo.py --deepspeed scripts/zero3.json ...            (GPUs)
@@ -16,7 +16,7 @@ and ``--model_base``. The run:
    The latter is merged by ``stllava.model.merge`` and written once to ``<output_dir>/start_model/``
    (reused by reruns): the DPO checkpoints are LoRA folders on top of it, so it is their
    ``--model-base`` (their config names it in ``dpo_start_model``);
-2. like the reference, DPO then trains NEW adapters on the merged start model: LLM LoRA, ViT-LoRA
+2. as the recipe does, DPO then trains NEW adapters on the merged start model: LLM LoRA, ViT-LoRA
    (dropout 0.1) and the projector (``stllava.train.model_setup``), and the start
    model is the DPO reference (``--ref_model``, see ``stllava.train.dpo_trainer``);
 3. checks the pairs (``stllava.data.preference``) and applies ``--on_bad_sample`` — before the

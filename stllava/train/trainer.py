@@ -5,8 +5,8 @@ the bases of any ``transformers.Trainer`` subclass (``class X(LlavaTrainerMixin,
 
 - :meth:`~LlavaTrainerMixin.create_optimizer`: decay / no-decay × {LLM, projector at
   ``mm_projector_lr``, vision tower at ``vision_tower_lr``} (:func:`build_param_groups`). Each rate
-  is honoured on its own (the reference ignored ``vision_tower_lr`` unless ``mm_projector_lr`` was
-  set). With ZeRO optimizer offload the same groups go to DeepSpeed's CPU Adam.
+  is honoured on its own, whether or not the others are set (docs/Differences.md#vision-tower-lr).
+  With ZeRO optimizer offload the same groups go to DeepSpeed's CPU Adam.
 - :meth:`~LlavaTrainerMixin._get_train_sampler`: ``stllava.train.sampler.build_train_sampler``.
 - :meth:`~LlavaTrainerMixin.save_model`: the layout of ``stllava.train.checkpoint`` at every save
   (``checkpoint-N/``) and at the end, gathered under ZeRO-3; the Trainer adds optimizer,
@@ -19,7 +19,7 @@ the bases of any ``transformers.Trainer`` subclass (``class X(LlavaTrainerMixin,
   point): every save writes only ``mm_projector.bin`` + config (+ tokenizer, image processor).
 
 :class:`LLaVATrainer` adds ``--loss_averaging micro_batch``: the published per-micro-batch mean of
-the cross-entropy instead of transformers 5's token-weighted average (docs/Training.md).
+the cross-entropy instead of transformers 5's token-weighted average (docs/Differences.md#loss-averaging).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Rendering + label masks (SPEC §3): zero tokenization mismatches, exact trained spans.
+"""Rendering + label masks (docs/Method.md#loss-masks): zero tokenization mismatches, exact trained spans.
 
 Every check compares against an independent construction: the prompt is rebuilt here from the
-SPEC's strings, and each trained run must equal ``tokenizer(answer) + [</s>]`` tokenized alone.
+docs/Method.md's strings, and each trained run must equal ``tokenizer(answer) + [</s>]`` tokenized alone.
 Real-tokenizer tests use shared ``data/llama-tokenizer`` in both ``legacy`` modes, through the
 transformers 5 ``LlamaTokenizer`` and through a SentencePiece ("slow") tokenizer with the
 transformers 4.3x ``LlamaTokenizer.tokenize`` rules that LLaVA / SQ-LLaVA / STLLaVA-Med trained with.
@@ -22,7 +22,7 @@ from stllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from stllava.data.preprocess import make_sq_rng, preprocess
 from stllava.mm_utils import tokenizer_image_token
 
-# Copied by hand from SPEC §3.
+# Copied by hand from docs/Method.md#templates.
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions.")
 LLAVA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -128,7 +128,7 @@ def real_tokenizer(path, kind, legacy):
 
 # ---------------------------------------------------------------- the independent check
 def expected_prompt(version, src, vuser):
-    """The SPEC §3 prompt, built here by hand; ``vuser[t]`` says turn t is a VUSER question."""
+    """The prompt of docs/Method.md#self-questioning, built here by hand; ``vuser[t]`` says turn t is a VUSER question."""
     out = SYSTEMS[version] + " "
     for t, turn in enumerate(src):
         value = turn["value"]

@@ -1,4 +1,4 @@
-"""Golden tests of the LLaVA-Med scoring (SPEC §7). Every expected value is hand-computed."""
+"""Golden tests of the LLaVA-Med scoring (docs/Method.md#evaluation). Every expected value is hand-computed."""
 import json
 
 import pytest
@@ -18,7 +18,7 @@ from stllava.eval.metrics import (
 
 # --- normalisation ----------------------------------------------------------------------------
 @pytest.mark.parametrize("raw, expected", [
-    ("Yes.", "yes"),                 # SPEC examples
+    ("Yes.", "yes"),                 # docs/Method.md#normalisation examples
     ("x-ray", "x ray"),
     ("ct/mri", "ct mri"),
     ("1,000", "1000"),

@@ -1,4 +1,4 @@
-"""Vision projectors (SPEC §2): the cluster projector's exact math, parameter layout and the builder."""
+"""Vision projectors (docs/Method.md#projectors): the cluster projector's exact math, parameter layout and the builder."""
 import math
 from types import SimpleNamespace
 
@@ -144,7 +144,7 @@ def test_cluster_parameter_layout_and_7b_count():
         "mlp.0.weight": (4096, 1024), "mlp.0.bias": (4096,),
         "mlp.2.weight": (4096, 4096), "mlp.2.bias": (4096,),
     }
-    # 3·(1024² + 1024) + 2 + 2·1024 + (1024·4096 + 4096) + (4096² + 4096), SPEC §2
+    # 3·(1024² + 1024) + 2 + 2·1024 + (1024·4096 + 4096) + (4096² + 4096), docs/Method.md#cluster-projector
     assert 3 * (1024**2 + 1024) + 2 + 2 * 1024 + (1024 * 4096 + 4096) + (4096**2 + 4096) == 24_130_562
     assert sum(t.numel() for t in p.parameters()) == 24_130_562
 

@@ -1,4 +1,4 @@
-"""Judged answers -> DPO pairs (SPEC §5 output schema), with hand-checked golden values."""
+"""Judged answers -> DPO pairs (docs/Method.md#pairs output schema), with hand-checked golden values."""
 import json
 
 import pytest

@@ -192,7 +192,7 @@ def test_published_flags_parse(tmp_path):
     assert (t.lora_r, t.lora_alpha, t.lora_r_vit, t.lora_alpha_vit, t.lora_dropout_vit) == (128, 256, 32, 64, 0.2)
     assert (t.mm_projector_lr, t.vision_tower_lr, t.vit_lora_enable, t.group_by_modality_length) == (2e-5, 5e-5, True, False)
     assert t.bf16 and t.gradient_checkpointing and not t.remove_unused_columns and t.model_max_length == 2048
-    # the bare spelling of SPEC §4 works too; unknown flags do not
+    # the bare spelling of a boolean flag works too; unknown flags do not
     assert parse_args(argv + ["--use_cpu", "True", "--group_by_modality_length"])[2].group_by_modality_length
     with pytest.raises(ValueError, match="not used"):
         parse_args(argv + ["--use_cpu", "True", "--no_such_flag", "1"])
