@@ -24,7 +24,7 @@ All three read the *normalised* answer ``a`` and prediction ``p`` (one pass of
     (so "nodule", "normal", "know" all pass it), and the inner ``if`` has no ``else``: a
     prediction that contains yes/no but not the answer is left out of the denominator instead
     of counting as a miss. A prediction without yes/no counts as a miss. So answering "yes" to
-    every yes/no question scores 100.0 — what the reference printed.
+    every yes/no question scores 100.0 — what ``run_eval.py`` printed.
 
 ``closed_acc_strict`` — :func:`closed_hit_strict` (ours, not a reference metric)
     ``a`` is a substring of ``p`` AND ``yes`` or ``no`` is a whole *word* of ``p``; every closed
@@ -61,7 +61,7 @@ def yes_no_hit_run_eval(prediction_norm: str, answer_norm: str) -> int | None:
 
 def yes_no_acc_run_eval(hits: Iterable[int | None]) -> float:
     """``run_eval.py``'s "yes/no accuracy" from :func:`yes_no_hit_run_eval` values (None = not
-    appended): ``sum / len * 100`` over the appended values, in the reference's order of
+    appended): ``sum / len * 100`` over the appended values, in ``run_eval.py``'s order of
     operations (so the float is bit-identical), 0.0 when nothing was appended."""
     appended = [h for h in hits if h is not None]
     closed_score = sum(appended) / len(appended) if len(appended) != 0 else 0.0

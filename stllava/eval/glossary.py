@@ -10,7 +10,7 @@ NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", 
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
 # The standard VQA contractions map, verbatim (its capitalised keys such as "Im" can never match
-# after lower-casing; kept as in the reference).
+# after lower-casing; kept as LLaVA-Med has it).
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
     "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
@@ -50,4 +50,4 @@ CONTRACTIONS = {
 # period rule is "remove a period not followed by a digit".
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-PERIOD_CAP = 32  # re.UNICODE (== 32) landed in re.sub's `count` in the reference
+PERIOD_CAP = 32  # re.UNICODE (== 32) landed in re.sub's `count` in LLaVA-Med's code (docs/Method.md#normalisation)

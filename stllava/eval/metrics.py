@@ -64,7 +64,7 @@ class EvalInputError(StllavaError, ValueError):
 def normalize_word(text: str, period_cap: int | None = PERIOD_CAP) -> str:
     """One pass of LLaVA-Med's ``normalize_word``; returns the normalised string.
 
-    ``period_cap`` is the number of periods removed per pass (32 reproduces the reference;
+    ``period_cap`` is the number of periods removed per pass (32 reproduces LLaVA-Med;
     ``None`` removes all). Does not lower-case before the punctuation rule (the caller does).
     """
     original = text
@@ -94,7 +94,7 @@ def _counts(text: str) -> collections.Counter:
     return collections.Counter(text.lower().split())
 
 
-# --- token metrics (each normalises its inputs again, as the reference does) ----------------
+# --- token metrics (each normalises its inputs again, as LLaVA-Med's do) -----------------------
 def token_scores(prediction: str, reference: str) -> tuple[float, float, float]:
     """Return ``(f1, precision, recall)`` of LLaVA-Med's ``calculate_f1score``.
 

@@ -11,7 +11,7 @@ LLaVA's ``train.py`` flags are accepted with LLaVA's meaning: ``--bits``/``--dou
 ``--quant_type`` (QLoRA), ``--tune_mm_mlp_adapter`` (projector pretraining), ``--freeze_backbone``,
 ``--freeze_mm_mlp_adapter``, and SQ-LLaVA's ``--pretrain_lora`` (the ViT-LoRA's start). Where this
 training differs from the published one, a flag gives the published behaviour
-(``--loss_averaging``, ``--model_max_length_unit``, ``--data_vuser_turns``; docs/Training.md).
+(``--loss_averaging``, ``--model_max_length_unit``, ``--data_vuser_turns``; docs/Differences.md#training).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class ModelArguments:
                 "as conv_mode in every checkpoint's config.json (the generating tools' default template)."})
     vision_tower: str | None = field(default=None, metadata={
         "help": "CLIP vision tower folder or hub id. With a full LLaVA model its weights replace the model's tower "
-                "weights (as the reference does)."})
+                "weights (as the published scripts expect)."})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower layer whose hidden state is used."})
     mm_vision_select_feature: str = field(default="patch", metadata={
         "help": "'patch' drops the CLS token, 'cls_patch' keeps it."})
