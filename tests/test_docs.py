@@ -5,7 +5,7 @@
 - Every relative link of README.md and the pages under docs/ reaches an existing file, and its
   ``#anchor``, when it names one, exists on that page (a heading's GitHub anchor or an explicit
   ``<a id="...">``).
-- Every ``docs/PAGE.md#anchor`` that a comment, docstring or script cites exists too.
+- Every page of ``docs/`` (and its anchor) that a comment, docstring or script cites exists too.
 """
 from __future__ import annotations
 
