@@ -6,6 +6,8 @@
   ``#anchor``, when it names one, exists on that page (a heading's GitHub anchor or an explicit
   ``<a id="...">``).
 - Every page of ``docs/`` (and its anchor) that a comment, docstring or script cites exists too.
+- Every test a page names (``tests/x.py::test_y``, or ``::test_y`` after a file on the same line)
+  exists, so the list of differences (docs/Differences.md) cannot point at a renamed test.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 EXPLICIT_ANCHOR = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"")
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+CITED_TEST = re.compile(r"(tests/[A-Za-z0-9_/]+\.py)|::(\w+)")
 CITED_PAGE = re.compile(r"\bdocs/([A-Za-z0-9_/.-]+\.md)(?:#([A-Za-z0-9_-]+))?")
 
 
@@ -138,3 +141,20 @@ def test_github_slug_examples():
     assert github_slug("Answering — `python -m stllava.eval.model_vqa`") == "answering--python--m-stllavaevalmodel_vqa"
     assert github_slug("Differences from the published training, and their switches") == \
         "differences-from-the-published-training-and-their-switches"
+
+
+def test_tests_named_by_the_pages_exist():
+    missing = []
+    for page in doc_pages():
+        for n, line in prose_lines(read_text(page) or ""):
+            current = None
+            for path, name in CITED_TEST.findall(line):
+                if path:
+                    current = REPO / path
+                    if not current.is_file():
+                        missing.append(f"{page.relative_to(REPO)}:{n}: {path} does not exist")
+                        current = None
+                elif current is not None and not re.search(rf"^\s*(async\s+)?def {name}\(",
+                                                          current.read_text(encoding="utf-8"), re.M):
+                    missing.append(f"{page.relative_to(REPO)}:{n}: {current.relative_to(REPO)} has no {name}")
+    assert not missing, "\n".join(missing)
