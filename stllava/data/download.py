@@ -49,7 +49,7 @@ SOURCES = ("vqa_rad", "slake", "pvqa", "dpo", "llava_med", "llava_med_images")
 DEFAULT_SOURCES = ("vqa_rad", "slake", "pvqa", "dpo", "llava_med")
 HUB_URL = "https://huggingface.co"
 # benchmark: (raw file, image folder, questions the converted test set should hold, what says so)
-CONVERT = {"vqa_rad": ("vqa_rad/testset.json", "vqa_rad/images", 451, "the VQA-RAD test split"),
+CONVERT = {"vqa_rad": ("vqa_rad/testset.json", "vqa_rad/images", 451, "VQA-RAD's test split"),
            "slake": ("slake/test.json", "slake/imgs", 1061, "SLAKE's English test questions"),
            "pvqa": ("pvqa/qas/pvqa_test.json", "pvqa/images/test", 6719, "the hub copy's test split")}
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2"):  # one INFO line per HTTP request of huggingface_hub's client
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.verify is not None:
         result = verify_folder(args.verify, args.folder)
         print("\n".join(result.lines()))

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Kinds of failure, in report order.
 MISSING, CHECKSUM, TRUNCATED = "missing", "checksum mismatch", "truncated"
-BAD_FILE, ERROR = "unreadable", "download error"
+BAD_FILE, ERROR = "bad content", "download error"
 KINDS = (MISSING, CHECKSUM, TRUNCATED, BAD_FILE, ERROR)
 USER_AGENT = "stllava-data-download/1"
 TIMEOUT_S = 60

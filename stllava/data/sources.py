@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from stllava.data.fetch import BAD_FILE, CHECKSUM, ERROR, Failure, Hub, check_file, reject, select
+from stllava.data.fetch import BAD_FILE, ERROR, Failure, Hub, check_file, reject, select
 from stllava.data.manifest import ManifestError, safe_relpath
 from stllava.errors import StllavaError
 
@@ -178,6 +178,14 @@ def rows_from(run: Run, source: str, paths: list[Path]) -> list[dict] | None:
     return rows
 
 
+def row_image(run: Run, name: str, i: int, row: dict) -> bytes | None:
+    """The image bytes of parquet row ``i`` of ``name``, or None (a failure recorded) when it has none."""
+    data = (row.get("image") or {}).get("bytes")
+    if not data:
+        run.fail(Failure(BAD_FILE, f"{name} row {i}", "no image bytes in the row"))
+    return data or None
+
+
 def _closed(answer: str) -> str:
     return "CLOSED" if answer.strip().lower() in ("yes", "no") else "OPEN"
 
@@ -191,7 +199,9 @@ def prepare_vqa_rad(run: Run, files: dict[str, Path]) -> None:
             continue
         records = []
         for i, row in enumerate(rows):
-            name = save_image(run.out / "vqa_rad" / "images", row["image"]["bytes"])
+            if (data := row_image(run, f"vqa_rad {split}", i, row)) is None:
+                continue
+            name = save_image(run.out / "vqa_rad" / "images", data)
             images.add(name)
             answer = str(row["answer"])
             records.append({"qid": i, "image_name": name, "question": row["question"], "answer": answer,
@@ -199,8 +209,8 @@ def prepare_vqa_rad(run: Run, files: dict[str, Path]) -> None:
         (run.out / "vqa_rad" / f"{split}set.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
         total += len(records)
         if split == "test":
-            run.count("vqa_rad", "test questions", len(records), 451, "the dataset card's test split")
-    card = "the dataset card: 2,248 QA pairs on 315 images in the OSF release, 2,244 on 314 after dropping duplicates"
+            run.count("vqa_rad", "test questions", len(records), 451, "dataset card")
+    card = "dataset card: the OSF release's 2,248 QA pairs on 315 images, duplicates dropped"
     run.count("vqa_rad", "question-answer pairs", total, 2244, card)
     run.count("vqa_rad", "distinct images", len(images), 314, card)
 
@@ -215,7 +225,9 @@ def prepare_pvqa(run: Run, files: dict[str, Path]) -> None:
             continue
         records = []
         for i, row in enumerate(rows):
-            name = save_image(run.out / "pvqa" / "images" / short, row["image"]["bytes"])
+            if (data := row_image(run, f"pvqa {split}", i, row)) is None:
+                continue
+            name = save_image(run.out / "pvqa" / "images" / short, data)
             images.add((short, name))
             records.append({"qid": i, "image": name, "question": row["question"], "answer": str(row["answer"])})
         qas = run.out / "pvqa" / "qas"
@@ -223,8 +235,8 @@ def prepare_pvqa(run: Run, files: dict[str, Path]) -> None:
         (qas / f"pvqa_{short}.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
         total += len(records)
         if split == "test":
-            run.count("pvqa", "test questions", len(records), 6719, "the dataset card's test split")
-    card = "the dataset card: 32,632 QA pairs on 4,289 images after dropping duplicates (the paper: 32,799 on 4,998)"
+            run.count("pvqa", "test questions", len(records), 6719, "dataset card")
+    card = "dataset card, duplicates dropped (the paper: 32,799 QA pairs on 4,998 images)"
     run.count("pvqa", "question-answer pairs", total, 32632, card)
     run.count("pvqa", "distinct images", len(images), 4289, card)
 
@@ -234,10 +246,11 @@ def prepare_slake(run: Run, files: dict[str, Path]) -> None:
     resolves) and count the questions of the three splits."""
     archive = files.get("imgs.zip")
     if archive is not None:
-        stamp = run.out / "slake" / "imgs" / ".unpacked"
+        stamp = run.out / ".download" / "unpacked-slake-imgs"  # the zip's SHA-256 when it was last unpacked
         sha = run.store.sha256("slake/imgs.zip")
-        if not (stamp.exists() and stamp.read_text().strip() == sha):
-            unpack_zip(run, archive, run.out / "slake" / "imgs", strip="imgs")
+        if not (stamp.exists() and stamp.read_text().strip() == sha) and unpack_zip(
+                run, archive, run.out / "slake" / "imgs", strip="imgs"):
+            stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(sha + "\n")
     n_en = n_all = 0
     for split in ("train", "validation", "test"):
@@ -251,30 +264,31 @@ def prepare_slake(run: Run, files: dict[str, Path]) -> None:
             continue
         n_all += len(records)
         n_en += sum(1 for r in records if isinstance(r, dict) and r.get("q_lang") == "en")
-    card = "the SLAKE paper: 14,028 QA pairs (7,033 English: 4,919 train, 1,053 validation, 1,061 test) on 642 images"
-    run.count("slake", "English question-answer pairs", n_en, 7033, card)
-    run.count("slake", "question-answer pairs", n_all, 14028, card)
+    run.count("slake", "English question-answer pairs", n_en, 7033,
+              "SLAKE paper: 4,919 train + 1,053 validation + 1,061 test")
+    run.count("slake", "question-answer pairs", n_all, 14028, "SLAKE paper, English and Chinese")
     imgs = run.out / "slake" / "imgs"
     n_img = sum(1 for d in imgs.iterdir() if (d / "source.jpg").is_file()) if imgs.is_dir() else 0
-    run.count("slake", "images (folders with source.jpg)", n_img, 642, card)
+    run.count("slake", "images (folders with source.jpg)", n_img, 642, "SLAKE paper")
 
 
-def unpack_zip(run: Run, archive: Path, dest: Path, strip: str = "") -> None:
-    """Extract ``archive`` into ``dest``, dropping a leading ``strip/`` folder; a member whose path
-    would leave ``dest`` is refused and reported."""
-    name = str(archive.relative_to(run.out))
+def unpack_zip(run: Run, archive: Path, dest: Path, strip: str = "") -> bool:
+    """Extract ``archive`` into ``dest``, dropping a leading ``strip/`` folder; returns whether every
+    member was extracted (a member whose path would leave ``dest`` is refused and reported)."""
+    name, complete = str(archive.relative_to(run.out)), True
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 parts = PurePosixPath(info.filename).parts
-                if strip and parts and parts[0] == strip:
-                    parts = parts[1:]
+                if strip and strip in parts[:2]:  # imgs/xmlab0/... or <top>/imgs/xmlab0/...
+                    parts = parts[parts.index(strip) + 1:]
                 if info.is_dir() or not parts or parts[0] == "__MACOSX":
                     continue
                 try:
                     rel = safe_relpath("/".join(parts), name)
                 except ManifestError as e:
                     run.fail(Failure(BAD_FILE, name, str(e)))
+                    complete = False
                     continue
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +296,9 @@ def unpack_zip(run: Run, archive: Path, dest: Path, strip: str = "") -> None:
                     while block := src.read(1 << 20):
                         dst.write(block)
     except (zipfile.BadZipFile, OSError) as e:
-        run.fail(Failure(CHECKSUM if isinstance(e, zipfile.BadZipFile) else BAD_FILE, name, f"cannot unpack: {e}"))
+        run.fail(Failure(BAD_FILE, name, f"cannot unpack: {e}"))
+        return False
+    return complete
 
 
 def count_dpo(run: Run, files: dict[str, Path]) -> None:
