@@ -159,16 +159,17 @@ def fetch_url(url: str, dest: Path, name: str, timeout: float = TIMEOUT_S) -> Fa
             have = 0
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
-        got = have
+        got, stopped = have, None
         try:
             with open(part, "ab" if have else "wb") as f:
                 while block := resp.read(1 << 20):
                     f.write(block)
                     got += len(block)
-        except (http.client.IncompleteRead, OSError) as e:
-            logger.debug("%s: read stopped: %s", url, e)
-        if total is not None and got < total:
-            return Failure(TRUNCATED, name, f"got {got} of {total} bytes from {url}; the part is kept in "
+        except (http.client.IncompleteRead, OSError) as e:  # cut connection, timeout
+            stopped = e
+        if stopped is not None or (total is not None and got < total):
+            of = f" of {total}" if total is not None else f" ({type(stopped).__name__}: {stopped})"
+            return Failure(TRUNCATED, name, f"got {got}{of} bytes from {url}; the part is kept in "
                            f"{part.name}: rerun to resume")
     os.replace(part, dest)
     return None

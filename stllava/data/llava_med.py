@@ -26,7 +26,7 @@ from pathlib import Path
 
 from stllava.data.fetch import BAD_FILE, MISSING, Expect, Failure, check_file, fetch_url, reject
 from stllava.data.images import check_image
-from stllava.data.manifest import read_checksums
+from stllava.data.manifest import PART_SUFFIX, read_checksums
 from stllava.data.sources import DownloadError, Run
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def fetch_article(run: Run, tar_url: str, recs: list[dict], pmc_url: str) -> lis
                     continue
                 dest = run.out / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".tmp")
+                tmp = dest.with_name(dest.name + PART_SUFFIX)
                 with member, open(tmp, "wb") as f:
                     while block := member.read(1 << 20):
                         f.write(block)

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from stllava.data.fetch import BAD_FILE, ERROR, Failure, Hub, check_file, reject, select
-from stllava.data.manifest import ManifestError, safe_relpath
+from stllava.data.manifest import PART_SUFFIX, ManifestError, safe_relpath
 from stllava.errors import StllavaError
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def save_image(folder: Path, data: bytes) -> str:
     path = folder / name
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(name + ".tmp")
+        tmp = path.with_name(name + PART_SUFFIX)  # never listed in a manifest if a kill leaves it
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return name
@@ -164,18 +164,20 @@ def split_files(files: dict[str, Path]) -> dict[str, list[Path]]:
     return out
 
 
-def rows_from(run: Run, source: str, paths: list[Path]) -> list[dict] | None:
-    """Every row of ``paths``, or None (a failure recorded) when a file cannot be read."""
-    rows = []
+def rows_from(run: Run, paths: list[Path]) -> Iterator[tuple[int, dict]]:
+    """(index, row) over every row of ``paths``, streamed (a split can be GBs of images); a file that
+    cannot be read is recorded as a failure and ends the iteration."""
+    i = 0
     for path in paths:
         try:
-            rows.extend(parquet_rows(path))
+            for row in parquet_rows(path):
+                yield i, row
+                i += 1
         except DownloadError:
             raise
         except Exception as e:  # pyarrow's errors for a damaged file
             run.fail(Failure(BAD_FILE, str(path.relative_to(run.out)), f"not a readable parquet file: {e}"))
-            return None
-    return rows
+            return
 
 
 def row_image(run: Run, name: str, i: int, row: dict) -> bytes | None:
@@ -194,11 +196,8 @@ def prepare_vqa_rad(run: Run, files: dict[str, Path]) -> None:
     """Write ``vqa_rad/images/``, ``testset.json`` and ``trainset.json`` from the parquet splits."""
     total, images = 0, set()
     for split, paths in sorted(split_files(files).items()):
-        rows = rows_from(run, "vqa_rad", paths)
-        if rows is None:
-            continue
-        records = []
-        for i, row in enumerate(rows):
+        records, n_failed = [], len(run.failures)
+        for i, row in rows_from(run, paths):
             if (data := row_image(run, f"vqa_rad {split}", i, row)) is None:
                 continue
             name = save_image(run.out / "vqa_rad" / "images", data)
@@ -206,6 +205,8 @@ def prepare_vqa_rad(run: Run, files: dict[str, Path]) -> None:
             answer = str(row["answer"])
             records.append({"qid": i, "image_name": name, "question": row["question"], "answer": answer,
                             "answer_type": _closed(answer)})
+        if len(run.failures) > n_failed:
+            continue  # a split with unreadable rows is not written
         (run.out / "vqa_rad" / f"{split}set.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
         total += len(records)
         if split == "test":
@@ -220,16 +221,15 @@ def prepare_pvqa(run: Run, files: dict[str, Path]) -> None:
     total, images = 0, set()
     for split, paths in sorted(split_files(files).items()):
         short = PVQA_SPLITS.get(split, split)
-        rows = rows_from(run, "pvqa", paths)
-        if rows is None:
-            continue
-        records = []
-        for i, row in enumerate(rows):
+        records, n_failed = [], len(run.failures)
+        for i, row in rows_from(run, paths):
             if (data := row_image(run, f"pvqa {split}", i, row)) is None:
                 continue
             name = save_image(run.out / "pvqa" / "images" / short, data)
             images.add((short, name))
             records.append({"qid": i, "image": name, "question": row["question"], "answer": str(row["answer"])})
+        if len(run.failures) > n_failed:
+            continue  # a split with unreadable rows is not written
         qas = run.out / "pvqa" / "qas"
         qas.mkdir(parents=True, exist_ok=True)
         (qas / f"pvqa_{short}.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
