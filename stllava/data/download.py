@@ -88,8 +88,6 @@ def convert_benchmarks(run: Run, names: list[str]) -> None:
             continue
         try:
             items, stats = convert(bench, run.out / src, image_folder=run.out / images)
-        except DownloadError:
-            raise
         except StllavaError as e:  # the converter's one-line error, e.g. an image missing
             run.fail(Failure(BAD_FILE, src, f"stllava.eval.convert refused it: {e}"))
             continue
@@ -101,15 +99,11 @@ def report(run: Run, manifest: Path | None, strict: bool) -> int:
     """Print the summary (failures by kind with their names, count mismatches, the manifest); returns
     the exit code."""
     by_kind = Counter(f.kind for f in run.failures)
-    lines = []
-    for kind in KINDS:
-        for f in sorted((f for f in run.failures if f.kind == kind), key=lambda f: f.name):
-            lines.append(f"  {f}")
+    kinds = ", ".join(f"{by_kind[k]} {k}" for k in KINDS if by_kind[k])
+    print(f"{len(run.failures)} file(s) failed" + (f": {kinds}" if kinds else ""))
+    for f in sorted(run.failures, key=lambda f: (KINDS.index(f.kind), f.name)):
+        print(f"  {f}")
     bad_counts = [c for c in run.counts if not c["ok"]]
-    print(f"{len(run.failures)} file(s) failed" + (": " + ", ".join(f"{by_kind[k]} {k}" for k in KINDS if by_kind[k])
-                                                   if run.failures else ""))
-    for line in lines:
-        print(line)
     for c in bad_counts:
         print(f"count differs: {c['source']}: {c['what']}: {c['got']:,}, expected {c['expected']:,} ({c['basis']})")
     if manifest is not None:
@@ -167,8 +161,10 @@ def download(args: argparse.Namespace) -> int:
     files = {rel: {"sha256": run.store.sha256(rel), "size": (out / rel).stat().st_size}
              for rel in list_files(out, roots)}
     run.store.save()
-    previous = out / MANIFEST_NAME
-    known = json.loads(previous.read_text()).get("sources", {}) if previous.is_file() else {}
+    try:  # sources fetched by earlier runs keep their record
+        known = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("sources", {})
+    except (OSError, ValueError, AttributeError):
+        known = {}
     manifest = write_manifest(out, files, {**known, **run.sources})
     return report(run, manifest, args.strict_counts)
 

@@ -75,6 +75,8 @@ class VerifiedStore:
             self.entries = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.entries = {}
+        if not isinstance(self.entries, dict):  # a damaged state file only costs re-checking
+            self.entries = {}
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
@@ -86,7 +88,8 @@ class VerifiedStore:
     def current(self, rel: str, expect: str | None = None) -> bool:
         """True when ``rel`` was verified (against ``expect``'s key, when given) and has not changed."""
         e, st = self.entries.get(rel), self._stat(rel)
-        return bool(e and st and (e["size"], e["mtime_ns"]) == st and (expect is None or e.get("expect") == expect))
+        return bool(isinstance(e, dict) and st and (e.get("size"), e.get("mtime_ns")) == st
+                    and (expect is None or e.get("expect") == expect))
 
     def record(self, rel: str, sha256: str | None = None, expect: str = "") -> str:
         """Remember ``rel`` as verified (hashing it unless ``sha256`` is given); returns its SHA-256."""
@@ -100,9 +103,6 @@ class VerifiedStore:
         if self.current(rel):
             return self.entries[rel]["sha256"]
         return self.record(rel)
-
-    def forget(self, rel: str) -> None:
-        self.entries.pop(rel, None)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,11 +121,18 @@ def get_images(run: Run, files: dict[str, Path], selected: list[str], pmc_url: s
         return
     wanted = None  # no instruction file chosen: every image of llava_med_image_urls.jsonl
     for key in instruct:
-        wanted = (wanted or set()) | {r["image"] for r in records(files[key]) if isinstance(r, dict) and "image" in r}
+        wanted = (wanted or set()) | {r["image"] for r in records(files[key])
+                                      if isinstance(r, dict) and isinstance(r.get("image"), str)}
     by_tar: dict[str, list[dict]] = {}
-    for r in records(urls_path):
-        if wanted is None or f"{r.get('pair_id')}.jpg" in wanted:
+    malformed = []
+    for n, r in enumerate(records(urls_path), 1):
+        if not (isinstance(r, dict) and isinstance(r.get("pmc_tar_url"), str) and "pair_id" in r):
+            malformed.append(n)
+        elif wanted is None or f"{r['pair_id']}.jpg" in wanted:
             by_tar.setdefault(r["pmc_tar_url"], []).append(r)
+    if malformed:
+        run.fail(Failure(BAD_FILE, "llava_med/llava_med_image_urls.jsonl", f"{len(malformed)} records without "
+                         f"pair_id and pmc_tar_url (lines {malformed[:5]}), skipped"))
     run.sources["llava_med_images"] = {"kind": "http", "pmc_url": pmc_url}
     todo = {url: rs for url, rs in by_tar.items()
             if not all(run.store.current(f"llava_med/images/{r['pair_id']}.jpg", "image-ok") for r in rs)}
