@@ -59,7 +59,9 @@ def host_policy(host: str, allowed_hosts: str | None, api_key: str | None) -> li
     if allowed_hosts:
         return [h.strip() for h in allowed_hosts.split(",") if h.strip()]
     if is_loopback(host):
-        return [*LOOPBACK_HOSTS, host]
+        from stllava.serve.protocol import host_allowed
+
+        return [*LOOPBACK_HOSTS] + ([] if host_allowed(host, LOOPBACK_HOSTS) else [host])
     if api_key:
         return None
     raise ServeError(f"--host {host} serves beyond this machine without --allowed-hosts or --api-key: anyone who "
@@ -120,8 +122,6 @@ def main(argv=None) -> int:
             raise ServeError(f"--{flag.replace('_', '-')} must be ≥ {0 if flag == 'port' else 1}")
     if not args.request_timeout > 0:
         raise ServeError("--request-timeout must be > 0 seconds")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    allowed_hosts = host_policy(args.host, args.allowed_hosts, api_key)  # refused before the model loads
     try:
         from stllava.serve.inputs import ImageLimits
         from stllava.serve.model_backend import build_backend
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
         from stllava.serve.server import UvicornServer
     except ImportError as e:
         raise ServeError(f"serving needs FastAPI and uvicorn ({e})", fix="pip install 'stllava[serve]'") from None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    allowed_hosts = host_policy(args.host, args.allowed_hosts, api_key)  # refused before the model loads
     from stllava.mm_utils import get_model_name_from_path
     from stllava.model.builder import load_pretrained_model
 

@@ -131,8 +131,8 @@ def check_length(messages: list[Message], max_chars: int | None) -> None:
             len(p.text) for p in m.content or [] if isinstance(p, TextPart))
         if total > max_chars:
             where = f"messages[{i}].content"
-            raise APIError(400, f"{where}: the conversation's text is {total:,} characters or more, more than the "
-                           f"model's context can hold ({max_chars:,} characters); shorten the conversation",
+            raise APIError(400, f"{where}: the conversation's text reaches {total:,} characters here, more than "
+                           f"the model's context can hold ({max_chars:,} characters); shorten the conversation",
                            param=where, code="context_length_exceeded")
 
 

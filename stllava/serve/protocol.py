@@ -359,10 +359,9 @@ class HostCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-            if not host_allowed(host, self.allowed):
-                listed = ", ".join(self.allowed)
-                await APIError(421, f"Host {(host or '')[:100]!r} is not one this server answers to ({listed}); "
-                               "start it with --allowed-hosts naming the host clients use").response()(
+            if not host_allowed(host, self.allowed):  # the list itself is not echoed
+                await APIError(421, f"Host {(host or '')[:100]!r} is not one this server answers to; if clients "
+                               "reach it by that name, start it with --allowed-hosts naming it").response()(
                                    scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -53,6 +53,14 @@ class RequestTimeoutH11Protocol(H11Protocol):
             self._disarm()
             self._received = False
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # goes on with a pipelined request already received, if any
+        pipelined = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and self.conn.trailing_data[0])
+        if pipelined and self._deadline is None and not self.transport.is_closing():
+            self._received = True  # part of the next request is here: its clock starts now
+            self._arm()
+
     def connection_lost(self, exc) -> None:
         self._disarm()
         super().connection_lost(exc)

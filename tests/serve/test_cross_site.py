@@ -90,9 +90,9 @@ def test_allow_list_entries_with_a_port_match_that_port_only_and_star_allows_all
 
 
 def test_host_policy_by_bind_address():
-    assert api.host_policy("127.0.0.1", None, None) == [*api.LOOPBACK_HOSTS, "127.0.0.1"]
-    assert api.host_policy("::1", None, "sk-x") == [*api.LOOPBACK_HOSTS, "::1"]
-    assert "127.0.0.2" in api.host_policy("127.0.0.2", None, None)
+    assert api.host_policy("127.0.0.1", None, None) == list(api.LOOPBACK_HOSTS)
+    assert api.host_policy("::1", None, "sk-x") == list(api.LOOPBACK_HOSTS)
+    assert api.host_policy("127.0.0.2", None, None) == [*api.LOOPBACK_HOSTS, "127.0.0.2"]
     assert api.host_policy("0.0.0.0", "myserver.lan, 10.0.0.5:8000", None) == ["myserver.lan", "10.0.0.5:8000"]
     assert api.host_policy("0.0.0.0", None, "sk-x") is None  # the key guards it; any Host
     with pytest.raises(api.ServeError, match="--allowed-hosts") as e:
@@ -109,3 +109,16 @@ def test_a_non_loopback_bind_without_allowed_hosts_or_key_is_refused_before_load
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "--allowed-hosts" in err and "--api-key" in err and "missing" not in err
+
+
+def test_the_chat_page_posts_json():
+    """The page's requests stay accepted: its POST carries Content-Type: application/json (the
+    browser test, tests/serve/test_page.py, drives it for real where chromium is installed)."""
+    import re
+
+    from stllava.serve.protocol import page_html
+
+    html = page_html()
+    headers = re.search(r"function headers\(\) \{(.*?)\n\}", html, re.S)
+    assert headers and '"Content-Type": "application/json"' in headers.group(1)
+    assert re.search(r'fetch\("/v1/chat/completions", \{method: "POST", headers: headers\(\)', html)

@@ -84,6 +84,21 @@ def test_a_half_sent_request_is_closed_after_the_request_timeout(sent):
         server.stop()
 
 
+def test_a_pipelined_request_cut_short_is_closed_after_the_answer_to_the_first():
+    server = UvicornServer(slow_app(), request_timeout=1.0).start()
+    try:
+        sock = socket.create_connection((server.host, server.port))
+        t0 = time.monotonic()
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nabc")
+        got, _ = read_until_closed(sock, limit_s=5)
+        sock.close()
+        assert got.startswith(b"HTTP/1.1 200 ") and b"pong" in got and b"HTTP/1.1 408 " in got, got
+        assert time.monotonic() - t0 <= 2.5
+    finally:
+        server.stop()
+
+
 def test_a_request_trickled_byte_by_byte_is_cut_at_the_deadline_not_per_byte():
     server = UvicornServer(slow_app(), request_timeout=1.0).start()
     try:
