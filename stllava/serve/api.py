@@ -7,8 +7,13 @@ Routes: ``POST /v1/chat/completions`` (text and ``image_url`` data-URL parts, ``
 ``temperature`` 0 = greedy, ``top_p``, ``max_tokens``, ``seed``, ``stop``), ``GET /v1/models``,
 ``GET /health``, ``GET /`` (the chat page). Concurrent requests are batched into one ``generate``
 call (``--max-batch``, ``--batch-window-ms``); a full queue (``--max-queue``) answers 503 with
-Retry-After. Every bad request gets OpenAI-style error JSON (400/401/404/413). Binds 127.0.0.1
-unless ``--host`` says otherwise. Ctrl-C / SIGTERM: stop accepting, finish in-flight requests, exit.
+Retry-After. Every bad request gets OpenAI-style error JSON (400/401/404/408/413/415/421). Binds
+127.0.0.1 unless ``--host`` says otherwise; answers only requests whose ``Host`` is in
+``--allowed-hosts`` (default on loopback: localhost, 127.0.0.1, [::1]) and POSTs typed
+``application/json`` (cross-site requests from web pages); a bind beyond loopback needs
+``--allowed-hosts`` or ``--api-key``. A request must arrive whole within ``--request-timeout``
+seconds; at most ``--max-connections`` connections are served at once (503 beyond).
+Ctrl-C / SIGTERM: stop accepting, finish in-flight requests, exit.
 
 The template defaults to the checkpoint config's ``conv_mode`` (recorded by training), else ``v1``.
 The key may come from ``$STLLAVA_API_KEY`` instead of ``--api-key`` (other users can read a
@@ -17,6 +22,7 @@ process's arguments). Details: docs/Serving.md.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -27,10 +33,41 @@ from stllava.errors import StllavaError, run_cli
 
 logger = logging.getLogger("stllava.serve.api")
 API_KEY_ENV = "STLLAVA_API_KEY"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # any port
 
 
 class ServeError(StllavaError):
     """A flag or checkpoint the server cannot start with."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_policy(host: str, allowed_hosts: str | None, api_key: str | None) -> list[str] | None:
+    """The ``Host`` values the server answers (:func:`stllava.serve.protocol.host_allowed`), None
+    for any: ``--allowed-hosts`` (comma-separated) when given; else, bound to loopback, the
+    loopback names and the bound address; else, with an API key, any (the key guards the server).
+    Refuses (ServeError) a bind beyond loopback with neither: any web page its users open could
+    use the model (DNS rebinding), and so could anyone who reaches the port."""
+    if allowed_hosts:
+        return [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+    if is_loopback(host):
+        from stllava.serve.protocol import host_allowed
+
+        return [*LOOPBACK_HOSTS] + ([] if host_allowed(host, LOOPBACK_HOSTS) else [host])
+    if api_key:
+        return None
+    raise ServeError(f"--host {host} serves beyond this machine without --allowed-hosts or --api-key: anyone who "
+                     "reaches the port, and any web page a user of this network opens, could use the model",
+                     fix="pass --allowed-hosts with the names clients use (e.g. myserver.lan,10.0.0.5) and/or "
+                     f"--api-key (or ${API_KEY_ENV})")
 
 
 def default_conv_mode(config, model_path: str) -> tuple[str, str]:
@@ -65,15 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-mb", type=float, default=20.0, help="larger images (encoded) get 400")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger images (decoded) get 400")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: 400)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values to answer, e.g. myserver.lan,10.0.0.5:8000 (no port: "
+                   "any port; '*': any host); others get 421. Default on a loopback --host: localhost, 127.0.0.1, "
+                   "[::1]; required beyond loopback unless --api-key is set")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (headers and body); slower ones get 408 "
+                   "and are disconnected")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="connections served at once; requests on more get 503")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for flag in ("max_batch", "max_queue", "port"):
+    for flag in ("max_batch", "max_queue", "port", "max_connections"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ServeError(f"--{flag.replace('_', '-')} must be ≥ {0 if flag == 'port' else 1}")
+    if not args.request_timeout > 0:
+        raise ServeError("--request-timeout must be > 0 seconds")
     try:
         from stllava.serve.inputs import ImageLimits
         from stllava.serve.model_backend import build_backend
@@ -81,10 +129,11 @@ def main(argv=None) -> int:
         from stllava.serve.server import UvicornServer
     except ImportError as e:
         raise ServeError(f"serving needs FastAPI and uvicorn ({e})", fix="pip install 'stllava[serve]'") from None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    allowed_hosts = host_policy(args.host, args.allowed_hosts, api_key)  # refused before the model loads
     from stllava.mm_utils import get_model_name_from_path
     from stllava.model.builder import load_pretrained_model
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         tokenizer, model, processor, context_len = load_pretrained_model(args.model_path, args.model_base,
                                                                          device=args.device)
@@ -102,15 +151,16 @@ def main(argv=None) -> int:
                             max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
                             max_queue=args.max_queue, limits=limits)
     app = create_app(backend, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2 ** 20), page=True,
-                     title=f"stllava: {name}")
+                     title=f"stllava: {name}", allowed_hosts=allowed_hosts)
     try:
-        server = UvicornServer(app, args.host, args.port, access_log=True)
+        server = UvicornServer(app, args.host, args.port, access_log=True, request_timeout=args.request_timeout,
+                               max_connections=args.max_connections)
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port} ({e.strerror})",
                          fix="choose another --port") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model",
-                       args.host)
+    if not is_loopback(args.host) and api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach this port as %s can use the model",
+                       args.host, ", ".join(allowed_hosts or ["any host"]))
     logger.info("serving %s on %s (page: %s/, API: %s/v1; %s, max batch %d)", name, server.url, server.url,
                 server.url, model.device, args.max_batch)
     # uvicorn re-raises the signal that stopped it once in-flight requests are done; for SIGTERM that

@@ -9,7 +9,9 @@ from the terminal: the answer is printed token by token as it is generated; each
 the same conversation about the same image (the first carries ``<image>``). An empty line or EOF
 (Ctrl-D) ends the chat. A question that would take the prompt past the model's context length
 (the image counts as its patches) is refused with the numbers, and the conversation goes on
-without it; an answer is never generated past the context. ``--image-file`` is a local path,
+without it; an answer is never generated past the context. What is typed, and what the model
+answered, is plain text in the prompt: a typed ``</s>`` or ``<image>`` is neither the end of a
+turn nor a second image (:mod:`stllava.control_text`). ``--image-file`` is a local path,
 decoded as every stllava tool does (:mod:`stllava.data.images`: 16-bit images scaled, images over
 ``$STLLAVA_MAX_IMAGE_PIXELS`` refused); an http(s) URL is fetched only with ``--allow-url``.
 The template is ``--conv-mode``, else the ``conv_mode`` training recorded in the checkpoint's
@@ -29,6 +31,7 @@ import threading
 from PIL import Image
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from stllava.control_text import control_strings, neutralize
 from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 from stllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
@@ -133,6 +136,7 @@ class ChatSession:
         self.context_len = context_len or context_length(model)
         tower = model.get_model().get_vision_tower()
         self.image_positions = tower.num_patches if tower is not None else 1  # the projector keeps the count
+        self.controls = control_strings(tokenizer)  # neutralized in questions and answers
         self.first = True
 
     @property
@@ -154,7 +158,8 @@ class ChatSession:
         """Append ``text`` as the user's turn and an open assistant slot; returns what
         :meth:`answer` needs. Refuses (:class:`PromptTooLongError`, nothing appended) a question
         that leaves no room in the context for an answer: the prompt's positions (text tokens
-        plus the image's patches) are counted first."""
+        plus the image's patches) are counted first. Control strings in ``text`` stay plain text."""
+        text = neutralize(text, self.controls)
         self.conv.append_message(self.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + text if self.first else text)
         self.conv.append_message(self.roles[1], None)
         prompt = self.conv.get_prompt()
@@ -218,7 +223,7 @@ class ChatSession:
         answer = "".join(pieces).strip()
         if stop and answer.endswith(stop):
             answer = answer[: -len(stop)].strip()
-        self.conv.messages[-1][-1] = answer
+        self.conv.messages[-1][-1] = neutralize(answer, self.controls)  # the model's text is plain text too
         if self.debug:
             logger.info("prompt: %r\noutput: %r", prompt, answer)
         return answer

@@ -3,7 +3,9 @@
 The prompt is rendered exactly as ``stllava.eval.model_vqa`` renders a question: the user turn that
 holds the image becomes ``"<image>\\n" + text`` (:func:`stllava.generation.image_prompt_text`), the
 conversation goes through the checkpoint's template with the assistant slot open
-(:func:`stllava.generation.render_prompt`), so a greedy answer equals ``model_vqa``'s.
+(:func:`stllava.generation.render_prompt`), so a greedy answer equals ``model_vqa``'s. Message
+text is plain text: control strings typed in it (``</s>``, ``<image>``, ...) are neutralized
+(:mod:`stllava.control_text`), and text too long for any prompt is refused before it is tokenized.
 
 Images come as base64 ``data:`` URLs (http(s) URLs only with ``allow_remote``). They are decoded
 here, before the request is queued, against byte and pixel limits (a decompression bomb is refused
@@ -18,14 +20,16 @@ import io
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.control_text import neutralize
 from stllava.conversation import get_conv_template
 from stllava.data.images import to_rgb
 from stllava.generation import image_prompt_text, render_prompt
-from stllava.serve.protocol import APIError, Message
+from stllava.serve.protocol import APIError, Message, TextPart
 
 # Formats decoded in-process by PIL; others (e.g. EPS, which runs Ghostscript) are refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -115,17 +119,42 @@ class ChatPrompt:
     images: list[Image.Image]
 
 
-def build_prompt(messages: list[Message], conv_mode: str, limits: ImageLimits) -> ChatPrompt:
+def check_length(messages: list[Message], max_chars: int | None) -> None:
+    """Refuse (APIError 400, ``context_length_exceeded``, naming the message that crosses it) a
+    conversation whose text is longer than ``max_chars`` characters in all: such a prompt cannot
+    fit the context, and tokenizing megabytes of it first would take seconds."""
+    if max_chars is None:
+        return
+    total = 0
+    for i, m in enumerate(messages):
+        total += len(m.content) if isinstance(m.content, str) else sum(
+            len(p.text) for p in m.content or [] if isinstance(p, TextPart))
+        if total > max_chars:
+            where = f"messages[{i}].content"
+            raise APIError(400, f"{where}: the conversation's text reaches {total:,} characters here, more than "
+                           f"the model's context can hold ({max_chars:,} characters); shorten the conversation",
+                           param=where, code="context_length_exceeded")
+
+
+def build_prompt(messages: list[Message], conv_mode: str, limits: ImageLimits,
+                 controls: Sequence[str] = (DEFAULT_IMAGE_TOKEN,), max_chars: int | None = None) -> ChatPrompt:
     """Render ``messages`` with template ``conv_mode`` and decode their images.
 
     An optional first ``system`` (or ``developer``) message replaces the template's system text;
     then user and assistant turns alternate, starting and ending with a user turn. Images may be
-    in user turns only, at most ``limits.max_images`` in all. A literal ``<image>`` typed in a
-    message is removed (only real images become image tokens). APIError 400 otherwise.
+    in user turns only, at most ``limits.max_images`` in all. Every message's text is plain text:
+    a ``controls`` string typed in it (``<image>``, and the tokenizer's ``</s>``, ``<s>``, ...;
+    :func:`stllava.control_text.control_strings`) is neutralized, so only real images become image
+    slots and only the template's separators become ``</s>``. APIError 400 otherwise, and for more
+    than ``max_chars`` characters of text (checked first, see :func:`check_length`).
     """
+    check_length(messages, max_chars)
     system = None
     if messages[0].role in ("system", "developer"):
-        system, messages = messages[0].text(), messages[1:]
+        if messages[0].image_urls():  # the template has no place for it: refused, never dropped
+            raise APIError(400, "messages[0]: images are only accepted in user messages, not in a "
+                           f"{messages[0].role} message", param="messages[0]")
+        system, messages = neutralize(messages[0].text(), controls), messages[1:]
     turns: list[tuple[int, str]] = []
     images: list[Image.Image] = []
     for i, m in enumerate(messages):
@@ -143,7 +172,7 @@ def build_prompt(messages: list[Message], conv_mode: str, limits: ImageLimits) -
                            "conversation: its template has one <image> slot)", param=where)
         for url in urls:
             images.append(decode_image(image_bytes(url, limits, f"{where}.content"), limits, f"{where}.content"))
-        text = m.text().replace(DEFAULT_IMAGE_TOKEN, "")
+        text = neutralize(m.text(), controls)
         if not (text.strip() or urls):  # an empty turn would render as an open generation slot
             raise APIError(400, f"{where}: {'an assistant' if m.role == 'assistant' else 'a user'} message needs "
                            "text content" + (" or an image" if m.role == "user" else ""), param=where)

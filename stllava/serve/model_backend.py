@@ -3,9 +3,11 @@
 
 Checks made before a request is queued (each an HTTP 400 naming the field): the model name, the
 messages and images (:mod:`stllava.serve.inputs`), and the context — prompt positions (text tokens
-plus the image's feature positions) + ``max_tokens`` must fit the checkpoint's context length. An
-omitted ``max_tokens`` means "the rest of the context"; an omitted ``temperature`` is OpenAI's 1;
-an omitted ``seed`` a random one (the reply is then not reproducible, as with OpenAI).
+plus the image's feature positions) + ``max_tokens`` must fit the checkpoint's context length. A
+conversation whose text is longer than :func:`max_prompt_chars` is refused before it is tokenized.
+An omitted ``max_tokens`` means "the rest of the context"; an omitted ``temperature`` is OpenAI's 1,
+one below :data:`MIN_TEMPERATURE` means greedy (as in vLLM: dividing the logits by 1e-300 overflows
+them); an omitted ``seed`` a random one (the reply is then not reproducible, as with OpenAI).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.control_text import control_strings
 from stllava.generation import prepare_batch
 from stllava.serve.engine import BatchingEngine, Job
 from stllava.serve.inputs import ImageLimits, build_prompt
@@ -32,6 +35,15 @@ from stllava.serve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+MIN_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: lower temperatures decode greedily
+
+
+def max_prompt_chars(tokenizer, context_len: int) -> int:
+    """The most characters of message text a prompt of ``context_len`` tokens can hold, generously:
+    twice the longest vocabulary piece per token (16 characters for LLaMA's vocabulary, so 65,536
+    characters for a 2048-token context). Longer text cannot fit, whatever it says."""
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=16)
+    return context_len * 2 * max(longest, 1)
 
 
 class ModelBackend:
@@ -44,6 +56,8 @@ class ModelBackend:
         self.engine, self.name, self.conv_mode = engine, name, conv_mode
         self.context_len, self.image_positions = context_len, image_positions
         self.limits = limits or ImageLimits()
+        self.controls = control_strings(engine.tokenizer)  # neutralized in message text
+        self.max_chars = max_prompt_chars(engine.tokenizer, context_len)
 
     def model_ids(self) -> list[str]:
         return [self.name]
@@ -66,7 +80,7 @@ class ModelBackend:
     def make_job(self, req: ChatRequest) -> Job:
         """The :class:`Job` for ``req`` (images decoded, prompt rendered and measured); APIError
         400 for anything the model cannot take."""
-        chat = build_prompt(req.messages, self.conv_mode, self.limits)
+        chat = build_prompt(req.messages, self.conv_mode, self.limits, self.controls, self.max_chars)
         if chat.images and self.engine.processor is None:
             raise APIError(400, f"model {self.name!r} has no vision tower; send text only", param="messages")
         n_images = chat.prompt.count(DEFAULT_IMAGE_TOKEN)
@@ -90,6 +104,8 @@ class ModelBackend:
         if req.min_tokens > limit:
             raise APIError(400, f"min_tokens={req.min_tokens} is larger than max_tokens={limit}", param="min_tokens")
         temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         return Job(prepared=prepared, n_images=n_images, prompt_tokens=positions, max_tokens=limit,
                    seed=req.seed if req.seed is not None else secrets.randbelow(2 ** 63),
                    temperature=temperature, top_p=req.top_p, top_k=req.top_k or None, min_tokens=req.min_tokens,

@@ -21,10 +21,11 @@ def start_server(tiny_loaded):
     all are stopped after the test."""
     started = []
 
-    def start(api_key=None, max_body_bytes=32 * 2 ** 20, name="tiny", conv_mode="v1", **kw):
+    def start(api_key=None, max_body_bytes=32 * 2 ** 20, name="tiny", conv_mode="v1", allowed_hosts=None, **kw):
         tok, model, proc, ctx = tiny_loaded
         backend = build_backend(tok, model, proc, ctx, name=name, conv_mode=conv_mode, **kw)
-        server = UvicornServer(create_app(backend, api_key=api_key, max_body_bytes=max_body_bytes, page=True))
+        server = UvicornServer(create_app(backend, api_key=api_key, max_body_bytes=max_body_bytes, page=True,
+                                          allowed_hosts=allowed_hosts))
         started.append(server.start())
         return Running(backend, server)
 

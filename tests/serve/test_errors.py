@@ -155,3 +155,141 @@ def test_decompression_bombs_are_refused_from_the_header_with_default_limits(pix
     with pytest.raises(APIError) as e:
         decode_image(raw, ImageLimits(), "messages[0].content")
     assert e.value.status == 400 and "pixels" in e.value.message
+
+
+def _chat(**kw) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0, **kw}
+
+
+def _raw(**kw) -> bytes:
+    """A request body with some fields written verbatim (JSON that json.dumps would not write)."""
+    return ("{" + ", ".join([f'"messages": {json.dumps(_chat()["messages"])}'] + [f'"{k}": {v}' for k, v in kw.items()])
+            + "}").encode()
+
+
+MALFORMED = [  # (name, body, the field the error names (param), words in the message)
+    ("nested 100000 deep", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nests too deeply"),
+    ("nested in an ignored field", b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b', "messages": []}', None,
+     "nests too deeply"),
+    ("5000-digit max_tokens", _raw(max_tokens="9" * 5000), "max_tokens", "an integer of 5000 digits"),
+    ("5000-digit negative seed", _raw(seed="-" + "9" * 5000), "seed", "an integer of 5000 digits"),
+    ("30-digit seed", _raw(seed="9" * 30), "seed", "less than 9223372036854775808"),
+    ("5000-digit string max_tokens", _chat(max_tokens="9" * 5000), "max_tokens", "max_tokens"),
+    ("1e300 max_tokens", _chat(max_tokens=1e300), "max_tokens", "max_tokens"),
+    ("NaN temperature", _raw(temperature="NaN"), "temperature", "finite number"),
+    ("Infinity top_p", _raw(temperature=1, top_p="Infinity"), "top_p", "finite number"),
+    ("-Infinity temperature", _raw(temperature="-Infinity"), "temperature", "finite number"),
+    ("1e999 temperature", _raw(temperature="1e999"), "temperature", "finite number"),
+    ("huge n", _raw(n="9" * 40), "n", "only one choice per request"),
+    ("5000-digit n", _raw(n="9" * 5000), "n", "an integer of 5000 digits"),
+    ("negative min_tokens", _chat(min_tokens=-1), "min_tokens", "greater than or equal to 0"),
+    ("top_k negative", _chat(top_k=-5), "top_k", "greater than or equal to 0"),
+    ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+     "messages.0.content", "lone surrogate"),
+    ("lone surrogate in a text part", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+     b'"text": "\\udfff x"}]}]}', "messages.0.content.0.text", "lone surrogate"),
+    ("lone surrogate in the system message", b'{"messages": [{"role": "system", "content": "\\ud800"}, '
+     b'{"role": "user", "content": "hi"}]}', "messages.0.content", "lone surrogate"),
+    ("lone surrogate in stop", b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "\\ud83d"]}',
+     "stop.1", "lone surrogate"),
+    ("lone surrogate in model", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+     "model", "lone surrogate"),
+    ("lone surrogate in a key", b'{"\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}', None,
+     "lone surrogate"),
+    ("content is a number", _chat(messages=[{"role": "user", "content": 3}]), "messages.0.content", "string"),
+]
+
+
+def test_malformed_and_out_of_range_fields_get_a_quick_400_naming_the_field(start_server, caplog):
+    """Each once gave a 500 (RecursionError, int-string ValueError, the tokenizer's TypeError on a
+    lone surrogate) or a misleading message; now a 400 naming the field, in well under a second."""
+    caplog.set_level(logging.ERROR)
+    srv = start_server(window_s=0.0)
+    for name, body, param, words in MALFORMED:
+        t0 = time.perf_counter()
+        status, _, reply = post(srv.url, "/v1/chat/completions", body)
+        took = time.perf_counter() - t0
+        assert status == 400, (name, reply)
+        assert set(reply["error"]) == {"message", "type", "param", "code"}, name
+        assert words in reply["error"]["message"] and reply["error"]["param"] == param, (name, reply)
+        assert took < 1.0, (name, took)
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+    assert srv.engine.stats()["requests"] == 0 and srv.engine.stats()["failed_batches"] == 0
+    # the surrogate pair of a real emoji is fine
+    status, _, reply = post(srv.url, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": '
+                                                             b'"\\ud83d\\ude00"}], "max_tokens": 1}')
+    assert status == 200, reply
+
+
+def test_temperatures_too_small_to_sample_with_decode_greedily(start_server):
+    """1e-300 once overflowed the logits to inf (500: "probability tensor contains inf"). Like vLLM,
+    a temperature below 1e-5 means greedy decoding."""
+    srv = start_server(window_s=0.0)
+    greedy = post(srv.url, "/v1/chat/completions", _chat(max_tokens=6, min_tokens=6))[2]
+    for t in (1e-300, 5e-324, 1e-6):
+        status, _, reply = post(srv.url, "/v1/chat/completions", _chat(max_tokens=6, min_tokens=6, temperature=t,
+                                                                       seed=1))
+        assert status == 200, (t, reply)
+        assert reply["choices"][0]["message"] == greedy["choices"][0]["message"], t
+    assert srv.engine.stats()["failed_batches"] == 0
+
+
+def test_a_huge_prompt_is_refused_by_its_length_before_tokenizing(start_server, tiny_loaded):
+    """15 MB of text once took 7-16 s of tokenizing before its 400; the character bound (the context
+    length × the longest vocabulary piece) refuses it at once."""
+    srv = start_server(window_s=0.0)
+    text = "lesion " * 2_200_000  # 15.4 MB
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": text}]
+    t0 = time.perf_counter()
+    status, _, reply = post(srv.url, "/v1/chat/completions", {"messages": history, "max_tokens": 2})
+    took = time.perf_counter() - t0
+    assert status == 400 and reply["error"]["param"] == "messages[2].content", reply
+    assert reply["error"]["code"] == "context_length_exceeded"
+    assert "characters" in reply["error"]["message"] and "15,400," in reply["error"]["message"], reply
+    assert took < 3.0, took
+    # a prompt just past the context, within the character bound, is still measured in tokens
+    status, _, reply = post(srv.url, "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "lesion " * 1200}], "max_tokens": 2})
+    assert status == 400 and "the prompt takes" in reply["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_gets_413_without_being_held():
+    import http.client
+
+    from stllava.serve.protocol import create_app
+    from stllava.serve.server import UvicornServer
+
+    class Never:
+        def model_ids(self):
+            return ["x"]
+
+        def health(self):
+            return {}
+
+        async def complete(self, req, body, request):
+            raise AssertionError("not reached")
+
+    server = UvicornServer(create_app(Never(), max_body_bytes=100_000)).start()
+    try:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        chunks = (b"x" * 10_000 for _ in range(1000))  # 10 MB, no Content-Length
+        conn.request("POST", "/v1/chat/completions", chunks, {"Content-Type": "application/json"},
+                     encode_chunked=True)
+        r = conn.getresponse()
+        reply = json.loads(r.read())
+        assert r.status == 413 and "exceeds the limit of 100000 bytes" in reply["error"]["message"]
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may close while the client still sends: it did not read 10 MB either way
+    finally:
+        server.stop()
+
+
+def test_an_image_in_the_system_message_is_refused_not_dropped(start_server):
+    srv = start_server(window_s=0.0)
+    system = {"role": "system", "content": [{"type": "text", "text": "You are a radiologist."},
+                                            {"type": "image_url", "image_url": {"url": data_url(ASSET_IMAGE)}}]}
+    status, _, reply = post(srv.url, "/v1/chat/completions", {"messages": [system, {"role": "user", "content": "hi"}],
+                                                               "max_tokens": 2})
+    assert status == 400 and reply["error"]["param"] == "messages[0]", reply
+    assert "images are only accepted in user messages" in reply["error"]["message"]

@@ -25,15 +25,17 @@ def test_one_question_renders_exactly_as_model_vqa():
         assert len(chat.images) == 1 and chat.images[0].mode == "RGB"
 
 
-def test_conversation_golden_with_system_and_literal_image_tags_removed():
+def test_conversation_golden_with_system_and_literal_image_tags_kept_as_plain_text():
+    # A typed "<image>" is text (a zero-width space after its "<"), never a second image slot.
     chat = build_prompt(messages(
         {"role": "system", "content": "You are a radiologist."},
         {"role": "user", "content": [{"type": "text", "text": "What <image>is it?"}, IMG]},
         {"role": "assistant", "content": "A chest X-ray."},
         {"role": "user", "content": [{"type": "text", "text": "Any "}, {"type": "text", "text": "<image>nodule?"}]},
     ), "v1", ImageLimits())
-    assert chat.prompt == ("You are a radiologist. USER: <image>\nWhat is it? ASSISTANT: A chest X-ray.</s>"
-                           "USER: Any nodule? ASSISTANT:")
+    assert chat.prompt == ("You are a radiologist. USER: <image>\nWhat <\u200bimage>is it? ASSISTANT: A chest "
+                           "X-ray.</s>USER: Any <\u200bimage>nodule? ASSISTANT:")
+    assert chat.prompt.count("<image>") == 1
     text_only = build_prompt(messages({"role": "user", "content": "hi"}), "v1", ImageLimits())
     assert text_only.prompt == f"{VICUNA_SYSTEM} USER: hi ASSISTANT:" and text_only.images == []
 
