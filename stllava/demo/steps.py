@@ -3,7 +3,9 @@
 Every function takes a :class:`~stllava.demo.runner.Runner`, explicit input paths and settings,
 fills one output folder (reused when already finished with the same settings) and returns what
 the next step reads. The demo (:mod:`stllava.demo.pipeline`) chains them once; the study
-(:mod:`stllava.demo.study`) chains them per labelled-set size, seed and condition.
+(:mod:`stllava.demo.study`) chains them per labelled-set size, seed and condition. Commands name
+their values by the stage's own flag destinations (:mod:`stllava.demo.commands`), so a flag
+renamed in a stage fails when the command is built.
 
 Settings shared by the demo and the study live in :class:`LoopSettings`; their values were chosen
 on the validation phantoms (docs/Study.md says how).
