@@ -12,6 +12,7 @@ whose destinations are the dataclass field names).
 from __future__ import annotations
 
 import argparse
+import difflib
 from typing import Any
 
 from stllava.errors import StllavaError
@@ -76,7 +77,9 @@ def argv(parser: argparse.ArgumentParser, **values: Any) -> list[str]:
     actions = _actions(parser)
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise ArgvError(f"{parser.prog}: no flag for {', '.join(unknown)} (known: {', '.join(sorted(actions))})")
+        near = {n: difflib.get_close_matches(n, actions, n=1) for n in unknown}
+        raise ArgvError(f"{parser.prog}: no flag for " + ", ".join(
+            n + (f" (did you mean {near[n][0]}?)" if near[n] else "") for n in unknown))
     head: list[str] = []
     for dest, action in actions.items():
         if action.option_strings:

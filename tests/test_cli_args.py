@@ -35,7 +35,7 @@ def test_none_and_a_false_store_true_are_left_out():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"model_pth": "m"}, "no flag for model_pth"),
+    ({"model_pth": "m"}, r"no flag for model_pth \(did you mean model_path\?\)"),
     ({"dedup": "yes"}, "takes no value"),
     ({"n": [1, 2]}, "takes one value"),
     ({"mode": "z"}, "not a choice"),
