@@ -43,13 +43,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from stllava.constants import IGNORE_INDEX
-from stllava.train.arguments import REF_MODES
+from stllava.train.arguments import REF_MODES, DPOTrainingArguments  # noqa: F401 (old pickles: below)
 from stllava.train.checkpoint import gather_state_dict, zero3_init_disabled
 from stllava.train.dpo_loss import answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
 from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, write_ref_cache
 from stllava.train.trainer import LlavaTrainerMixin
 
 logger = logging.getLogger(__name__)
+
+# DPOTrainingArguments is declared in stllava.train.arguments, with every flag, and imported above
+# because the training_args.bin of earlier DPO runs pickled it under this module's name.
 
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
