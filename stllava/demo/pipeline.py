@@ -23,6 +23,7 @@ import time
 from typing import Callable
 
 from stllava.demo import steps
+from stllava.demo.commands import cmd
 from stllava.demo.runner import Runner
 from stllava.demo.steps import LoopSettings
 
@@ -68,9 +69,9 @@ class Demo:
         self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed},
                     lambda: build_labelled(self.path("labelled"), c.n_labelled, c.seed, with_vqa_rad=True))
         write_sft_set(self.path("labelled"), c.n_labelled, c.seed)
-        self.r.step("vqa_rad", self.path("eval_vqa_rad"), {}, lambda: self.r.run(steps.py(
-            "stllava.eval.convert", "vqa_rad", "--src", os.path.join(vqa_rad_assets(), "vqa_rad_subset.json"),
-            "--out", self.path("eval_vqa_rad")), "convert_vqa_rad"))
+        self.r.step("vqa_rad", self.path("eval_vqa_rad"), {}, lambda: self.r.run(cmd(
+            "stllava.eval.convert", benchmark="vqa_rad", src=os.path.join(vqa_rad_assets(), "vqa_rad_subset.json"),
+            out=self.path("eval_vqa_rad")), "convert_vqa_rad"))
 
     def sft(self) -> str:
         c = self.cfg

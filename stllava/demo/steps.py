@@ -3,7 +3,9 @@
 Every function takes a :class:`~stllava.demo.runner.Runner`, explicit input paths and settings,
 fills one output folder (reused when already finished with the same settings) and returns what
 the next step reads. The demo (:mod:`stllava.demo.pipeline`) chains them once; the study
-(:mod:`stllava.demo.study`) chains them per labelled-set size, seed and condition.
+(:mod:`stllava.demo.study`) chains them per labelled-set size, seed and condition. Commands name
+their values by the stage's own flag destinations (:mod:`stllava.demo.commands`), so a flag
+renamed in a stage fails when the command is built.
 
 Settings shared by the demo and the study live in :class:`LoopSettings`; their values were chosen
 on the validation phantoms (docs/Study.md says how).
@@ -14,12 +16,11 @@ import dataclasses
 import json
 import os
 import random
-import sys
 
-from stllava.demo.runner import Runner, py
+from stllava.demo.commands import cmd, train_cmd
+from stllava.demo.runner import Runner
 from stllava.jsonl import write_json_atomic
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JUDGE_KEY_ENV = "PHANTOM_JUDGE_KEY"
 
 
@@ -81,29 +82,19 @@ def chosen_settings(**changes) -> LoopSettings:
     return LoopSettings(**{**SEARCH[CHOSEN], **changes})
 
 
-def _trainable_args(lr: float) -> list[str]:
+def _trainable_args(lr: float) -> dict:
     """LoRA + ViT-LoRA + projector, one learning rate: the flags shared by SFT, RFT and DPO."""
-    lr = str(lr)
-    return ["--mm_projector_type", "cluster", "--image_aspect_ratio", "pad",
-            "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128",
-            "--vit_lora_enable", "--lora_r_vit", "16", "--lora_alpha_vit", "32",
-            "--learning_rate", lr, "--mm_projector_lr", lr, "--vision_tower_lr", lr, "--weight_decay", "0.",
-            "--warmup_ratio", "0.03", "--model_max_length", "512", "--dataloader_num_workers", "0",
-            "--report_to", "none", "--disable_tqdm", "False"]
+    return dict(mm_projector_type="cluster", image_aspect_ratio="pad",
+                lora_enable=True, lora_r=64, lora_alpha=128,
+                vit_lora_enable=True, lora_r_vit=16, lora_alpha_vit=32,
+                learning_rate=lr, mm_projector_lr=lr, vision_tower_lr=lr, weight_decay=0.0,
+                warmup_ratio=0.03, model_max_length=512, dataloader_num_workers=0,
+                report_to="none", disable_tqdm=False)
 
 
 def merge(r: Runner, adapter: str, base: str, out: str, log: str) -> None:
     """Merge a LoRA output folder into one full checkpoint with the user-facing merge command."""
-    r.run(py("stllava.model.merge", "--model-path", adapter, "--model-base", base, "--save-model-path", out,
-             "--dtype", "float32"), log)
-
-
-def _train_cmd(procs: int, module: str) -> list[str]:
-    if procs > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                os.path.join(REPO, *module.split(".")) + ".py", "--deepspeed",
-                os.path.join(REPO, "scripts", "zero3.json")]
-    return py(module)
+    r.run(cmd("stllava.model.merge", model_path=adapter, model_base=base, save_model_path=out, dtype="float32"), log)
 
 
 def sft(r: Runner, folder: str, base: str, data: str, images: str, s: LoopSettings, seed: int, *,
@@ -118,14 +109,15 @@ def sft(r: Runner, folder: str, base: str, data: str, images: str, s: LoopSettin
 
     def go():
         env = {"OMP_NUM_THREADS": "1"} if s.sft_procs > 1 else None
-        r.run(_train_cmd(s.sft_procs, "stllava.train.train_sft") + [
-            "--model_name_or_path", base, "--version", s.conv, "--sq_r", str(sq_r),
-            "--data_path", data, "--image_folder", images,
-            "--group_by_modality_length", "True", "--lora_dropout_vit", "0.0",
-            "--lr_scheduler_type", "constant_with_warmup", "--max_steps", str(steps),
-            "--per_device_train_batch_size", str(s.sft_batch // s.sft_procs), "--gradient_accumulation_steps", "1",
-            "--logging_steps", "10", "--save_strategy", "no", "--seed", str(seed),
-            "--output_dir", os.path.join(folder, "train")] + _trainable_args(lr), log, env)
+        r.run(train_cmd(
+            "stllava.train.train_sft", s.sft_procs,
+            model_name_or_path=base, version=s.conv, sq_r=sq_r,
+            data_path=data, image_folder=images,
+            group_by_modality_length=True, lora_dropout_vit=0.0,
+            lr_scheduler_type="constant_with_warmup", max_steps=steps,
+            per_device_train_batch_size=s.sft_batch // s.sft_procs, gradient_accumulation_steps=1,
+            logging_steps=10, save_strategy="no", seed=seed,
+            output_dir=os.path.join(folder, "train"), **_trainable_args(lr)), log, env)
         merge(r, os.path.join(folder, "train"), base, os.path.join(folder, "merged"), log + "_merge")
 
     r.step(log, folder, settings, go)
@@ -139,11 +131,11 @@ def questions(r: Runner, folder: str, model: str, images: str, s: LoopSettings, 
                 "conv": s.conv, "seed": seed}
     folder = r.resolve(folder, settings)
     out = os.path.join(folder, "questions.jsonl")
-    r.step(log, folder, settings, lambda: r.run(py(
-        "stllava.selftrain.questions", "--model-path", model, "--image-folder", images, "--out", out,
-        "--conv-mode", s.conv, "--n-questions", str(s.n_questions), "--max-desc-tokens", "24",
-        "--max-question-tokens", "24", "--batch-size", "16", "--temperature", str(s.q_temperature),
-        "--top-k", str(s.q_top_k), "--seed", str(seed), "--dedup", "--device", "cpu", "--no-progress"), log))
+    r.step(log, folder, settings, lambda: r.run(cmd(
+        "stllava.selftrain.questions", model_path=model, image_folder=images, out=out,
+        conv_mode=s.conv, n_questions=s.n_questions, max_desc_tokens=24,
+        max_question_tokens=24, batch_size=16, temperature=s.q_temperature,
+        top_k=s.q_top_k, seed=seed, dedup=True, device="cpu", no_progress=True), log))
     return out
 
 
@@ -154,12 +146,12 @@ def answers(r: Runner, folder: str, model: str, questions_file: str, images: str
                 "k": s.a_top_k, "conv": s.conv, "seed": seed}
     folder = r.resolve(folder, settings)
     out = os.path.join(folder, "answers.jsonl")
-    extra = ["--n-answers", str(s.n_answers)] if s.n_answers != 2 else []
-    r.step(log, folder, settings, lambda: r.run(py(
-        "stllava.selftrain.answers", "--model-path", model, "--questions", questions_file,
-        "--image-folder", images, "--out", out, "--conv-mode", s.conv, "--max-new-tokens", "12",
-        "--temperature", str(s.a_temperature), "--top-k", str(s.a_top_k), "--batch-size", "32",
-        "--seed", str(seed), "--device", "cpu", "--no-progress", *extra), log))
+    r.step(log, folder, settings, lambda: r.run(cmd(
+        "stllava.selftrain.answers", model_path=model, questions=questions_file,
+        image_folder=images, out=out, conv_mode=s.conv, max_new_tokens=12,
+        temperature=s.a_temperature, top_k=s.a_top_k, batch_size=32,
+        seed=seed, device="cpu", no_progress=True,
+        n_answers=s.n_answers if s.n_answers != 2 else None), log))
     return out
 
 
@@ -174,9 +166,9 @@ def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, lo
     def go():
         server = serve(facts, images)
         try:
-            r.run(py("stllava.selftrain.judge", "--answers", answers_file, "--image-folder", images, "--out", out,
-                     "--base-url", server.base_url, "--model", JUDGE_NAME, "--api-key-env", JUDGE_KEY_ENV,
-                     "--concurrency", "4", "--price-in", "0", "--price-out", "0"),
+            r.run(cmd("stllava.selftrain.judge", answers=answers_file, image_folder=images, out=out,
+                      base_url=server.base_url, model=JUDGE_NAME, api_key_env=JUDGE_KEY_ENV,
+                      concurrency=4, price_in=0, price_out=0),
                   log, {JUDGE_KEY_ENV: "local-phantom-judge"})
         finally:
             server.stop()
@@ -195,8 +187,8 @@ def pairs(r: Runner, folder: str, judged_file: str, s: LoopSettings, seed: int, 
 
     def go():
         everything = os.path.join(folder, "dpo_all.json")
-        cap = [] if s.max_pairs_per_question is None else ["--max-per-question", str(s.max_pairs_per_question)]
-        r.run(py("stllava.selftrain.build_pairs", "--judged", judged_file, "--out", everything, *cap), log)
+        r.run(cmd("stllava.selftrain.build_pairs", judged=judged_file, out=everything,
+                  max_per_question=s.max_pairs_per_question), log)
         with open(everything) as f:
             all_pairs = json.load(f)
         images = sorted({x["image"] for x in all_pairs})
@@ -220,16 +212,17 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
 
     def go():
         with open(heldout_pairs) as f:
-            held = ["--eval_data_path", heldout_pairs] if json.load(f) else []
-        r.run(py("stllava.train.train_dpo") + [
-            "--model_name_or_path", model, "--version", s.conv, "--data_path", train_pairs, *held,
-            "--image_folder", images, "--lr_scheduler_type", "cosine", "--num_train_epochs", str(s.dpo_epochs),
-            "--per_device_train_batch_size", str(s.dpo_batch),
-            "--per_device_eval_batch_size", "256",  # one batch: accuracy over pairs, not batch means
-            "--gradient_accumulation_steps", "1", "--dpo_beta", str(s.dpo_beta), "--dpo_loss_type", "sigmoid",
-            "--rpo_alpha", str(s.dpo_rpo_alpha),
-            "--ref_model", "adapter_disabled", "--logging_steps", "2", "--save_strategy", "no",
-            "--seed", str(seed), "--output_dir", os.path.join(folder, "train")] + _trainable_args(s.dpo_lr), log)
+            held = heldout_pairs if json.load(f) else None
+        r.run(cmd(
+            "stllava.train.train_dpo",
+            model_name_or_path=model, version=s.conv, data_path=train_pairs, eval_data_path=held,
+            image_folder=images, lr_scheduler_type="cosine", num_train_epochs=s.dpo_epochs,
+            per_device_train_batch_size=s.dpo_batch,
+            per_device_eval_batch_size=256,  # one batch: accuracy over pairs, not batch means
+            gradient_accumulation_steps=1, dpo_beta=s.dpo_beta, dpo_loss_type="sigmoid",
+            rpo_alpha=s.dpo_rpo_alpha,
+            ref_model="adapter_disabled", logging_steps=2, save_strategy="no",
+            seed=seed, output_dir=os.path.join(folder, "train"), **_trainable_args(s.dpo_lr)), log)
         merge(r, os.path.join(folder, "train"), model, os.path.join(folder, "merged"), log + "_merge")
 
     r.step(log, folder, settings, go)
@@ -258,12 +251,12 @@ def evaluate(r: Runner, folder: str, model: str, eval_dir: str, images: str, s: 
 
     def go():
         answers_file = os.path.join(folder, "answers.jsonl")
-        r.run(py("stllava.eval.model_vqa", "--model-path", model, "--question-file",
-                 os.path.join(eval_dir, "questions.jsonl"), "--image-folder", images, "--answers-file",
-                 answers_file, "--conv-mode", s.conv, "--max-new-tokens", str(s.eval_max_new_tokens),
-                 "--batch-size", "32", "--device", "cpu", "--no-progress"), log)
-        r.run(py("stllava.eval.metrics", "--gt", os.path.join(eval_dir, "test.json"), "--pred", answers_file,
-                 "--out", folder, "--benchmark", bench), log + "_metrics")
+        r.run(cmd("stllava.eval.model_vqa", model_path=model,
+                  question_file=os.path.join(eval_dir, "questions.jsonl"), image_folder=images,
+                  answers_file=answers_file, conv_mode=s.conv, max_new_tokens=s.eval_max_new_tokens,
+                  batch_size=32, device="cpu", no_progress=True), log)
+        r.run(cmd("stllava.eval.metrics", gt=os.path.join(eval_dir, "test.json"), pred=answers_file,
+                  out=folder, benchmark=bench), log + "_metrics")
 
     r.step(log, folder, settings, go)
     with open(os.path.join(folder, "metrics.json")) as f:

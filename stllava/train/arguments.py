@@ -27,6 +27,8 @@ import torch
 import transformers
 
 from stllava.errors import StllavaError
+from stllava.train.dpo_loss import LOSS_TYPES
+from stllava.train.ref_cache import REF_CACHE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +182,56 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+# ---------------------------------------------------------------------------------------------
+# Stage 3 (DPO): the SFT flags, with DPO's defaults and additions
+
+REF_MODES = ("adapter_disabled", "separate")
+
+
+@dataclass
+class DPOModelArguments(ModelArguments):
+    version: str = field(default="v1", metadata={
+        "help": "Conversation template of the pairs (the published run: v1); recorded as conv_mode in every "
+                "checkpoint's config.json."})
+    model_base: str | None = field(default=None, metadata={
+        "help": "Base folder of a LoRA-layout stage-1 checkpoint given as --model_name_or_path (the model stage 1 "
+                "started from); the merged start model is written to <output_dir>/start_model/."})
+
+
+@dataclass
+class DPOTrainingArguments(TrainingArguments):
+    """The SFT training flags plus DPO's; ``--lora_dropout_vit`` defaults to 0.1 here (docs/Method.md#vision-tower)."""
+
+    lora_dropout_vit: float = field(default=0.1, metadata={"help": "ViT-LoRA dropout (0.1 in DPO, 0.2 in SFT)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge.", "choices": list(LOSS_TYPES)})
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "Weight of a negative log-likelihood term on the chosen answers (mean per answer token) added "
+                "to the DPO loss, as TRL's rpo_alpha (RPO, Pang et al. 2024): it keeps the chosen answers likely "
+                "while their margin grows. 0 = the paper's pure DPO."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "Where reference log-probs come from: adapter_disabled (the policy with its LoRA adapters, ViT-LoRA "
+                "included, disabled and the start projector swapped in; default with --lora_enable) or separate (a "
+                "frozen copy of the start model; default otherwise).", "choices": list(REF_MODES)})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "Compute the reference log-probs of the whole training set once before training and cache them "
+                "(--ref_log_probs_path); no reference model is kept while training."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "Held-out preference pairs (same format as --data_path): scored with eval_rewards/* and "
+                "eval_logps/* at every evaluation and once after training (written to eval_results.json)."})
+    ref_log_probs_path: str | None = field(default=None, metadata={
+        "help": f"Cache file of precomputed reference log-probs (default <output_dir>/{REF_CACHE_NAME}); reused "
+                "when its fingerprint (data, start model, preprocessing) matches."})
+
+
+# The dataclasses each entry point parses its flags into, in the order it returns them.
+SFT_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
+DPO_ARGUMENTS = (DPOModelArguments, DataArguments, DPOTrainingArguments)
+SFT_PROG = "python -m stllava.train.train_sft"
+DPO_PROG = "python -m stllava.train.train_dpo"
+
+
 def check_supported(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """Refuse flag values the published flags allow but this implementation does not, and missing
     inputs (:class:`FlagError` naming the flag and the supported value)."""
@@ -304,9 +356,77 @@ class LlavaArgumentParser(transformers.HfArgumentParser):
                 self._parse_dataclass_field(group, f)
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m stllava.train.train_sft",
-               description: str | None = None):
+def parse_args(argv: list[str] | None = None, prog: str = SFT_PROG, description: str | None = None):
     """Parse ``argv`` into ``(ModelArguments, DataArguments, TrainingArguments)``; unknown flags raise
     (argparse: usage message, exit code 2)."""
-    parser = LlavaArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog, description)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return LlavaArgumentParser(SFT_ARGUMENTS, prog, description).parse_args_into_dataclasses(args=argv)
+
+
+def parse_dpo_args(argv: list[str] | None = None, prog: str = DPO_PROG, description: str | None = None):
+    """``(DPOModelArguments, DataArguments, DPOTrainingArguments)`` from ``argv``; unknown flags exit 2 (argparse)."""
+    return LlavaArgumentParser(DPO_ARGUMENTS, prog, description).parse_args_into_dataclasses(args=argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/Flags.md: the table of this project's flags, generated from the dataclasses above
+
+def _default_cell(cls, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+    if f is None:
+        return "—"
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return "(none)" if value is None or value == "" else f"`{value}`"
+
+
+def _type_cell(cls, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [t.__name__ for t in typing.get_args(hint) if t is not type(None)] or [hint.__name__]
+    choices = f.metadata.get("choices")
+    return " \\| ".join(f"`{c}`" for c in choices) if choices else " or ".join(kinds)
+
+
+def _help(cls, name: str) -> str:
+    text = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
+    return text.replace("|", "\\|").replace("<", "&lt;")  # a table cell; <image> is not an HTML tag
+
+
+def flags_markdown() -> str:
+    """docs/Flags.md: one table of every flag the dataclasses of :data:`SFT_ARGUMENTS` and
+    :data:`DPO_ARGUMENTS` declare (not those inherited from ``transformers.TrainingArguments``),
+    with its default in each entry point ("—": not a flag there), its type and its help text.
+    Returns the markdown; ``tests/train/test_flags_doc.py`` fails when the file differs."""
+    lines = ["# Training flags", "",
+             "<!-- generated by `python -m stllava.train.arguments --markdown > docs/Flags.md`; "
+             "tests/train/test_flags_doc.py checks it -->", "",
+             "The flags this project declares for `python -m stllava.train.train_sft` (stage 1, `sqllava_med.sh`) "
+             "and `python -m stllava.train.train_dpo` (stage 3, `dpo_finetune.sh`), from the dataclasses of "
+             "`stllava/train/arguments.py`. Every other flag is `transformers.TrainingArguments`' "
+             "(`--learning_rate`, `--bf16`, `--deepspeed`, ...; `--help` lists them after these). A flag is spelled "
+             "`--name value` (also `--name-with-dashes`); a boolean takes `True` or `False`, and alone means "
+             "`True`. docs/Training.md says what the flags do together.", "",
+             "| flag | train_sft default | train_dpo default | type | meaning |", "|---|---|---|---|---|"]
+    sft, dpo = dict(zip(("model", "data", "training"), SFT_ARGUMENTS)), dict(zip(("model", "data", "training"),
+                                                                              DPO_ARGUMENTS))
+    for part in ("model", "data", "training"):
+        names = list(inspect.get_annotations(sft[part]))
+        names += [n for n in inspect.get_annotations(dpo[part]) if n not in names]
+        for name in names:
+            in_sft = name in {f.name for f in dataclasses.fields(sft[part])}
+            owner = sft[part] if in_sft else dpo[part]
+            meaning = _help(owner, name)
+            if in_sft and name in inspect.get_annotations(dpo[part]) and _help(dpo[part], name) != meaning:
+                meaning += f" train_dpo: {_help(dpo[part], name)}"
+            lines.append(f"| `--{name}` | {_default_cell(sft[part], name)} | {_default_cell(dpo[part], name)} "
+                         f"| {_type_cell(owner, name)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    from stllava.train import arguments  # the package's module, not this __main__ copy
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m stllava.train.arguments --markdown  (prints docs/Flags.md)")
+    sys.stdout.write(arguments.flags_markdown())

@@ -37,51 +37,25 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from stllava.constants import IGNORE_INDEX
-from stllava.train.arguments import TrainingArguments
+from stllava.train.arguments import REF_MODES, DPOTrainingArguments  # noqa: F401 (old pickles: below)
 from stllava.train.checkpoint import gather_state_dict, zero3_init_disabled
-from stllava.train.dpo_loss import LOSS_TYPES, answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
+from stllava.train.dpo_loss import answer_logps, check_loss_settings, dpo_loss, loss_uses_mean_logps
 from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, write_ref_cache
 from stllava.train.trainer import LlavaTrainerMixin
 
 logger = logging.getLogger(__name__)
 
-REF_MODES = ("adapter_disabled", "separate")
+# DPOTrainingArguments is declared in stllava.train.arguments, with every flag, and imported above
+# because the training_args.bin of earlier DPO runs pickled it under this module's name.
+
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
-
-
-@dataclass
-class DPOTrainingArguments(TrainingArguments):
-    """The SFT training flags plus DPO's; ``--lora_dropout_vit`` defaults to 0.1 here (docs/Method.md#vision-tower)."""
-
-    lora_dropout_vit: float = field(default=0.1, metadata={"help": "ViT-LoRA dropout (0.1 in DPO, 0.2 in SFT)."})
-    dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})
-    dpo_loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge.", "choices": list(LOSS_TYPES)})
-    rpo_alpha: float = field(default=0.0, metadata={
-        "help": "Weight of a negative log-likelihood term on the chosen answers (mean per answer token) added "
-                "to the DPO loss, as TRL's rpo_alpha (RPO, Pang et al. 2024): it keeps the chosen answers likely "
-                "while their margin grows. 0 = the paper's pure DPO."})
-    ref_model: str | None = field(default=None, metadata={
-        "help": "Where reference log-probs come from: adapter_disabled (the policy with its LoRA adapters, ViT-LoRA "
-                "included, disabled and the start projector swapped in; default with --lora_enable) or separate (a "
-                "frozen copy of the start model; default otherwise).", "choices": list(REF_MODES)})
-    precompute_ref_log_probs: bool = field(default=False, metadata={
-        "help": "Compute the reference log-probs of the whole training set once before training and cache them "
-                "(--ref_log_probs_path); no reference model is kept while training."})
-    eval_data_path: str | None = field(default=None, metadata={
-        "help": "Held-out preference pairs (same format as --data_path): scored with eval_rewards/* and "
-                "eval_logps/* at every evaluation and once after training (written to eval_results.json)."})
-    ref_log_probs_path: str | None = field(default=None, metadata={
-        "help": f"Cache file of precomputed reference log-probs (default <output_dir>/{REF_CACHE_NAME}); reused "
-                "when its fingerprint (data, start model, preprocessing) matches."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +191,8 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
     Extra keywords: ``ref_model`` (the frozen start model, needed for ``--ref_model separate``
     unless a matching cache exists), ``ref_log_probs_fingerprint`` (what the cache must match),
     ``start_model`` (recorded as ``dpo_start_model`` in every checkpoint's config: the base to load
-    it with). The settings come from :class:`DPOTrainingArguments` (plain TrainingArguments get
-    the defaults). Refuses inconsistent settings with ValueError.
+    it with). The settings come from :class:`~stllava.train.arguments.DPOTrainingArguments` (plain
+    TrainingArguments get the defaults). Refuses inconsistent settings with ValueError.
     """
 
     # compute_loss returns the mean over the micro-batch's pairs; the Trainer divides by the

@@ -5,7 +5,7 @@
     python -m torch.distributed.run --nproc_per_node 2 stllava/train/train_dpo.py ...  (CPU: gloo)
 
 Takes the flags of the published ``dpo_finetune.sh`` (those of stage 1, ``--version v1``) plus the
-DPO ones of :class:`~stllava.train.dpo_trainer.DPOTrainingArguments` (``--dpo_beta``,
+DPO ones of :class:`~stllava.train.arguments.DPOTrainingArguments` (``--dpo_beta``,
 ``--dpo_loss_type``, ``--ref_model``, ``--precompute_ref_log_probs``, ``--ref_log_probs_path``)
 and ``--model_base``. The run:
 
@@ -30,41 +30,27 @@ Bad data or flags print one ``error:`` line and exit 2.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
-from stllava.train.arguments import DataArguments, FlagError, LlavaArgumentParser, ModelArguments
-from stllava.train.dpo_trainer import DPOTrainingArguments
+from stllava.train.arguments import DPO_ARGUMENTS, DPO_PROG, FlagError, LlavaArgumentParser
 from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, ref_cache_fingerprint
 
 logger = logging.getLogger("stllava.train.train_dpo")
 
-PROG = "python -m stllava.train.train_dpo"
+PROG = DPO_PROG
 START_DIR = "start_model"
 START_MARKER = "stllava_start_model.json"
 
 
-@dataclass
-class DPOModelArguments(ModelArguments):
-    version: str = field(default="v1", metadata={
-        "help": "Conversation template of the pairs (the published run: v1); recorded as conv_mode in every "
-                "checkpoint's config.json."})
-    model_base: str | None = field(default=None, metadata={
-        "help": "Base folder of a LoRA-layout stage-1 checkpoint given as --model_name_or_path (the model stage 1 "
-                "started from); the merged start model is written to <output_dir>/start_model/."})
-
-
-def parse_dpo_args(argv: list[str] | None = None, prog: str = PROG, description: str | None = None):
-    """``(DPOModelArguments, DataArguments, DPOTrainingArguments)`` from ``argv``; unknown flags exit 2 (argparse)."""
-    parser = LlavaArgumentParser((DPOModelArguments, DataArguments, DPOTrainingArguments), prog, description)
-    return parser.parse_args_into_dataclasses(args=argv)
+def build_parser():
+    """The flags of this entry point (``stllava.train.arguments.DPO_ARGUMENTS``), as the parser it uses."""
+    return LlavaArgumentParser(DPO_ARGUMENTS, PROG, __doc__.split("\n\n")[0])
 
 
 def _is_main() -> bool:
@@ -148,8 +134,8 @@ def build_dpo_trainer(argv: list[str], callbacks: list | None = None):
     from stllava.train.model_setup import compute_dtype, load_model_for_training, load_processing, prepare_model
     from stllava.train.trainer import length_image_tokens
 
-    parse = functools.partial(parse_dpo_args, description=__doc__.split("\n\n")[0])
-    model_args, data_args, training_args = prepare_run(argv, parse, check=_set_ref_mode)
+    model_args, data_args, training_args = prepare_run(argv, build_parser().parse_args_into_dataclasses,
+                                                       check=_set_ref_mode)
     ref_mode = training_args.ref_model
     if training_args.eval_data_path and training_args.precompute_ref_log_probs:
         raise FlagError("--eval_data_path needs a live reference: drop --precompute_ref_log_probs")

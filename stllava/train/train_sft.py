@@ -24,13 +24,19 @@ On a machine without CUDA, ``--use_cpu`` is added and DeepSpeed uses the gloo ba
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
 logger = logging.getLogger("stllava.train.train_sft")
 
 PROG = "python -m stllava.train.train_sft"
+
+
+def build_parser():
+    """The flags of this entry point (``stllava.train.arguments.SFT_ARGUMENTS``), as the parser it uses."""
+    from stllava.train.arguments import SFT_ARGUMENTS, LlavaArgumentParser
+
+    return LlavaArgumentParser(SFT_ARGUMENTS, PROG, __doc__.split("\n\n")[0])
 
 
 def run_sft(argv: list[str], callbacks: list | None = None) -> str:
@@ -43,14 +49,12 @@ def run_sft(argv: list[str], callbacks: list | None = None) -> str:
     """
     from stllava.data.collate import DataCollatorForSupervisedDataset
     from stllava.data.sft import build_sft_dataset
-    from stllava.train.arguments import parse_args
     from stllava.train.finish import train_and_save
     from stllava.train.launch import prepare_run
     from stllava.train.model_setup import load_model_for_training, load_processing, prepare_model
     from stllava.train.trainer import LLaVATrainer, length_image_tokens
 
-    parse = functools.partial(parse_args, prog=PROG, description=__doc__.split("\n\n")[0])
-    model_args, data_args, training_args = prepare_run(argv, parse)
+    model_args, data_args, training_args = prepare_run(argv, build_parser().parse_args_into_dataclasses)
     training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter  # the trainer saves mm_projector.bin then
 
     def dataset_for(tokenizer, image_processor, image_tokens):

@@ -110,8 +110,7 @@ def test_train_sft_help_lists_this_projects_flags_first():
 
 
 def test_train_dpo_help_and_every_flag_has_a_help_text(capsys):
-    from stllava.train.dpo_trainer import DPOTrainingArguments
-    from stllava.train.train_dpo import DPOModelArguments, parse_dpo_args
+    from stllava.train.arguments import DPOModelArguments, DPOTrainingArguments, parse_dpo_args
 
     with pytest.raises(SystemExit) as e:
         parse_dpo_args(["--help"])
