@@ -82,3 +82,22 @@ def test_markers_written_before_this_module_are_still_read(tmp_path):
     assert artifacts.recorded_settings({"fingerprint": {"a": 1}, "ref_logps": {}}) == {"a": 1}
     assert artifacts.recorded_settings({"settings": {"a": 1}, "step": "x"}) == {"a": 1}
     assert artifacts.recorded_settings([1]) is None
+
+
+def test_a_step_folder_finished_before_this_module_still_resumes(tmp_path):
+    from stllava.demo.runner import MARKER, Runner
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    # .done.json exactly as the Runner wrote it before stllava.artifacts (write_json_atomic, indent 2)
+    old = '{\n  "step": "data",\n  "settings": {\n    "test": 6,\n    "unlabelled": 12,\n    "val": 4\n  }\n}\n'
+    (folder / MARKER).write_text(old)
+    runner = Runner(str(tmp_path), echo=False)
+    assert runner.done(str(folder), {"unlabelled": 12, "val": 4, "test": 6}) is True
+    assert runner.step("data", str(folder), {"unlabelled": 12, "val": 4, "test": 6}, lambda: 1 / 0) is False
+    assert (folder / MARKER).read_text() == old  # reused, not rewritten
+    with pytest.raises(ArtifactError, match=r"unlabelled: 12 → 13"):
+        runner.done(str(folder), {"unlabelled": 13, "val": 4, "test": 6})
+    # and a step the Runner finishes now writes those same bytes
+    runner.step("data", str(tmp_path / "again"), {"val": 4, "unlabelled": 12, "test": 6}, lambda: None)
+    assert (tmp_path / "again" / MARKER).read_text() == old
