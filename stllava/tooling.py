@@ -17,7 +17,8 @@ process does, and one resumable JSONL loop.
   (``scripts/run_sharded.sh`` runs one process per GPU and does that).
 * **Resume** (:func:`read_done`): every record carries ``settings`` — what decides the output
   (model path, template, decoding, seed). A rerun skips the items already written; a file written
-  with other settings is refused naming the difference, unless ``--overwrite`` starts it over.
+  with other settings is refused naming the difference (the one settings check of
+  :mod:`stllava.artifacts`), unless ``--overwrite`` starts it over.
 * **Loop** (:func:`run_batches`): pending items in batches; the next batch's images are decoded in
   a background thread while the current one generates; records are appended and flushed as each
   batch finishes, so a killed run loses at most the batch in flight.
@@ -33,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from stllava.artifacts import check
 from stllava.errors import StllavaError
 from stllava.generation import ImageError, batched, load_rgb, prefetch
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
@@ -164,21 +166,14 @@ def model_path_setting(model_path: str | None) -> str | None:
     return os.path.abspath(expanded) if os.path.exists(expanded) else model_path
 
 
-def _differences(have: Any, want: dict) -> tuple[Any, dict]:
-    if not isinstance(have, dict):
-        return have, want
-    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    return {k: have.get(k) for k in keys}, {k: want.get(k) for k in keys}
-
-
 def read_done(path: str | os.PathLike, key: str, settings: dict, *, overwrite: bool = False) -> set[str]:
     """The values (as strings) of field ``key`` in the records of an existing output file; empty
     when it does not exist. With ``overwrite`` the file is removed first (a fresh start).
 
     A cut-short last line (what a kill leaves) is reported and ignored: its item is redone and the
-    line rewritten. Refuses (ToolError) a malformed line elsewhere, and a record whose
-    ``settings`` differ from ``settings``: one file holds one run's outputs, so the error names
-    what differs and how to go on."""
+    line rewritten. Refuses a malformed line elsewhere (ToolError), and a record whose
+    ``settings`` differ from ``settings`` (:class:`stllava.artifacts.ArtifactError`): one file
+    holds one run's outputs, so the error names what differs and how to go on."""
     path = str(path)
     if overwrite and os.path.exists(path):
         logger.warning("--overwrite: starting %s over", path)
@@ -188,13 +183,9 @@ def read_done(path: str | os.PathLike, key: str, settings: dict, *, overwrite: b
     done: set[str] = set()
     try:
         for line, rec in iter_jsonl(path, allow_truncated_tail=True):
-            have = rec.get("settings")
-            if have != settings:
-                have, want = _differences(have, settings)
-                raise ToolError(
-                    f"{path}, line {line}: written with settings {have!r}, this run has {want!r}; fix: rerun "
-                    "with the file's settings to resume it, pass --overwrite to start it over, or write to "
-                    "another output file")
+            check(rec.get("settings"), settings, file=path, record=f"line {line}",
+                  fix="rerun with the file's settings to resume it, pass --overwrite to start it over, or write "
+                      "to another output file")
             done.add(str(rec.get(key)))
     except JsonlError as e:
         raise ToolError(f"{e} (cannot resume: fix the line, pass --overwrite, or write to another output "

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from stllava.artifacts import ArtifactError
 from stllava.eval import model_vqa
 from stllava.selftrain import answers, questions
 from stllava.tooling import (
@@ -84,12 +85,12 @@ def test_read_done_checks_settings_and_overwrite_starts_over(tmp_path, caplog):
     rows = [{"id": 1, "settings": {"seed": 0, "conv_mode": "v1"}}, {"id": 2, "settings": {"seed": 0, "conv_mode": "v1"}}]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": 3, "sett')  # + a line cut by a kill
     assert read_done(out, "id", {"seed": 0, "conv_mode": "v1"}) == {"1", "2"}
-    with pytest.raises(ToolError, match=r"out.jsonl, line 1: written with settings \{'conv_mode': 'v1'\}, this run "
-                                        r"has \{'conv_mode': 'v1_sq'\}; fix: .*pass --overwrite"):
+    with pytest.raises(ArtifactError, match=r"out.jsonl, line 1: made with other settings \(recorded → this run: "
+                                            r"conv_mode: 'v1' → 'v1_sq'\); fix: .*pass --overwrite"):
         read_done(out, "id", {"seed": 0, "conv_mode": "v1_sq"})
     old = tmp_path / "old.jsonl"  # written before records carried their settings
     old.write_text('{"id": 1}\n')
-    with pytest.raises(ToolError, match=r"line 1: written with settings None"):
+    with pytest.raises(ArtifactError, match=r"line 1: made without recorded settings"):
         read_done(old, "id", {"seed": 0})
     with caplog.at_level(logging.WARNING, logger="stllava.tooling"):
         assert read_done(out, "id", {"seed": 1}, overwrite=True) == set()

@@ -1,10 +1,11 @@
 """Run the demo's and the study's steps once each: real commands, logged, reused when finished.
 
 A *step* writes into its own folder and, when it finishes, a marker ``<folder>/.done.json`` holding
-the settings it ran with. Asked again with the same settings, the step is reused; with different
-settings it is refused (the error names the folder and what differs), so a result can never be
-silently mixed with another setting's. Wall-clock times go to ``<root>/timings.json``, apart from
-the results, so that results are bit-identical between runs with the same seed.
+the settings it ran with (the one marker of :mod:`stllava.artifacts`). Asked again with the same
+settings, the step is reused; with different settings it is refused
+(:class:`~stllava.artifacts.ArtifactError` naming the marker and what differs), so a result can
+never be silently mixed with another setting's. Wall-clock times go to ``<root>/timings.json``,
+apart from the results, so that results are bit-identical between runs with the same seed.
 
 Commands run as subprocesses (``python -m stllava....``, exactly what a researcher types), with
 ``OMP_NUM_THREADS`` set, their output streamed to the console when asked and always to
@@ -12,7 +13,6 @@ Commands run as subprocesses (``python -m stllava....``, exactly what a research
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+from stllava import artifacts
 from stllava.errors import StllavaError
 from stllava.jsonl import write_json_atomic
 
@@ -32,7 +33,7 @@ MARKER = ".done.json"
 
 
 class StepError(StllavaError):
-    """A step's command failed, or a finished step was asked for with other settings."""
+    """A step's command failed."""
 
     exit_code = 1
 
@@ -40,10 +41,6 @@ class StepError(StllavaError):
 def py(module: str, *args: str) -> list[str]:
     """``[python, -m, module, *args]`` with this interpreter."""
     return [sys.executable, "-m", module, *args]
-
-
-def _jsonable(settings: dict) -> dict:
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 class Runner:
@@ -63,22 +60,14 @@ class Runner:
         return os.path.join(self.root, *parts)
 
     def done(self, folder: str, settings: dict | None = None) -> bool:
-        """True when ``folder`` finished (with ``settings``, when given); refuses (StepError) a
-        finished folder whose marker holds other settings."""
+        """True when ``folder`` finished (with ``settings``, when given); refuses
+        (:class:`~stllava.artifacts.ArtifactError`) a finished folder whose marker holds other
+        settings or is unreadable."""
         marker = os.path.join(folder, MARKER)
-        if not os.path.isfile(marker):
-            return False
         if settings is None:
-            return True
-        with open(marker) as f:
-            have = json.load(f)["settings"]
-        want = _jsonable(settings)
-        if have != want:
-            keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            diff = ", ".join(f"{k}: {have.get(k)!r} → {want.get(k)!r}" for k in keys)
-            raise StepError(f"{folder} was made with other settings ({diff})",
-                            fix="use another --workdir, or delete that folder (or --redo its stage) to redo it")
-        return True
+            return os.path.isfile(marker)
+        return artifacts.check_marker(marker, settings, fix=f"use another --workdir, or delete {folder} (or --redo "
+                                                             "its stage) to redo it")
 
     @staticmethod
     def resolve(folder: str, settings: dict) -> str:
@@ -87,8 +76,7 @@ class Runner:
         each other's models this way)."""
         if "{key}" not in folder:
             return folder
-        blob = json.dumps(_jsonable(settings), sort_keys=True).encode("utf-8")
-        return folder.replace("{key}", hashlib.sha256(blob).hexdigest()[:10])
+        return folder.replace("{key}", artifacts.digest(settings))
 
     def step(self, name: str, folder: str, settings: dict, fn: Callable[[], None]) -> bool:
         """Run ``fn`` (which fills ``folder``, already :meth:`resolve`d) unless ``folder`` is done
@@ -109,7 +97,7 @@ class Runner:
         logger.info("%s → %s", name, folder)
         t = time.time()
         fn()
-        write_json_atomic(os.path.join(folder, MARKER), {"step": name, "settings": _jsonable(settings)})
+        artifacts.write_marker(os.path.join(folder, MARKER), settings, step=name)
         self.record_time(os.path.relpath(folder, self.root), time.time() - t)
         return True
 

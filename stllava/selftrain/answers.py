@@ -123,7 +123,8 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     """Answer every pending question of this chunk twice; returns the summary dict.
 
     ``loaded`` = (tokenizer, model, image_processor) skips loading ``--model-path``. Raises
-    ToolError for bad flags or input, a resume conflict or (without ``--skip-bad``) a bad image."""
+    ToolError for bad flags or input or (without ``--skip-bad``) a bad image, ArtifactError for a resume
+    conflict."""
     check_batch_size(args)
     try:
         gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

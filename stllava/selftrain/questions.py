@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     """Write questions for this chunk of the selected images; returns the summary dict.
 
     ``loaded`` = (tokenizer, model, image_processor) skips loading ``--model-path``. Raises
-    ToolError for bad flags, a resume conflict or (without ``--skip-bad``) a bad image."""
+    ToolError for bad flags or (without ``--skip-bad``) a bad image, ArtifactError for a resume conflict."""
     check_batch_size(args)
     if args.n_questions < 1:
         raise ToolError(f"--n-questions must be ≥ 1, got {args.n_questions}")

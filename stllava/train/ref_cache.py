@@ -2,8 +2,10 @@
 fingerprint (what the numbers depend on), reading and atomic writing.
 
 The file (``--ref_log_probs_path``, default ``<output_dir>/ref_log_probs.json``) holds
-``{"fingerprint": {...}, "ref_logps": {record index: [chosen, rejected]}}``; a run reuses it only
-when its fingerprint matches and it covers every training record.
+``{"settings": fingerprint, "ref_logps": {record index: [chosen, rejected]}}`` (the marker form of
+:mod:`stllava.artifacts`; a file written before it, with the fingerprint under ``"fingerprint"``,
+is still read); a run reuses it only when its fingerprint matches and it covers every training
+record. Any other cache is recomputed, with a log line naming what differs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import logging
 import os
 
 import torch
+
+from stllava import artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +53,9 @@ def read_ref_cache(path: str | None, fingerprint: dict, indices) -> dict[int, tu
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         logger.warning("ignoring reference log-prob cache %s: unreadable (%s); recomputing", path, e)
         return None
-    if raw.get("fingerprint") != fingerprint:
-        logger.warning("ignoring reference log-prob cache %s: made for %s, this run is %s; recomputing", path,
-                       raw.get("fingerprint"), fingerprint)
+    stale = artifacts.mismatch(artifacts.recorded_settings(raw), fingerprint)
+    if stale:
+        logger.warning("ignoring reference log-prob cache %s: %s; recomputing", path, stale)
         return None
     missing = [i for i in indices if i not in cache]
     if missing:
@@ -67,5 +71,5 @@ def write_ref_cache(path: str, fingerprint: dict, cache: dict[int, tuple[float, 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "ref_logps": {str(k): list(v) for k, v in sorted(cache.items())}}, f)
+        json.dump(artifacts.marker(fingerprint, ref_logps={str(k): list(v) for k, v in sorted(cache.items())}), f)
     os.replace(tmp, path)

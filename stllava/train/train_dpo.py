@@ -30,7 +30,6 @@ Bad data or flags print one ``error:`` line and exit 2.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ import sys
 
 import torch
 
+from stllava import artifacts
 from stllava.train.arguments import DPO_ARGUMENTS, DPO_PROG, FlagError, LlavaArgumentParser
 from stllava.train.ref_cache import REF_CACHE_NAME, read_ref_cache, ref_cache_fingerprint
 
@@ -67,9 +67,10 @@ def materialize_start_model(model_path: str, model_base: str | None, out_dir: st
     """The folder of the start model: ``model_path`` itself when it is a full folder without
     ``Vit-lora/``; otherwise (LoRA or projector-only layout + ``model_base``, or a ViT-LoRA to merge)
     the model merged by :func:`stllava.model.merge.merge_checkpoint` into ``out_dir/start_model`` on
-    the main process, or reused when a previous run merged it from the same sources (a stale one is
-    replaced). Every process must call it. Raises the builder's CheckpointLayoutError when the layout
-    is incomplete (e.g. a LoRA folder without ``--model_base``)."""
+    the main process, or reused when a previous run merged it from the same sources (its
+    :mod:`stllava.artifacts` marker; a stale or unfinished one is replaced). Every process must
+    call it. Raises the builder's CheckpointLayoutError when the layout is incomplete (e.g. a LoRA
+    folder without ``--model_base``)."""
     from stllava.model import checkpoint_layouts as cl
     from stllava.model.merge import merge_checkpoint
     from stllava.train.checkpoint import zero3_init_disabled
@@ -82,18 +83,21 @@ def materialize_start_model(model_path: str, model_base: str | None, out_dir: st
               "model_base": os.path.abspath(model_base) if model_base else None, "dtype": str(dtype)}
     marker = os.path.join(target, START_MARKER)
     if _is_main():
-        if os.path.isfile(marker) and json.load(open(marker)) == source:
+        try:  # a start model merged from other sources is merged again, never refused
+            reuse, why = artifacts.check_marker(marker, source), "no marker: an unfinished merge"
+        except artifacts.ArtifactError as e:
+            reuse, why = False, e.reason
+        if reuse:
             logger.info("reusing the merged start model %s", target)
         else:
             if os.path.isdir(target):
-                logger.info("replacing %s: it was merged from other sources", target)
+                logger.info("replacing %s (%s)", target, why)
                 shutil.rmtree(target)
             logger.info("merging the stage-1 %s checkpoint %s (base %s) into %s", layout.kind, model_path,
                         model_base, target)
             with zero3_init_disabled():  # a plain model on the CPU, also under an active ZeRO-3 config
                 merge_checkpoint(model_path, model_base, target, dtype=dtype)
-            with open(marker, "w") as f:
-                json.dump(source, f, indent=1)
+            artifacts.write_marker(marker, source)
     _barrier()
     return target
 

@@ -100,8 +100,10 @@ def test_quick_study_end_to_end(tmp_path):
 
     # a finished fixed-name step asked for with other settings is refused, naming the folder and
     # the difference; content-named steps (sft-<digest>, ...) get a folder of their own instead
-    from stllava.demo.runner import Runner, StepError
+    from stllava.artifacts import ArtifactError
+    from stllava.demo.runner import Runner
 
-    with pytest.raises(StepError, match=r"data was made with other settings \(unlabelled: 12 → 99\)"):
+    with pytest.raises(ArtifactError, match=r"data/\.done\.json: made with other settings \(recorded → this run: "
+                                            r"unlabelled: 12 → 99\); fix: .*delete .*data"):
         Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0})
     assert Runner.resolve("x/sft-{key}", {"a": 1}) != Runner.resolve("x/sft-{key}", {"a": 2})

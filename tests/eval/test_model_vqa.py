@@ -9,6 +9,7 @@ import torch
 from bad_files import write_bomb_png
 from PIL import Image
 
+from stllava.artifacts import ArtifactError
 from stllava.eval import convert, metrics
 from stllava.eval.model_vqa import build_parser, main, run
 from stllava.tooling import ToolError
@@ -134,10 +135,10 @@ def test_resume_with_other_settings_refuses_or_starts_over(tiny_bundle, loaded, 
     out = vqa["tmp"] / "a.jsonl"
     run(_args(tiny_bundle, vqa, out), loaded)
     first = _read(out)
-    with pytest.raises(ToolError, match=r"a.jsonl, line 1: written with settings \{'conv_mode': 'vicuna_v1'\}, "
-                                        r"this run has \{'conv_mode': 'v1_sq'\}.*--overwrite"):
+    with pytest.raises(ArtifactError, match=r"a.jsonl, line 1: made with other settings \(recorded → this run: "
+                                            r"conv_mode: 'vicuna_v1' → 'v1_sq'\); fix: .*--overwrite"):
         run(_args(tiny_bundle, vqa, out, "--conv-mode", "v1_sq"), loaded)
-    with pytest.raises(ToolError, match=r"with settings \{'temperature': 0.0\}, this run has \{'temperature': 0.5\}"):
+    with pytest.raises(ArtifactError, match=r"other settings \(recorded → this run: temperature: 0.0 → 0.5\)"):
         run(_args(tiny_bundle, vqa, out, "--temperature", "0.5"), loaded)
     assert _read(out) == first  # refused before anything was written
     s = run(_args(tiny_bundle, vqa, out, "--conv-mode", "v1_sq", "--overwrite"), loaded)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stllava.artifacts import ArtifactError
 from stllava.selftrain import answers as answers_mod
 from stllava.selftrain import questions as questions_mod
 from stllava.selftrain.questions import finish_questions, list_images
@@ -131,7 +132,7 @@ def test_questions_resume_after_a_cut_last_line(tiny_bundle, loaded, images, tmp
     assert part.read_text() == full.read_text()
     assert "cut-short last line" in caplog.text
     # a different setting is refused instead of mixing two runs in one file
-    with pytest.raises(ToolError, match=r"line 1: written with settings .*'seed': 0.*'seed': 3"):
+    with pytest.raises(ArtifactError, match=r"line 1: made with other settings \(recorded → this run: seed: 0 → 3\)"):
         questions_mod.run(_q_args(tiny_bundle, images, part, "--seed", "3"), loaded)
 
 
@@ -241,8 +242,8 @@ def test_answers_resume_with_other_settings_refuses_or_starts_over(tiny_bundle, 
     out = tmp_path / "a.jsonl"
     answers_mod.run(_a_args(tiny_bundle, images, qfile, out), loaded)
     before = out.read_text()
-    with pytest.raises(ToolError, match=r"line 1: written with settings \{'conv_mode': 'llava_v1'\}, this run has "
-                                        r"\{'conv_mode': 'v1_sq'\}.*pass --overwrite"):
+    with pytest.raises(ArtifactError, match=r"line 1: made with other settings \(recorded → this run: conv_mode: "
+                                            r"'llava_v1' → 'v1_sq'\); fix: .*pass --overwrite"):
         answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--conv-mode", "v1_sq"), loaded)
     assert out.read_text() == before
     s = answers_mod.run(_a_args(tiny_bundle, images, qfile, out, "--conv-mode", "v1_sq", "--overwrite"), loaded)

@@ -138,7 +138,7 @@ def test_precomputed_cache_is_written_reused_and_invalidated(tiny_bundle, pairs,
     trainer.precompute_reference_logps()
     cache = json.load(open(out / REF_CACHE_NAME))
     assert sorted(cache["ref_logps"], key=int) == [str(i) for i in range(8)]
-    assert cache["fingerprint"]["data_path"] == os.path.abspath(data)
+    assert cache["settings"]["data_path"] == os.path.abspath(data)  # the fingerprint, in the marker form
     stored = torch.tensor([cache["ref_logps"][str(i)][0] for i in range(8)] + [cache["ref_logps"][str(i)][1] for i in range(8)])
     assert torch.allclose(stored, live, atol=1e-5)
 

@@ -224,3 +224,41 @@ def test_dpo_finetune_sh_runs_with_overrides(setup, tmp_path, shm_comm_op):
     assert (args.learning_rate, args.vision_tower_lr, args.mm_projector_lr, args.dpo_beta, args.lora_dropout_vit,
             args.ref_model, args.num_train_epochs) == (5e-6, 2e-5, 2e-5, 0.1, 0.1, "adapter_disabled", 1)
     assert "--tf32 ignored" in proc.stderr
+
+
+def test_start_model_is_merged_once_reused_by_its_marker_and_replaced_when_stale(tmp_path, monkeypatch, caplog):
+    """The merged start model's marker (stllava.artifacts): same sources → reused, also from a
+    marker written before that module (the bare sources object); other sources or a folder left
+    without a marker by a killed merge → merged again, the log naming why."""
+    import logging
+    from types import SimpleNamespace
+
+    from stllava.model import checkpoint_layouts, merge
+    from stllava.train.train_dpo import START_MARKER, materialize_start_model
+
+    merges = []
+
+    def fake_merge(model_path, model_base, target, dtype):
+        merges.append(dtype)
+        os.makedirs(target)
+        open(os.path.join(target, "config.json"), "w").write("{}")
+
+    monkeypatch.setattr(checkpoint_layouts, "detect_layout", lambda *a: SimpleNamespace(kind="lora", vit_lora=True))
+    monkeypatch.setattr(merge, "merge_checkpoint", fake_merge)
+    stage1, base, out = str(tmp_path / "stage1"), str(tmp_path / "base"), str(tmp_path / "out")
+    target = materialize_start_model(stage1, base, out, torch.float32)
+    marker = os.path.join(target, START_MARKER)
+    source = {"dtype": "torch.float32", "model_base": base, "model_name_or_path": stage1}
+    assert json.load(open(marker)) == {"settings": source} and merges == [torch.float32]
+    with caplog.at_level(logging.INFO, logger="stllava.train.train_dpo"):
+        assert materialize_start_model(stage1, base, out, torch.float32) == target and len(merges) == 1
+        json.dump(source, open(marker, "w"), indent=1)  # the marker as written before stllava.artifacts
+        assert materialize_start_model(stage1, base, out, torch.float32) == target and len(merges) == 1
+        assert caplog.text.count("reusing the merged start model") == 2
+        materialize_start_model(stage1, base, out, torch.bfloat16)
+        assert merges[-1] == torch.bfloat16
+        assert "made with other settings (recorded → this run: dtype: 'torch.float32' → 'torch.bfloat16')" in caplog.text
+        os.remove(marker)  # a merge killed before its marker was written
+        materialize_start_model(stage1, base, out, torch.bfloat16)
+        assert len(merges) == 3 and "no marker: an unfinished merge" in caplog.text
+    assert json.load(open(marker))["settings"]["dtype"] == "torch.bfloat16"
