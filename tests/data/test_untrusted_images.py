@@ -95,8 +95,11 @@ def test_preprocessing_a_thin_image_stays_small(tmp_path):
     assert outcome["load"] == (f"record 7: extreme aspect ratio: {thin} ({THIN_DETAIL}). Check the dataset with "
                                "`python -m stllava.data.verify --data_path ... --image_folder ...` and fix or drop "
                                "the record, or train with --on_bad_sample skip")
-    for ratio in ("pad", "square"):  # padding and the processor's shortest-edge resize both blow it up
-        assert outcome[ratio] == f"process_images: image 0: extreme aspect ratio ({THIN_DETAIL})", outcome
+    # padding and the processor's shortest-edge resize both blow it up
+    assert outcome["pad"] == ("process_images: image 0: image too large (1x40000 pads to a 40000x40000 square = "
+                              "1,600,000,000 pixels, over the limit of 89,478,485; set STLLAVA_MAX_IMAGE_PIXELS to "
+                              "accept larger images)"), outcome
+    assert outcome["square"] == f"process_images: image 0: extreme aspect ratio ({THIN_DETAIL})", outcome
     assert outcome["peak_mb"] < 300, outcome
 
 
