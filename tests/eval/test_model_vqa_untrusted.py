@@ -42,3 +42,22 @@ def test_an_image_path_outside_the_folder_is_named_or_a_counted_skip(tiny_bundle
     assert s["answered"] == 7 and s["skipped_bad"] == 3
     assert s["skipped"] == [{"question_id": q, "image": qs[q - 100]["image"], "reason": "image outside the image folder"}
                             for q in (101, 104, 106)]
+
+
+def test_convert_refuses_benchmark_image_paths_outside_the_image_folder(tmp_path):
+    """eval.convert checks a benchmark's images against --image-folder: a path leaving it is named."""
+    from stllava.eval import convert
+    from stllava.eval.convert import ConvertError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "synpic1.jpg").write_bytes(b"x")
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    records = [{"qid": q, "image_name": image, "question": f"Question {q}?", "answer": "Yes", "answer_type": "CLOSED",
+                "phrase_type": "test_para", "qid_linked_id": "x"}
+               for q, image in ((1, "synpic1.jpg"), (2, "../secret.jpg"), (3, str(tmp_path / "secret.jpg")))]
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps(records))
+    with pytest.raises(ConvertError, match=r"^" + r"\S*images: 2 image paths lead outside it \(first: '\.\./secret\.jpg'"
+                                           r", resolves to \S*secret\.jpg, outside \S*images; give a path inside the "
+                                           r"image folder"):
+        convert.convert("vqa_rad", src, image_folder=tmp_path / "images")
