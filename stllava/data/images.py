@@ -1,6 +1,6 @@
 """Image files of a dataset: where they are, whether they can be read, and loading them.
 
-A record's ``image`` is a path relative to ``--image_folder`` (or absolute). :func:`image_path`
+A record's ``image`` is a path relative to ``--image_folder`` (or absolute, inside it). :func:`image_path`
 joins the two and refuses a path that leaves the folder; :func:`check_image`
 says what is wrong with a file without raising (missing, empty, not an image, truncated, too
 large, too thin); :func:`load_image` returns it as an RGB PIL image or raises :class:`ImageLoadError` naming
@@ -11,10 +11,9 @@ the file, the record and the fix. Every tool that reads image files goes through
   absolute path elsewhere, a link pointing out) is refused (:data:`OUTSIDE_FOLDER`): records are
   untrusted (a model wrote them, or they were downloaded), and the judge uploads the images it
   reads to a third-party API.
-
 * **Too large.** An image of more than :func:`max_image_pixels` pixels (default PIL's own limit,
   89,478,485 = 1024·1024·1024/4/3; set ``STLLAVA_MAX_IMAGE_PIXELS`` to change it — the one
-  setting) is refused from its header, before decoding: a 57 KB PNG can claim 15000x15000 pixels
+  size setting) is refused from its header, before decoding: a 57 KB PNG can claim 15000x15000 pixels
   and take gigabytes to decode (PIL calls it a decompression bomb). The limit bounds what
   preprocessing allocates, not only the file: an image whose square padding (the ``pad`` aspect
   ratio pads to a square of side max(w, h)) would exceed it is refused too.
