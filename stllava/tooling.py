@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import StllavaError
 from stllava.generation import ImageError, batched, load_rgb, prefetch
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
@@ -234,6 +233,8 @@ class ImageSource:
     def path(self, item) -> str:
         """The item's image file (:func:`stllava.data.images.image_path`); raises :class:`ImageError`
         of kind "image outside the image folder" for a path that leaves ``folder``."""
+        from stllava.data.images import ImageLoadError, image_path
+
         try:
             return image_path(self.folder, self.image_of(item))
         except ImageLoadError as e:

@@ -94,9 +94,9 @@ def neutralise(text: str) -> str:
 
 
 def build_prompt(question: str, answer1: str, answer2: str, rule_text: str) -> str:
-    """The text part of the judge request, exactly the SPEC §5 layout, the question and the answers
-    :func:`neutralise`-d (``rule_text`` is the project's own, trusted). For text without delimiters
-    the prompt is bit for bit the published one."""
+    """The text part of the judge request, exactly the layout of docs/Method.md#judge-prompt."""
+    # The question and the answers are model text: neutralised (the rule is the project's own). For
+    # text without delimiters the prompt is bit for bit the published one.
     question, answer1, answer2 = neutralise(question), neutralise(answer1), neutralise(answer2)
     return (f"[Question]\n{question}\n\n"
             f"[Answer 1]\n{answer1}\n\n[End of Answer 1]\n\n"
