@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from stllava.data.images import ImageTooLarge, check_aspect, check_padded
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX,
@@ -63,13 +64,26 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg) ->
     Every image is converted to RGB. With ``model_cfg.image_aspect_ratio == "pad"`` (attribute or
     dict key) each is first padded to a square with the processor's mean colour
     (``int(255 * mean)``, (122, 116, 104) for CLIP); any other value uses the processor alone
-    (which resizes the short side and centre-crops). Refuses an empty list (ValueError).
+    (which resizes the short side and centre-crops). Refuses (ValueError) an empty list and, before
+    allocating anything, an image whose padded square has more than
+    :func:`stllava.data.images.max_image_pixels` pixels (``pad``) or that is thinner than
+    :func:`stllava.data.images.max_image_aspect` (50:1; any other aspect ratio setting).
     """
     if len(images) == 0:
         raise ValueError("process_images: no images given")
+    pad = _aspect_ratio(model_cfg) == "pad"
+    for i, im in enumerate(images):
+        # Padding makes a w x h image max(w, h)² pixels, the processor's shortest-edge resize
+        # multiplies a thin image's pixels by its aspect ratio: the loaders refuse such images from
+        # their headers, and this refuses what its own step would allocate, whatever path an image
+        # took here (docs/BadInputs.md).
+        try:
+            (check_padded if pad else check_aspect)(im.width, im.height)
+        except ImageTooLarge as e:
+            raise ValueError(f"process_images: image {i}: {e.kind} ({e})") from None
     # convert() copies even an RGB image; nothing below writes to the images.
     images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-    if _aspect_ratio(model_cfg) == "pad":
+    if pad:
         background = tuple(int(x * 255) for x in image_processor.image_mean)
         images = [expand2square(im, background) for im in images]
         target = _pil_resize_target(image_processor)

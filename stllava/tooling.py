@@ -211,8 +211,8 @@ class ImageSource:
 
     ``image_of(item)``: the image path relative to ``folder``; ``where(item)``: how an error names
     the item (file, line, id); ``ident(item)``: the fields a skipped item is listed with. With
-    ``skip_bad`` a missing or unreadable image is logged and listed in ``skipped`` (with its
-    ``reason``) instead of raising :class:`ToolError`."""
+    ``skip_bad`` a missing or unreadable image, or a path that leaves ``folder``, is logged and
+    listed in ``skipped`` (with its ``reason``) instead of raising :class:`ToolError`."""
 
     folder: str
     image_of: Callable[[Any], str]
@@ -222,12 +222,34 @@ class ImageSource:
     skipped: list[dict] = field(default_factory=list)
 
     def path(self, item) -> str:
-        return os.path.join(self.folder, self.image_of(item))
+        """The item's image file (:func:`stllava.data.images.image_path`); raises :class:`ImageError`
+        of kind "image outside the image folder" for a path that leaves ``folder``."""
+        from stllava.data.images import ImageLoadError, image_path
+
+        try:
+            return image_path(self.folder, self.image_of(item))
+        except ImageLoadError as e:
+            raise ImageError(e.path, e.kind, e.detail) from None
 
     def drop_missing(self, items: Sequence) -> list:
-        """``items`` without those whose image file does not exist (checked before any model is
-        loaded). Refuses (ToolError) the first such item unless ``skip_bad``."""
-        missing = [it for it in items if not os.path.isfile(self.path(it))]
+        """``items`` without those whose image path leaves the folder or whose image file does not
+        exist (checked before any model is loaded). Refuses (ToolError) the first such item unless
+        ``skip_bad``."""
+        outside, missing = [], []
+        for it in items:
+            try:
+                if not os.path.isfile(self.path(it)):
+                    missing.append(it)
+            except ImageError as e:
+                if not self.skip_bad:
+                    raise ToolError(f"{self.where(it)}: {e}; fix the record, or pass --skip-bad to skip and count "
+                                    "it") from None
+                logger.warning("skipping %s: %s", self.where(it), e)
+                outside.append(it)
+                self.skipped.append({**self.ident(it), "reason": e.kind})
+        if outside:
+            gone = {id(it) for it in outside}
+            items = [it for it in items if id(it) not in gone]
         if missing and not self.skip_bad:
             it = missing[0]
             raise ToolError(f"{self.where(it)}: image {self.image_of(it)!r} not found in {self.folder or '.'} "
@@ -245,8 +267,8 @@ class ImageSource:
         cache: dict[str, Any] = {}
         kept, images = [], []
         for it in items:
-            path = self.path(it)
             try:
+                path = self.path(it)
                 if path not in cache:
                     cache[path] = load_rgb(path)
             except ImageError as e:

@@ -36,3 +36,14 @@ def write_png16(path, width: int = 64, height: int = 32) -> np.ndarray:
     Image.fromarray(values).save(path)
     assert Image.open(path).mode == "I;16"
     return values
+
+
+THIN_SIDE = 40000  # a 1 x 40000 image: 40,000 pixels, padded to a square: 1.6 billion
+
+
+def write_thin_png(path, width: int = 1, height: int = THIN_SIDE) -> int:
+    """Write a black ``width`` x ``height`` greyscale PNG (a few hundred bytes for 1 x 40000, far under
+    any pixel limit, but padded to a square it is ``height``² pixels); returns its size in bytes."""
+    Image.new("L", (width, height), 0).save(path)
+    with open(path, "rb") as f:
+        return len(f.read())

@@ -1,15 +1,29 @@
 """Image files of a dataset: where they are, whether they can be read, and loading them.
 
-A record's ``image`` is a path relative to ``--image_folder`` (or absolute). :func:`check_image`
+A record's ``image`` is a path relative to ``--image_folder`` (or absolute, inside it). :func:`image_path`
+joins the two and refuses a path that leaves the folder; :func:`check_image`
 says what is wrong with a file without raising (missing, empty, not an image, truncated, too
-large); :func:`load_image` returns it as an RGB PIL image or raises :class:`ImageLoadError` naming
+large, too thin); :func:`load_image` returns it as an RGB PIL image or raises :class:`ImageLoadError` naming
 the file, the record and the fix. Every tool that reads image files goes through here (training,
 ``data.verify``, the generating tools, the judge, the chat CLI), so they agree on what a bad image is:
 
+* **Outside the folder.** A record's path that resolves outside ``--image_folder`` (``../``, an
+  absolute path elsewhere, a link pointing out) is refused (:data:`OUTSIDE_FOLDER`): records are
+  untrusted (a model wrote them, or they were downloaded), and the judge uploads the images it
+  reads to a third-party API.
 * **Too large.** An image of more than :func:`max_image_pixels` pixels (default PIL's own limit,
   89,478,485 = 1024·1024·1024/4/3; set ``STLLAVA_MAX_IMAGE_PIXELS`` to change it — the one
-  setting) is refused from its header, before decoding: a 57 KB PNG can claim 15000x15000 pixels
-  and take gigabytes to decode (PIL calls it a decompression bomb).
+  size setting) is refused from its header, before decoding: a 57 KB PNG can claim 15000x15000 pixels
+  and take gigabytes to decode (PIL calls it a decompression bomb). The limit bounds what
+  preprocessing allocates, not only the file: an image whose square padding (the ``pad`` aspect
+  ratio pads to a square of side max(w, h)) would exceed it is refused too.
+* **Too thin.** An image whose aspect ratio exceeds :data:`MAX_ASPECT_RATIO` (50:1; set
+  ``STLLAVA_MAX_IMAGE_ASPECT`` to change it) is refused from its header (:data:`EXTREME_ASPECT`):
+  a 1 x 40000 PNG is a few hundred bytes and 40,000 pixels, but padding makes it 40000 x 40000
+  (4.8 GB) and the processor's shortest-edge resize 336 x 13,440,000. Preprocessing
+  (:func:`stllava.mm_utils.process_images`) also refuses, however an image got there, what its
+  own steps would blow up: a padded square over the pixel limit, or (without padding) an aspect
+  ratio over the limit.
 * **16-bit images** (PIL modes ``I;16*`` and ``I``) are scaled to 8 bits (value / 257, rounded)
   before becoming RGB; PIL's ``convert("RGB")`` clips them instead, which turns an ordinary
   16-bit radiograph almost white. :func:`mode_note` names such unusual modes for ``data.verify``.
@@ -34,10 +48,16 @@ if TYPE_CHECKING:
 # Kinds of image problems, in report order.
 MISSING, EMPTY, UNREADABLE, TRUNCATED = "missing image", "empty image file", "unreadable image", "truncated image"
 TOO_LARGE = "image too large"
-IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED, TOO_LARGE)
+EXTREME_ASPECT = "extreme aspect ratio"
+OUTSIDE_FOLDER = "image outside the image folder"
+IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED, TOO_LARGE, EXTREME_ASPECT, OUTSIDE_FOLDER)
 
 MAX_PIXELS_ENV = "STLLAVA_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default (1024 * 1024 * 1024 // 4 // 3)
+MAX_ASPECT_ENV = "STLLAVA_MAX_IMAGE_ASPECT"
+# Width:height (or height:width) above which an image is refused. Medical images are rarely beyond
+# 3:1; 50:1 leaves room for strips and panoramas while keeping padding's blow-up (x ratio) bounded.
+MAX_ASPECT_RATIO = 50
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Modes convert("RGB") handles faithfully; any other is named by data.verify.
 USUAL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
@@ -57,23 +77,40 @@ class ImageLoadError(StllavaError, RuntimeError):
 
 
 class ImageSettingError(StllavaError):
-    """``STLLAVA_MAX_IMAGE_PIXELS`` is not a positive integer. (Not a ValueError, so the image checks,
-    which turn PIL's ValueErrors into "unreadable image", let it through.)"""
+    """``STLLAVA_MAX_IMAGE_PIXELS`` is not a positive integer, or ``STLLAVA_MAX_IMAGE_ASPECT`` not a
+    number ≥ 1. (Not a ValueError, so the image checks, which turn PIL's ValueErrors into
+    "unreadable image", let it through.)"""
 
 
 class ImageTooLarge(Exception):
-    """The header announces more pixels than :func:`max_image_pixels` (the message says how many);
-    raised by :func:`check_size` and :func:`open_image`, reported as :data:`TOO_LARGE`."""
+    """The header announces an image preprocessing would blow up: more pixels than
+    :func:`max_image_pixels` itself or once padded to a square (``kind`` :data:`TOO_LARGE`), or an
+    aspect ratio over :func:`max_image_aspect` (``kind`` :data:`EXTREME_ASPECT`); the message says
+    the size and the setting. Raised by :func:`check_dimensions` and :func:`open_image`."""
+
+    def __init__(self, detail: str, kind: str = TOO_LARGE):
+        self.kind = kind
+        super().__init__(detail)
 
 
-def image_path(image_folder: str | None, image: str) -> str:
-    """Return the file of a record's ``image`` field: ``image_folder/image`` (or ``image`` when it is
-    absolute or no folder is given). Refuses a non-string field (TypeError)."""
+def image_path(image_folder: str | None, image: str, record: str = "") -> str:
+    """Return the file of a record's ``image`` field: ``image_folder/image`` (``image`` itself when it
+    is absolute or no folder is given). With a folder, the path must resolve (``..`` and links
+    followed) inside the folder: refuses (:class:`ImageLoadError` of kind :data:`OUTSIDE_FOLDER`,
+    naming ``record``) one that does not. Refuses a non-string field (TypeError).
+
+    This is the one place where a record's path meets a folder: every tool that reads a record's
+    image calls it (training, ``data.verify``, the generating tools, the judge)."""
     if not isinstance(image, str) or not image:
         raise TypeError(f"a record's 'image' must be a non-empty string (a file name), got {image!r}")
-    if image_folder and not os.path.isabs(image):
-        return os.path.join(image_folder, image)
-    return image
+    if not image_folder:
+        return image
+    path = os.path.join(image_folder, image)  # ``image`` itself when absolute
+    root, real = os.path.realpath(image_folder), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise ImageLoadError(OUTSIDE_FOLDER, image, f"resolves to {real}, outside {image_folder}; give a path "
+                             "inside the image folder (no '..', absolute path or link leading out of it)", record)
+    return path
 
 
 def max_image_pixels() -> int:
@@ -96,6 +133,24 @@ def max_image_pixels() -> int:
     return limit
 
 
+def max_image_aspect() -> float:
+    """The largest aspect ratio (long side / short side) any stllava tool preprocesses:
+    ``$STLLAVA_MAX_IMAGE_ASPECT``, else :data:`MAX_ASPECT_RATIO`. Refuses (:class:`ImageSettingError`)
+    a value that is not a number ≥ 1."""
+    raw = os.environ.get(MAX_ASPECT_ENV, "").strip()
+    if not raw:
+        return float(MAX_ASPECT_RATIO)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
+        raise ImageSettingError(f"${MAX_ASPECT_ENV}={os.environ[MAX_ASPECT_ENV]!r} is not a number ≥ 1; fix: set it "
+                                f"to the largest long side / short side to accept, e.g. 100, or unset it "
+                                f"(default {MAX_ASPECT_RATIO})")
+    return value
+
+
 # Images over the limit are refused below with a clear message; PIL's warning about them is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -106,12 +161,49 @@ def too_large_detail(width: int, height: int, limit: int) -> str:
             f"set {MAX_PIXELS_ENV} to accept larger images")
 
 
-def check_size(im: Image.Image, limit: int | None = None) -> None:
-    """Raise ``ImageTooLarge`` when ``im`` (opened, not yet decoded) has more than ``limit`` pixels
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if x == round(x) else f"{x:,.2f}"
+
+
+def check_aspect(width: int, height: int) -> None:
+    """Raise ``ImageTooLarge`` (kind :data:`EXTREME_ASPECT`) when ``width`` x ``height`` is thinner
+    than :func:`max_image_aspect` allows. An empty (0-sided) image passes: it is reported as empty."""
+    short, long = sorted((width, height))
+    limit = max_image_aspect()
+    if short > 0 and long > short * limit:
+        raise ImageTooLarge(f"{width}x{height} = aspect ratio {_number(long / short)}:1, over the limit of "
+                            f"{_number(limit)}:1 "
+                            f"(padded to a square it would be {long * long:,} pixels); set {MAX_ASPECT_ENV} to "
+                            "accept thinner images", EXTREME_ASPECT)
+
+
+def check_dimensions(width: int, height: int, limit: int | None = None) -> None:
+    """Raise ``ImageTooLarge`` when preprocessing a ``width`` x ``height`` image would allocate more
+    than ``limit`` pixels (default :func:`max_image_pixels`): the image itself, or the square of side
+    max(w, h) the ``pad`` aspect ratio makes of it (kind :data:`TOO_LARGE`); or when it is thinner
+    than :func:`max_image_aspect` (kind :data:`EXTREME_ASPECT`). The one check of an image's size,
+    used by every loader and by the API server (with its own ``limit``)."""
+    limit = max_image_pixels() if limit is None else limit
+    if width * height > limit:
+        raise ImageTooLarge(too_large_detail(width, height, limit))
+    check_aspect(width, height)
+    check_padded(width, height, limit)
+
+
+def check_padded(width: int, height: int, limit: int | None = None) -> None:
+    """Raise ``ImageTooLarge`` (kind :data:`TOO_LARGE`) when the square of side max(w, h) that the
+    ``pad`` aspect ratio makes of a ``width`` x ``height`` image has more than ``limit`` pixels
     (default :func:`max_image_pixels`)."""
     limit = max_image_pixels() if limit is None else limit
-    if im.width * im.height > limit:
-        raise ImageTooLarge(too_large_detail(im.width, im.height, limit))
+    side = max(width, height)
+    if side * side > limit:
+        raise ImageTooLarge(f"{width}x{height} pads to a {side}x{side} square = {side * side:,} pixels, over the limit "
+                            f"of {limit:,}; set {MAX_PIXELS_ENV} to accept larger images")
+
+
+def check_size(im: Image.Image, limit: int | None = None) -> None:
+    """:func:`check_dimensions` of ``im`` (opened, not yet decoded)."""
+    check_dimensions(im.width, im.height, limit)
 
 
 def mode_note(mode: str) -> str | None:
@@ -139,7 +231,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def open_checked(src: str | IO[bytes]) -> Image.Image:
     """``Image.open(src)`` (header read, nothing decoded yet) after checking its size: raises
-    :class:`ImageTooLarge` for an image over :func:`max_image_pixels`, and PIL's errors
+    :class:`ImageTooLarge` for an image over :func:`max_image_pixels` (itself or padded to a square)
+    or over :func:`max_image_aspect`, and PIL's errors
     (UnidentifiedImageError, OSError, ...) for anything it cannot open. Close the result."""
     limit = max_image_pixels()
     try:
@@ -159,7 +252,7 @@ def open_checked(src: str | IO[bytes]) -> Image.Image:
 
 def open_image(src: str | IO[bytes]) -> tuple[Image.Image, str]:
     """Decode ``src`` (a path or a binary file object) completely; returns ``(RGB image, original
-    mode)``. Raises :class:`ImageTooLarge` before decoding an image over :func:`max_image_pixels`,
+    mode)``. Raises :class:`ImageTooLarge` before decoding an image :func:`check_dimensions` refuses,
     and PIL's errors (UnidentifiedImageError, OSError, ...) for anything else it cannot decode."""
     # Decoding a truncated JPEG must fail; another library may have set this flag process-wide.
     prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -180,7 +273,7 @@ def _classify(path: str) -> tuple[str, str] | None:
     try:
         im, _ = open_image(path)
     except ImageTooLarge as e:
-        return TOO_LARGE, str(e)
+        return e.kind, str(e)
     except UnidentifiedImageError as e:
         return UNREADABLE, f"not an image PIL can identify: {e}"
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError for cut-short data
@@ -197,7 +290,7 @@ def _classify(path: str) -> tuple[str, str] | None:
 def check_image(path: str) -> tuple[str, str] | None:
     """Return None when ``path`` is a decodable image, else ``(kind, detail)`` with ``kind`` one of
     :data:`IMAGE_PROBLEMS`. Never raises for a bad file (decodes the whole image to find truncation;
-    an image over :func:`max_image_pixels` is reported from its header, never decoded)."""
+    an image :func:`check_dimensions` refuses is reported from its header, never decoded)."""
     return _classify(path)
 
 
@@ -213,8 +306,8 @@ def image_mode(path: str) -> str | None:
 
 def load_image(path: str, record: str = "") -> Image.Image:
     """Return the image at ``path`` as RGB (:func:`to_rgb`); raises :class:`ImageLoadError` (naming
-    ``record``) when it is missing, empty, unreadable, truncated or too large — never returns a
-    partial image."""
+    ``record``) when it is missing, empty, unreadable, truncated, too large or too thin — never
+    returns a partial image."""
     try:
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             return open_image(path)[0]

@@ -78,9 +78,11 @@ class LazyLlavaDataset(Dataset):
         """The record's image preprocessed as training does (``image_aspect_ratio``, the CLIP
         processor), ``[3, H, W]``; the blank image for a text-only record of a multimodal model;
         None for a text-only model. Raises :class:`stllava.data.images.ImageLoadError` naming the
-        record (``orig``: its position in the file) for a missing or unreadable image."""
+        record (``orig``: its position in the file) for a missing, unreadable, too large or too thin
+        image, or one outside the image folder."""
         if "image" in record:
-            pil = load_image(image_path(self.image_folder, record["image"]), record=record_name(record, orig))
+            name = record_name(record, orig)
+            pil = load_image(image_path(self.image_folder, record["image"], record=name), record=name)
             return process_images([pil], self.image_processor, {"image_aspect_ratio": self.image_aspect_ratio})[0]
         return self._blank.clone() if self._blank is not None else None
 

@@ -7,7 +7,9 @@ files (``chosen_conversations`` / ``reject_conversations``, as ``selftrain.build
 them); the kind is recognised from the records and printed.
 
 Every bad record is named with its index and ``id``: missing, empty, unreadable, truncated or too
-large images (over ``$STLLAVA_MAX_IMAGE_PIXELS``, see :mod:`stllava.data.images`); a record that is
+large images (over ``$STLLAVA_MAX_IMAGE_PIXELS``, padded to a square included), images thinner than
+``$STLLAVA_MAX_IMAGE_ASPECT`` (50:1), image paths that leave ``--image_folder`` (see
+:mod:`stllava.data.images`); a record that is
 not ``{"conversations": [...]}``; roles out of order or an empty turn; an ``<image>`` missing where
 an image is given (or present where none is); and, given a tokenizer, a conversation too long for
 ``model_max_length`` once its image is expanded to ``image_tokens`` positions (it would be cut).
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from stllava.data.images import check_image, image_mode, image_path, mode_note
+from stllava.data.images import ImageLoadError, check_image, image_mode, image_path, mode_note
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -231,8 +233,8 @@ def verify_records(records: Sequence[Any], image_folder: str | None, *, data_pat
         structural_ok.append(p is None)
 
     if check_images:
-        jobs = [(i, image_path(image_folder, rec["image"])) for i, rec in enumerate(records)
-                if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]]
+        jobs, outside = _image_jobs(records, image_folder)
+        problems += outside
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for (i, path), res in zip(jobs, pool.map(lambda j: check_image(j[1]), jobs)):
                 if res:
@@ -253,12 +255,24 @@ def verify_records(records: Sequence[Any], image_folder: str | None, *, data_pat
     return report
 
 
+def _image_jobs(records: Sequence[Any], image_folder: str | None) -> tuple[list[tuple[int, str]], list[Problem]]:
+    """``(index, file)`` of every record with an image, and a :data:`~stllava.data.images.OUTSIDE_FOLDER`
+    problem for each record whose image path leaves ``image_folder`` (:func:`image_path`)."""
+    jobs, outside = [], []
+    for i, rec in enumerate(records):
+        if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]:
+            try:
+                jobs.append((i, image_path(image_folder, rec["image"])))
+            except ImageLoadError as e:
+                outside.append(Problem(i, rec.get("id"), e.kind, f"{e.path} ({e.detail})"))
+    return jobs, outside
+
+
 def mode_notes(records: Sequence[Any], image_folder: str | None, workers: int = 8) -> list[Problem]:
     """A note per record whose image is in an unusual PIL mode (:func:`stllava.data.images.mode_note`:
     16-bit, CMYK, float, ...); read from the image headers only. Images that cannot be opened are
     left to :func:`verify_records` to report."""
-    jobs = [(i, image_path(image_folder, rec["image"])) for i, rec in enumerate(records)
-            if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]]
+    jobs, _ = _image_jobs(records, image_folder)
     notes = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for (i, path), mode in zip(jobs, pool.map(lambda j: image_mode(j[1]), jobs)):

@@ -13,9 +13,9 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 
+from stllava.data.images import image_path
 from stllava.selftrain.judge_prompt import split_prompt
 from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
@@ -106,7 +106,7 @@ class PhantomJudge:
     def __init__(self, facts: dict[str, dict], image_folder: str):
         self.by_hash = {}
         for name, f in facts.items():
-            with open(os.path.join(image_folder, name), "rb") as fh:
+            with open(image_path(image_folder, name), "rb") as fh:
                 self.by_hash[hashlib.sha256(fh.read()).hexdigest()] = f
         self.calls = 0
 

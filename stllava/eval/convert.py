@@ -36,6 +36,7 @@ import sys
 from typing import Any, Callable
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN
+from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import StllavaError, run_cli
 from stllava.jsonl import JsonlError, iter_jsonl, read_utf8
 
@@ -279,7 +280,8 @@ def convert(benchmark: str, src: str | pathlib.Path, fmt: str = "auto",
     """Convert one benchmark file; returns (test items, stats).
 
     Refuses an unknown benchmark, malformed records (naming record and field), duplicate
-    question ids, and — when ``image_folder`` is given — images missing from it."""
+    question ids, and — when ``image_folder`` is given — image paths that lead outside it and
+    images missing from it."""
     if benchmark not in CONVERTERS:
         raise ConvertError(f"unknown benchmark {benchmark!r}; fix: use one of {BENCHMARKS}")
     src = pathlib.Path(src)
@@ -290,6 +292,15 @@ def convert(benchmark: str, src: str | pathlib.Path, fmt: str = "auto",
                            f"{dups[:5]}); fix: ids must be unique for scoring — check the file")
     if image_folder is not None:
         folder = pathlib.Path(image_folder)
+        outside = []
+        for it in items:
+            try:
+                image_path(str(folder), it["image"])
+            except ImageLoadError as e:
+                outside.append(e)
+        if outside:
+            raise ConvertError(f"{folder}: {len(outside)} image paths lead outside it (first: {outside[0].path!r}, "
+                               f"{outside[0].detail})")
         absent = sorted({it["image"] for it in items if not (folder / it["image"]).is_file()})
         if absent:
             raise ConvertError(f"{folder}: {len(absent)} images missing (first: {absent[:5]}); "

@@ -43,13 +43,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import sys
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import EXIT_FAILED, run_cli
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
 from stllava.selftrain.judge_client import Item, Judge, JudgeError, JudgeInputError, _Stopped
@@ -94,8 +97,9 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
 
     Every image is read once here (sha256 for the cache key, PIL check of the bytes).
     Refuses (JudgeInputError naming file and line) a malformed line, a record with bad fields,
-    a duplicate question_id, a missing or unreadable image -- unless ``skip_bad``, which skips
-    and reports it instead. Records after a bad one are never lost.
+    a duplicate question_id, an image path that leaves ``image_folder``
+    (:func:`stllava.data.images.image_path`), a missing, unreadable, too large or too thin image
+    -- unless ``skip_bad``, which skips and reports it instead. Records after a bad one are never lost.
     """
     answers_path, image_folder = Path(answers_path), Path(image_folder)
     items: list[Item] = []
@@ -123,7 +127,11 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
             if qid in seen:
                 bad(line, f"question_id {qid!r} already used on line {seen[qid]}")
                 continue
-            path = image_folder / record["image"]
+            try:
+                path = Path(image_path(str(image_folder), record["image"]))
+            except ImageLoadError as e:  # the judge would upload any readable image: keep to the folder
+                bad(line, f"{e.kind}: {e.path} ({e.detail})")
+                continue
             if path not in images:
                 try:
                     data = path.read_bytes()
@@ -142,6 +150,36 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
     except FileNotFoundError:
         raise JudgeInputError(f"{answers_path}: answers file not found") from None
     return items, skipped
+
+
+# ---------------------------------------------------------------------------- the server
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(url: str | None, allow_insecure_http: bool, source: str = "--base-url") -> None:
+    """Refuse (:class:`JudgeError`) a plain ``http://`` ``url`` to a host that is not this machine:
+    the API key (a bearer header) and every image would cross the network unencrypted. With
+    ``allow_insecure_http`` it is logged as a warning instead. Loopback hosts (``localhost``,
+    127.0.0.0/8, ``::1``: the tests' and the demo's local judges) and https pass silently; so does
+    None (the openai client's default, https). ``source`` names where the URL came from."""
+    if not url:
+        return
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "http" or _is_loopback(parts.hostname):
+        return
+    what = (f"{source} {url} is plain http to a host that is not this machine: the API key and every image "
+            "would cross the network unencrypted")
+    if not allow_insecure_http:
+        raise JudgeError(f"{what}; fix: use https, or pass --allow-insecure-http for a server on a network you trust")
+    logger.warning("%s (--allow-insecure-http given)", what)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -313,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt-4o", help="judge model name")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible server (default: OpenAI, or $OPENAI_BASE_URL)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="send the key and the images over plain http to a host other than this machine (refused "
+                        "by default; http to localhost is always allowed)")
     p.add_argument("--rule", default=str(DEFAULT_RULE), help="[System] rule text file (its stem is the rule version)")
     p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature of the judge model")
     p.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each judge reply")
@@ -341,6 +382,10 @@ def _main(argv: list[str] | None) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in ("httpx", "httpx2"):  # one INFO line per HTTP request is noise at 50k requests
             logging.getLogger(name).setLevel(logging.WARNING)
+    if args.base_url:
+        check_base_url(args.base_url, args.allow_insecure_http)
+    else:  # the openai client's own fallback
+        check_base_url(os.environ.get("OPENAI_BASE_URL"), args.allow_insecure_http, "$OPENAI_BASE_URL")
     if not secret:
         raise JudgeError(f"no API key: set ${args.api_key_env} (for a local server without auth any value works, "
                          "e.g. EMPTY)")

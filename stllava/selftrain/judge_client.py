@@ -35,6 +35,7 @@ from stllava.selftrain.judge_prompt import (
     cache_key,
     distinct_answers,
     encode_image,
+    neutralise,
     pair_up,
     parse_scores,
 )
@@ -248,7 +249,9 @@ class Judge:
     def ask(self, item: Item, ask: int, pair: tuple[int, int] = (0, 1)) -> dict:
         """The cache entry of ask number ``ask`` for the answers ``pair`` of ``item``: from the cache,
         or asked and stored."""
-        q, answers = item.record["question"], [item.record["answers"][i] for i in pair]
+        # The key is of the text as sent: a reply paid for before delimiters were neutralised is not
+        # reused for the neutralised prompt (clean text, the same either way, keeps its key).
+        q, answers = neutralise(item.record["question"]), [neutralise(item.record["answers"][i]) for i in pair]
         key = cache_key(item.image_sha256, q, answers, self.model, self.rule.sha256, self.temperature, ask)
         with self._key_lock(key):  # two identical items never pay twice, even concurrently
             entry = self.cache.get(key)
@@ -259,7 +262,10 @@ class Judge:
             data = item.image_path.read_bytes()
             if hashlib.sha256(data).hexdigest() != item.image_sha256:
                 raise JudgeInputError(f"{item.image_path} changed while the judge was running ({item.name})")
-            mime, payload = encode_image(data)
+            try:
+                mime, payload = encode_image(data)
+            except ValueError as e:  # checked when the items were loaded: only a changed setting gets here
+                raise JudgeInputError(f"{item.name}: image {item.image_path} cannot be read: {e}") from None
             messages = build_messages(build_prompt(q, answers[0], answers[1], self.rule.text), mime, payload)
             response = self._complete(item, ask, messages)
             usage = response.usage

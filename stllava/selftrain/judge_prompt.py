@@ -10,6 +10,13 @@ image, the order of the published ``eval_gpt4v_review.py``::
     [Question]\\n{q}\\n\\n[Answer 1]\\n{a1}\\n\\n[End of Answer 1]\\n\\n\
     [Answer 2]\\n{a2}\\n\\n[End of Answer 2]\\n\\n[System]\\n{rule}\\n\\n
 
+The question and the answers are model text, untrusted: :func:`neutralise` rewrites any delimiter
+of this layout inside them (``[System]``, ``[End of Answer 1]``, ... in any case, spacing or
+bracket form) with parentheses, so they cannot close their own section and open a forged one
+(a forged ``[System]`` with another rule, or a forged ``[Answer 2]`` hiding the real one). Clean
+text is left as it is: the prompt is then exactly the published one. What a judge model can still
+be talked into by the *content* of an answer is discussed in docs/SelfTraining.md.
+
 The image is a ``data:<mime>;base64,...`` URL; the MIME type comes from the image bytes (PIL),
 not the file name. Formats the API does not take (not JPEG/PNG/GIF/WEBP) are re-encoded as PNG.
 """
@@ -22,6 +29,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +70,34 @@ def load_rule(path: str | os.PathLike = DEFAULT_RULE) -> Rule:
     return Rule(text, path.stem, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
+# Brackets a delimiter may be written with to look like one: ASCII, fullwidth, CJK lenticular and
+# tortoise-shell. Their content is compared after NFKC, without spaces or invisible format
+# characters (a zero-width space inside "System"), case-folded.
+_OPEN, _CLOSE = "[\uff3b\u3010\u3014", "]\uff3d\u3011\u3015"
+_BRACKETED = re.compile(f"[{re.escape(_OPEN)}]([^{re.escape(_OPEN + _CLOSE)}]{{1,80}})[{re.escape(_CLOSE)}]")
+_DELIMITER_NAME = re.compile(r"question|answer\d+|endofanswer\d+|system")
+
+
+def _is_delimiter(inner: str) -> bool:
+    folded = "".join(ch for ch in unicodedata.normalize("NFKC", inner)
+                     if not ch.isspace() and unicodedata.category(ch) != "Cf")
+    return _DELIMITER_NAME.fullmatch(folded.casefold()) is not None
+
+
+def neutralise(text: str) -> str:
+    """``text`` (a question or an answer: untrusted model text) with every delimiter of the judge
+    prompt's layout -- ``[Question]``, ``[Answer N]``, ``[End of Answer N]``, ``[System]``, in any
+    case, spacing or bracket form, anywhere in the text -- written in parentheses instead
+    (``(System)``), so it reads as quoted text and cannot open or close a section. Returns ``text``
+    itself when it holds none (other brackets, ``[1]`` or ``[left]``, are left alone); idempotent."""
+    return _BRACKETED.sub(lambda m: f"({m.group(1)})" if _is_delimiter(m.group(1)) else m.group(0), text)
+
+
 def build_prompt(question: str, answer1: str, answer2: str, rule_text: str) -> str:
     """The text part of the judge request, exactly the layout of docs/Method.md#judge-prompt."""
+    # The question and the answers are model text: neutralised (the rule is the project's own). For
+    # text without delimiters the prompt is bit for bit the published one.
+    question, answer1, answer2 = neutralise(question), neutralise(answer1), neutralise(answer2)
     return (f"[Question]\n{question}\n\n"
             f"[Answer 1]\n{answer1}\n\n[End of Answer 1]\n\n"
             f"[Answer 2]\n{answer2}\n\n[End of Answer 2]\n\n"
@@ -75,7 +109,8 @@ _PROMPT_RE = re.compile(r"\A\[Question\]\n(.*?)\n\n\[Answer 1\]\n(.*?)\n\n\[End 
 
 
 def split_prompt(text: str) -> tuple[str, str, str, str]:
-    """Inverse of :func:`build_prompt`: (question, answer1, answer2, rule). For test/phantom judges.
+    """Inverse of :func:`build_prompt`: (question, answer1, answer2, rule), the question and the
+    answers as sent (:func:`neutralise`-d). For test/phantom judges.
 
     Refuses (ValueError) text that does not have that layout.
     """
@@ -108,8 +143,9 @@ def encode_image(data: bytes) -> tuple[str, bytes]:
     """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
 
     JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
-    Refuses (ValueError) bytes that are not a readable image, and an image over the pixel limit of
-    every stllava tool (:func:`stllava.data.images.max_image_pixels`).
+    Refuses (ValueError, its message naming no Python internals) bytes that are not a readable
+    image, and an image every stllava tool refuses (:func:`stllava.data.images.check_dimensions`:
+    over the pixel limit, itself or padded to a square, or thinner than the aspect-ratio limit).
     """
     try:
         with open_checked(io.BytesIO(data)) as img:
@@ -122,9 +158,12 @@ def encode_image(data: bytes) -> tuple[str, bytes]:
             img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
         return "image/png", buf.getvalue()
     except ImageTooLarge as e:
-        raise ValueError(f"image too large: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{e.kind}: {e}") from None
+    except UnidentifiedImageError:  # its message is the repr of our BytesIO
+        raise ValueError("not a readable image (not an image format PIL can identify)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(e)) or type(e).__name__
+        raise ValueError(f"not a readable image ({detail})") from None
 
 
 def build_messages(prompt: str, mime: str, data: bytes) -> list[dict]:

@@ -107,7 +107,7 @@ def load_image(src: str, allow_url: bool = False) -> Image.Image:
         except (urllib.error.URLError, OSError) as e:
             raise ChatInputError(f"--image-file {src}: cannot download or decode it ({e})") from None
         except ImageTooLarge as e:
-            raise ChatInputError(f"--image-file {src}: image too large ({e})") from None
+            raise ChatInputError(f"--image-file {src}: {e.kind} ({e})") from None
     if not os.path.isfile(src):
         raise ChatInputError(f"--image-file {src} does not exist")
     try:

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.control_text import neutralize
 from stllava.conversation import get_conv_template
-from stllava.data.images import to_rgb
+from stllava.data.images import ImageTooLarge, check_dimensions, to_rgb
 from stllava.generation import image_prompt_text, render_prompt
 from stllava.serve.protocol import APIError, Message, TextPart
 
@@ -101,6 +101,10 @@ def decode_image(raw: bytes, limits: ImageLimits, where: str) -> Image.Image:
         if w * h > limits.max_pixels:
             raise APIError(400, f"{where}: image is {w}x{h} pixels, more than the limit of {limits.max_pixels}",
                            param=where)
+        try:  # what preprocessing allocates: the padded square, a thin image (every image reader's check)
+            check_dimensions(w, h, limits.max_pixels)
+        except ImageTooLarge as e:
+            raise APIError(400, f"{where}: {e.kind} ({e})", param=where) from None
         if w == 0 or h == 0:
             raise APIError(400, f"{where}: image is empty ({w}x{h})", param=where)
         try:
