@@ -1,6 +1,8 @@
 # Two commands do everything: `make demo` and `make test`.
 # Each creates .venv on first use: torch==2.13.0 first (the local CPU wheel; an unpinned torch
-# would pull a multi-GB CUDA build), then the project with its dev extras.
+# would pull a multi-GB CUDA build), then the project with its dev extras at the versions in
+# constraints.txt — the versions README's numbers were measured with (a newer transformers or
+# accelerate changes the demo's numbers; regenerate constraints.txt and the numbers together).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -14,17 +16,18 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: test test-fast lint demo install clean browser
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
+	$(VPY) -m pylint stllava
 
 # Headless Chromium and its WebDriver from Debian's packages, for the chat-page test
 # (tests/serve/test_page.py). When they cannot be installed (no root, no apt-get, offline) this says
