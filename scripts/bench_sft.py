@@ -29,6 +29,8 @@ from types import SimpleNamespace
 
 import torch
 
+from stllava import logs
+
 logger = logging.getLogger("bench_sft")
 
 
@@ -227,8 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny_shape", action="store_true", help="7b: tiny widths, fp32 (a CPU smoke run of the 7b code)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the GPU for MFU")
     ap.add_argument("--json", default=None, help="also write the result to this file")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     if args.seven_b:
         args.batch, args.steps = args.batch or 8, args.steps or 3
         args.warmup = 1 if args.warmup is None else args.warmup

@@ -4,7 +4,7 @@ process does, and one resumable JSONL loop.
 
 * **Flags** (:func:`add_tool_args`): ``--model-path``, ``--model-base``, ``--conv-mode``,
   ``--device``, ``--batch-size``, ``--seed``, ``--num-chunks``/``--chunk-idx``, ``--skip-bad``,
-  ``--overwrite``, ``--allow-empty``, ``--no-progress`` — spelled and meaning the same in all three.
+  ``--overwrite``, ``--allow-empty``, ``--no-progress``, ``--log-level`` — spelled and meaning the same in all three.
   An input with nothing to do (an empty question file, no image in the folder) is an error
   (:func:`refuse_empty`) unless ``--allow-empty``: it is almost always a wrong path.
 * **Template** (:func:`resolve_conv_mode`): ``--conv-mode`` when given, else the ``conv_mode``
@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from stllava import logs
 from stllava.errors import StllavaError
 from stllava.generation import ImageError, batched, load_rgb, prefetch
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
@@ -80,6 +81,7 @@ def add_tool_args(parser: argparse.ArgumentParser, *, model_help: str, conv_help
     parser.add_argument("--allow-empty", dest="allow_empty", action="store_true",
                         help="accept an input with no items (by default an error: usually a wrong or unfinished file)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    logs.add_log_level_arg(parser)
 
 
 # --- template -------------------------------------------------------------------------------
@@ -311,7 +313,3 @@ def check_batch_size(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be ≥ 1, got {args.batch_size}")
 
-
-def setup_logging() -> None:
-    """The generating tools' log format (INFO, timestamped)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

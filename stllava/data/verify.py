@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.data.images import check_image, image_mode, image_path, mode_note
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
@@ -308,12 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="print at most this many problems (and notes)")
     ap.add_argument("--allow_empty", action="store_true",
                     help="accept a file with no records (by default an empty list is an error: a wrong file)")
+    logs.add_log_level_arg(ap, default="WARNING")
     return ap
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     tokenizer = None
     if args.tokenizer:
         from transformers import LlamaTokenizer

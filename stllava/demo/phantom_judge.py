@@ -16,6 +16,7 @@ import logging
 import os
 import re
 
+from stllava import logs
 from stllava.selftrain.judge_prompt import split_prompt
 from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
@@ -142,8 +143,9 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", required=True, help="facts.json written with the phantom images")
     ap.add_argument("--image-folder", required=True)
     ap.add_argument("--port", type=int, default=8765)
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    logs.setup(args.log_level)
     server = build_server(args.facts, args.image_folder, args.port)
     print(f"{JUDGE_NAME} serving on {server.base_url}")
     server.serve_forever()

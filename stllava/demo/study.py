@@ -32,6 +32,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from stllava import logs
 from stllava.demo import steps
 from stllava.demo.quality import pair_stats, per_kind, question_stats
 from stllava.demo.runner import Runner
@@ -256,8 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search", default=None, nargs="?", const="all",
                     help="run the settings search on the validation phantoms instead of the study: all variants, "
                     f"or a comma-separated subset of {','.join(SEARCH)}")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     cfg = StudyConfig(**(QUICK if args.quick else {}))
     cfg.workdir = args.workdir or ("playground/study-quick" if args.quick else cfg.workdir)
     cfg.jobs = args.jobs

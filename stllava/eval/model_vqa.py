@@ -34,6 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from stllava import logs
 from stllava.errors import run_cli
 from stllava.generation import (
     GenerationSettings,
@@ -58,7 +59,6 @@ from stllava.tooling import (
     refuse_empty,
     run_batches,
     settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.eval.model_vqa")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     rate = s["answered"] / s["seconds"] if s["seconds"] else 0.0
     print(f"answered {s['answered']} questions in {s['seconds']:.1f} s ({rate:.2f} q/s); "

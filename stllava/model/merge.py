@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from stllava import logs
 from stllava.errors import StllavaError
 from stllava.model import checkpoint_layouts as cl
 
@@ -182,6 +183,7 @@ def build_parser(prog: str = "python -m stllava.model.merge") -> argparse.Argume
                     "be empty)")
     ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES),
                     help="dtype of the saved weights (default: float16)")
+    logs.add_log_level_arg(ap)
     return ap
 
 
@@ -189,7 +191,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m stllava.model
     """The CLI: parse ``argv``, merge, print one summary line; returns 0. Raises as :func:`merge_checkpoint`
     (``stllava.errors.run_cli`` turns a :class:`MergeError` into one line and exit code 2)."""
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     t0 = time.time()
     out = merge_checkpoint(args.model_path, args.model_base, args.save_model_path, args.vit_lora, args.dtype)
     print(f"merged {args.model_path} (base {args.model_base}) into {out} in {time.time() - t0:.1f} s; "

@@ -36,6 +36,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from stllava import logs
 from stllava.errors import run_cli
 from stllava.generation import GenerationSettings, derive_seed, generate, image_prompt_text, render_prompt
 from stllava.jsonl import JsonlError, iter_jsonl
@@ -53,7 +54,6 @@ from stllava.tooling import (
     refuse_empty,
     run_batches,
     settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.selftrain.answers")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     print(f"{s['written']} questions answered ({args.n_answers} answers each) in {s['seconds']:.1f} s; "
           f"{s['already_done']} already done; {len(s['skipped'])} skipped (bad image) → {args.out}")

@@ -41,6 +41,7 @@ import os
 import sys
 from pathlib import Path
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.errors import run_cli
 from stllava.generation import GenerationSettings, batched, derive_seed, generate, render_prompt
@@ -58,7 +59,6 @@ from stllava.tooling import (
     refuse_empty,
     run_batches,
     settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.selftrain.questions")
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     print(f"{s['written']} images written ({s['questions']} questions; dropped {s['dropped_empty']} empty, "
           f"{s['dropped_duplicate']} duplicate) in {s['seconds']:.1f} s; {s['already_done']} already done; "

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+from stllava import logs
 from stllava.conversation import conv_templates
 from stllava.errors import StllavaError, run_cli
 
@@ -65,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-mb", type=float, default=20.0, help="larger images (encoded) get 400")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger images (decoded) get 400")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: 400)")
+    logs.add_log_level_arg(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     for flag in ("max_batch", "max_queue", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ServeError(f"--{flag.replace('_', '-')} must be ≥ {0 if flag == 'port' else 1}")
