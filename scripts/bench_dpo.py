@@ -151,8 +151,8 @@ def _worker(args: argparse.Namespace) -> dict:
 def _prepare(args: argparse.Namespace, workdir: str) -> None:
     import torch
 
-    from stllava.data.preference import write_colour_preference_dataset
     from stllava.model.tiny import build_tiny_bundle
+    from stllava.toys import write_colour_preference_dataset
 
     vision = dict(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                   num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),

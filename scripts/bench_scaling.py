@@ -182,7 +182,7 @@ def bench_sft(args, model_path: str, clock: Clock) -> list[dict]:
 
 
 def bench_dpo(args, model_path: str, workdir: str, clock: Clock) -> list[dict]:
-    from stllava.data.preference import write_colour_preference_dataset
+    from stllava.toys import write_colour_preference_dataset
     from stllava.train.train_dpo import build_dpo_trainer
 
     data, images = write_colour_preference_dataset(os.path.join(workdir, "pairs"), n=max(args.dpo_pairs))

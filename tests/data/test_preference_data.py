@@ -7,15 +7,9 @@ import torch
 
 from stllava.constants import IGNORE_INDEX
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
-from stllava.data.preference import (
-    PROMPT_MISMATCH,
-    DataCollatorForPreferenceDataset,
-    LazyPreferenceDataset,
-    build_preference_dataset,
-    verify_preference_records,
-    write_colour_preference_dataset,
-)
-from stllava.data.verify import BadDataError, load_records
+from stllava.data.preference import DataCollatorForPreferenceDataset, LazyPreferenceDataset, build_preference_dataset
+from stllava.data.verify import PROMPT_MISMATCH, BadDataError, load_records, verify_preference_records
+from stllava.toys import write_colour_preference_dataset
 from stllava.train.dpo_trainer import concatenated_batch
 
 

@@ -8,8 +8,9 @@ from torch.utils.data import DataLoader
 from stllava.constants import IGNORE_INDEX
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.data.collate import DataCollatorForSupervisedDataset, truncate_to_fit
-from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+from stllava.data.sft import LazySupervisedDataset
 from stllava.data.verify import load_records
+from stllava.toys import write_colour_dataset
 from stllava.train.sampler import (
     LengthGroupedSampler,
     RandomEpochSampler,

@@ -193,7 +193,7 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, tiny_bundle):
 def test_launch_scripts_name_a_missing_input_before_starting_anything(tmp_path, tiny_bundle, script):
     """A MODEL / VISION_TOWER / PROJECTOR / DATA / IMAGES path that does not exist: one line naming the
     variable, exit status 2, before any launcher or Python starts (no hub retries from every rank)."""
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset
 
     data, images = write_colour_dataset(str(tmp_path / "d"), n=2)
     good = {"MODEL": tiny_bundle["model"], "VISION_TOWER": tiny_bundle["vision_tower"], "PROJECTOR": "",

@@ -34,7 +34,7 @@ def trainable(model):
 @pytest.fixture(scope="module")
 def captions(tiny_bundle, tmp_path_factory):
     """Image-caption records for the plain template (LLaVA's pretraining data format)."""
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset
 
     root = tmp_path_factory.mktemp("captions")
     data, images = write_colour_dataset(str(root), n=8)

@@ -11,8 +11,8 @@ import pytest
 import ranks
 import torch
 
-from stllava.data.preference import write_colour_preference_dataset
 from stllava.model.builder import load_pretrained_model
+from stllava.toys import write_colour_preference_dataset
 from stllava.train.train_dpo import START_DIR, run_dpo
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

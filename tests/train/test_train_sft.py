@@ -21,8 +21,8 @@ PROJ = "base_model.model.model.mm_projector."
 def learnable(tmp_path_factory):
     """A tiny bundle whose LM head can express confident predictions (init range 0.2; at the default
     0.02 a frozen random head caps the loss near 6), the colour task, and the projector alone."""
-    from stllava.data.sft import write_colour_dataset
     from stllava.model.tiny import build_tiny_bundle
+    from stllava.toys import write_colour_dataset
 
     root = tmp_path_factory.mktemp("learnable")
     paths = build_tiny_bundle(str(root / "bundle"), seed=0, llm={"initializer_range": 0.2})

@@ -102,9 +102,10 @@ def _colour_batches(tiny_bundle, tmp_path, n=8):
     from transformers import CLIPImageProcessor
 
     from stllava.data.collate import DataCollatorForSupervisedDataset
-    from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+    from stllava.data.sft import LazySupervisedDataset
     from stllava.data.verify import load_records
     from stllava.model.builder import load_tokenizer
+    from stllava.toys import write_colour_dataset
 
     tok = load_tokenizer(tiny_bundle["model"], 1024, training=True)
     proc = CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
