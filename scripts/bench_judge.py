@@ -6,7 +6,7 @@
 
 The judge is the real command (``stllava.selftrain.judge.main``, the real ``openai`` client, its
 resume cache and summary), run in this process against
-``stllava.selftrain.openai_server.ChatCompletionServer`` on 127.0.0.1 (also in this process, so the
+``stllava.demo.openai_stub.ChatCompletionServer`` on 127.0.0.1 (also in this process, so the
 server's work competes with the judge's for the same interpreter and CPUs: the per-request time
 below is judge + client + server). The data set is built in a temporary folder: ``--images``
 distinct ``--image-size``² JPEGs (smooth gradients with noise) and one record per item with two
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     if min(args.items, args.waves, args.pings, *args.concurrency) < 1 or args.latency <= 0:
         ap.error("--items, --waves, --pings and --concurrency must be >= 1, --latency > 0")
     logs.setup(args.log_level)
-    from stllava.selftrain.openai_server import ChatCompletionServer, Reply
+    from stllava.demo.openai_stub import ChatCompletionServer, Reply
 
     levels = sorted(set(args.concurrency))
     old_key = os.environ.get(KEY_ENV)

@@ -1,6 +1,6 @@
 """The *phantom judge*: a stand-in for GPT-4o that knows each phantom's ground truth.
 
-It is served by :class:`stllava.selftrain.openai_server.ChatCompletionServer`, so the demo drives
+It is served by :class:`stllava.demo.openai_stub.ChatCompletionServer`, so the demo drives
 the real judge client (``stllava.selftrain.judge``, the ``openai`` package, HTTP, retries, cache)
 exactly as it would drive GPT-4o. It identifies the image by the SHA-256 of the bytes in the
 request's data URL, works out what the question asks (presence, side, count, size, modality) and
@@ -17,8 +17,8 @@ import os
 import re
 
 from stllava import logs
+from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_images, request_text
 from stllava.selftrain.judge_prompt import split_prompt
-from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
 logger = logging.getLogger(__name__)
 
