@@ -13,15 +13,6 @@ from stllava.toys import write_colour_preference_dataset
 from stllava.train.dpo_trainer import concatenated_batch
 
 
-@pytest.fixture(scope="module")
-def tok_proc(tiny_bundle):
-    from transformers import CLIPImageProcessor
-
-    from stllava.model.builder import load_tokenizer
-
-    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
-
-
 def _trained(tok, labels):
     return tok.decode([t for t in labels.tolist() if t != IGNORE_INDEX]).replace(" ", "")
 

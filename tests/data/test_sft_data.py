@@ -19,15 +19,6 @@ from stllava.train.sampler import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok_proc(tiny_bundle):
-    from transformers import CLIPImageProcessor
-
-    from stllava.model.builder import load_tokenizer
-
-    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
-
-
 def test_item_and_batch(tok_proc, tmp_path):
     tok, proc = tok_proc
     data, folder = write_colour_dataset(str(tmp_path), n=2, n_text=1)

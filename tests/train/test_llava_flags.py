@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.training import lora_args
 from transformers import TrainerCallback
 
 from stllava.model import LlavaLlamaForCausalLM
@@ -19,12 +20,6 @@ from stllava.train.model_setup import make_trainable
 from stllava.train.train_sft import main, run_sft
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-
-
-def lora_args(**over):
-    base = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none", vit_lora_enable=True,
-                lora_r_vit=2, lora_alpha_vit=4, lora_dropout_vit=0.0)
-    return SimpleNamespace(**{**base, **over})
 
 
 def trainable(model):
