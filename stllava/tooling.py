@@ -313,3 +313,44 @@ def check_batch_size(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be ≥ 1, got {args.batch_size}")
 
+
+
+# --- the shared opening -----------------------------------------------------------------------
+@dataclass
+class Work:
+    """One process's share of a generating tool's work, settled before any model is loaded
+    (:func:`plan_work`)."""
+
+    conv_mode: str  # the template used (see :func:`settle_conv_mode`)
+    settings: dict  # what decides the output: stored in every record, compared on resume
+    items: list  # every input item
+    chunk: list  # this process's chunk of them (--num-chunks / --chunk-idx)
+    already_done: int  # items of the chunk the output file already holds
+    pending: list  # the chunk's items still to do, whose image exists (or was refused)
+
+
+def plan_work(args: argparse.Namespace, *, default_conv_mode: str, settings_of: Callable[[argparse.Namespace], dict],
+              read_items: Callable[[], Sequence], source: str, what: str, out: str | os.PathLike, key: str,
+              key_of: Callable[[Any], str], done_what: str, images: ImageSource,
+              check_template: Callable[[str], Any] | None = None) -> Work:
+    """The opening every generating tool shares, in this order: the template (``--conv-mode``, the
+    checkpoint's, else ``default_conv_mode``; then ``check_template(template)``, which refuses one
+    the tool cannot use), the settings (``settings_of(args)``, with ``args.conv_mode`` settled), the
+    input (``read_items()``; ``source`` holding no ``what`` is refused unless ``--allow-empty``), this
+    process's chunk, what ``out`` already holds (field ``key`` of its records: resumed, or refused
+    when written with other settings; ``--overwrite`` starts it over), the pending items (named by
+    ``key_of``; ``done_what`` names them in a warning), and, through ``images``, those whose image
+    file is missing (refused, or with ``--skip-bad`` listed in ``images.skipped`` and left out).
+
+    Returns the :class:`Work`; the refusals are :class:`ToolError`s."""
+    conv_mode = settle_conv_mode(args, default_conv_mode)
+    if check_template is not None:
+        check_template(conv_mode)
+    settings = settings_of(args)
+    items = list(read_items())
+    refuse_empty(items, args, source, what)
+    chunk = chunk_of(items, args.num_chunks, args.chunk_idx)
+    done = read_done(out, key, settings, overwrite=args.overwrite)
+    pending = pending_items(chunk, key_of, done, done_what, str(out))
+    already_done = len(chunk) - len(pending)
+    return Work(conv_mode, settings, items, chunk, already_done, images.drop_missing(pending))
