@@ -21,6 +21,8 @@ process does, and one resumable JSONL loop.
 * **Loop** (:func:`run_batches`): pending items in batches; the next batch's images are decoded in
   a background thread while the current one generates; records are appended and flushed as each
   batch finishes, so a killed run loses at most the batch in flight.
+* **Opening** (:func:`plan_work`): template, settings, input, chunk, resume and missing images, in
+  that order and before any model is loaded, one call in each tool.
 """
 from __future__ import annotations
 
@@ -312,7 +314,6 @@ def check_batch_size(args: argparse.Namespace) -> None:
     """Refuse (ToolError) ``--batch-size`` < 1."""
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-
 
 
 # --- the shared opening -----------------------------------------------------------------------
