@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from stllava import logs
+
 logger = logging.getLogger("bench_7b")
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -172,8 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new_tokens", type=int, default=128, help="generate: new tokens per row")
     ap.add_argument("--repeats", type=int, default=2, help="generate: timed runs per batch size (best kept)")
     ap.add_argument("--json", default=None, help="also write the result to this file")
+    logs.add_log_level_arg(ap, default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logs.setup(args.log_level)
     if args.llm_layers is None:
         args.llm_layers = 2 if args.tiny else 4 if args.what == "parity" else 8
     if args.text is None:

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from stllava import logs
+
 logger = logging.getLogger("bench_dpo")
 MODES = ("adapter_disabled", "separate")
 PROFILED_STEPS = 2
@@ -53,6 +55,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--small", action="store_true", help="hidden 256, 4 layers, 4 steps: a quick smoke run")
     ap.add_argument("--workdir", default=None, help="where the bundle and data go (default: a temporary folder)")
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "WORKDIR"), help=argparse.SUPPRESS)
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
     if args.small:
         args.hidden, args.layers, args.intermediate, args.heads, args.steps = 256, 4, 688, 4, 4
@@ -148,8 +151,8 @@ def _worker(args: argparse.Namespace) -> dict:
 def _prepare(args: argparse.Namespace, workdir: str) -> None:
     import torch
 
-    from stllava.data.preference import write_colour_preference_dataset
     from stllava.model.tiny import build_tiny_bundle
+    from stllava.toys import write_colour_preference_dataset
 
     vision = dict(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                   num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
@@ -184,11 +187,11 @@ def _mib(n) -> str:
 
 def main(argv=None) -> None:
     args = _parse(argv)
+    # the worker (a subprocess whose stdout is one JSON line) logs warnings only
+    logs.setup(logging.WARNING if args.worker else args.log_level)
     if args.worker:
-        logging.basicConfig(level=logging.WARNING)
         print(json.dumps(_worker(args)), flush=True)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     passthrough = list(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp

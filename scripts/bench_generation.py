@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import tempfile
 import time
@@ -40,6 +39,7 @@ from importlib import resources
 
 import torch
 
+from stllava import logs
 from stllava.generation import (
     GenerationSettings,
     batched,
@@ -100,8 +100,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--conv-mode", default="vicuna_v1")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the numbers to this file")
+    logs.add_log_level_arg(ap, default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logs.setup(args.log_level)
 
     from stllava.eval import model_vqa
     from stllava.model.builder import load_pretrained_model

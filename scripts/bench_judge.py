@@ -6,7 +6,7 @@
 
 The judge is the real command (``stllava.selftrain.judge.main``, the real ``openai`` client, its
 resume cache and summary), run in this process against
-``stllava.selftrain.openai_server.ChatCompletionServer`` on 127.0.0.1 (also in this process, so the
+``stllava.demo.openai_stub.ChatCompletionServer`` on 127.0.0.1 (also in this process, so the
 server's work competes with the judge's for the same interpreter and CPUs: the per-request time
 below is judge + client + server). The data set is built in a temporary folder: ``--images``
 distinct ``--image-size``² JPEGs (smooth gradients with noise) and one record per item with two
@@ -35,13 +35,14 @@ import contextlib
 import http.client
 import io
 import json
-import logging
 import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from stllava import logs
 
 REPLY = "8 3\nAnswer 1 is more accurate and more detailed."
 KEY_ENV = "OPENAI_API_KEY"  # the judge's default --api-key-env, as in tests/selftrain/test_judge.py
@@ -145,11 +146,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--answer-chars", type=int, default=800, help="characters per answer")
     ap.add_argument("--pings", type=int, default=50, help="GET /health requests of the bare round trip")
     ap.add_argument("--json", help="also write the numbers to this file")
+    logs.add_log_level_arg(ap, default="WARNING")
     args = ap.parse_args(argv)
     if min(args.items, args.waves, args.pings, *args.concurrency) < 1 or args.latency <= 0:
         ap.error("--items, --waves, --pings and --concurrency must be >= 1, --latency > 0")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from stllava.selftrain.openai_server import ChatCompletionServer, Reply
+    logs.setup(args.log_level)
+    from stllava.demo.openai_stub import ChatCompletionServer, Reply
 
     levels = sorted(set(args.concurrency))
     old_key = os.environ.get(KEY_ENV)

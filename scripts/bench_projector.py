@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from stllava import logs
+
 logger = logging.getLogger("bench_projector")
 MODES = ("aggregate", "forward", "train")
 FORMS = ("ours", "published")
@@ -56,6 +58,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                     help="torch CPU threads (default $OMP_NUM_THREADS or 1)")
     ap.add_argument("--worker", nargs=3, metavar=("BATCH", "MODE", "FORM"), help=argparse.SUPPRESS)
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
     if args.small:
         args.dim, args.hidden = 256, 512
@@ -203,10 +206,11 @@ def _mib(n) -> str:
 
 def main(argv=None) -> None:
     args = _parse(argv)
+    # the worker (a subprocess whose stdout is one JSON line) logs warnings only
+    logs.setup(logging.WARNING if args.worker else args.log_level)
     if args.worker:
         print(json.dumps(_worker(args)), flush=True)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     passthrough = list(argv if argv is not None else sys.argv[1:])
     modes = args.modes or (MODES if args.backward else MODES[:2])
     rows = []

@@ -36,6 +36,8 @@ from importlib import resources
 import numpy as np
 import torch
 
+from stllava import logs
+
 logger = logging.getLogger("bench_scaling")
 
 
@@ -180,7 +182,7 @@ def bench_sft(args, model_path: str, clock: Clock) -> list[dict]:
 
 
 def bench_dpo(args, model_path: str, workdir: str, clock: Clock) -> list[dict]:
-    from stllava.data.preference import write_colour_preference_dataset
+    from stllava.toys import write_colour_preference_dataset
     from stllava.train.train_dpo import build_dpo_trainer
 
     data, images = write_colour_preference_dataset(os.path.join(workdir, "pairs"), n=max(args.dpo_pairs))
@@ -260,8 +262,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point; the best is kept")
     ap.add_argument("--out", default="images/scaling.png", help="the figure (PNG)")
     ap.add_argument("--json", help="also write the numbers to this file")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     for name in ("transformers", "stllava"):
         logging.getLogger(name).setLevel(logging.WARNING)
     device = torch.device(args.device)

@@ -21,7 +21,6 @@ import argparse
 import base64
 import http.client
 import json
-import logging
 import os
 import socket
 import statistics
@@ -34,6 +33,8 @@ import urllib.request
 from importlib import resources
 
 import openai
+
+from stllava import logs
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,8 +50,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--window-ms", type=float, default=50.0, help="the server's batch collection window")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the numbers to this file")
+    logs.add_log_level_arg(ap, default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logs.setup(args.log_level)
 
     tmp = tempfile.TemporaryDirectory()
     model_path = args.model_path

@@ -6,7 +6,7 @@
 
 One training step = forward + backward + AdamW step of the stage-1 setup (LLM LoRA, ViT-LoRA,
 trainable projector, gradient checkpointing), on the same batches as the real run (the colour
-task of ``stllava.data.sft.write_colour_dataset`` for the tiny mode; synthetic ids + random images
+task of ``stllava.toys.write_colour_dataset`` for the tiny mode; synthetic ids + random images
 of the published sizes for ``--7b``). Timers (CUDA-synchronised) around
 ``prepare_inputs_labels_for_multimodal`` and ``encode_images`` give the forward time of the image
 splice alone (the former minus the latter) and of tower + projector.
@@ -28,6 +28,8 @@ import time
 from types import SimpleNamespace
 
 import torch
+
+from stllava import logs
 
 logger = logging.getLogger("bench_sft")
 
@@ -113,11 +115,12 @@ def bench_tiny(args) -> dict:
     from transformers import CLIPImageProcessor
 
     from stllava.data.collate import DataCollatorForSupervisedDataset
-    from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+    from stllava.data.sft import LazySupervisedDataset
     from stllava.data.verify import load_records
     from stllava.model import LlavaLlamaForCausalLM
     from stllava.model.builder import load_tokenizer
     from stllava.model.tiny import build_tiny_bundle
+    from stllava.toys import write_colour_dataset
     from stllava.train.model_setup import make_trainable
 
     device = torch.device("cpu")
@@ -227,8 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny_shape", action="store_true", help="7b: tiny widths, fp32 (a CPU smoke run of the 7b code)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the GPU for MFU")
     ap.add_argument("--json", default=None, help="also write the result to this file")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     if args.seven_b:
         args.batch, args.steps = args.batch or 8, args.steps or 3
         args.warmup = 1 if args.warmup is None else args.warmup

@@ -4,7 +4,7 @@ process does, and one resumable JSONL loop.
 
 * **Flags** (:func:`add_tool_args`): ``--model-path``, ``--model-base``, ``--conv-mode``,
   ``--device``, ``--batch-size``, ``--seed``, ``--num-chunks``/``--chunk-idx``, ``--skip-bad``,
-  ``--overwrite``, ``--allow-empty``, ``--no-progress`` — spelled and meaning the same in all three.
+  ``--overwrite``, ``--allow-empty``, ``--no-progress``, ``--log-level`` — spelled and meaning the same in all three.
   An input with nothing to do (an empty question file, no image in the folder) is an error
   (:func:`refuse_empty`) unless ``--allow-empty``: it is almost always a wrong path.
 * **Template** (:func:`resolve_conv_mode`): ``--conv-mode`` when given, else the ``conv_mode``
@@ -22,6 +22,8 @@ process does, and one resumable JSONL loop.
 * **Loop** (:func:`run_batches`): pending items in batches; the next batch's images are decoded in
   a background thread while the current one generates; records are appended and flushed as each
   batch finishes, so a killed run loses at most the batch in flight.
+* **Opening** (:func:`plan_work`): template, settings, input, chunk, resume and missing images, in
+  that order and before any model is loaded, one call in each tool.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from stllava import logs
 from stllava.artifacts import check
 from stllava.errors import StllavaError
 from stllava.generation import ImageError, batched, load_rgb, prefetch
@@ -82,6 +85,7 @@ def add_tool_args(parser: argparse.ArgumentParser, *, model_help: str, conv_help
     parser.add_argument("--allow-empty", dest="allow_empty", action="store_true",
                         help="accept an input with no items (by default an error: usually a wrong or unfinished file)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    logs.add_log_level_arg(parser)
 
 
 # --- template -------------------------------------------------------------------------------
@@ -325,6 +329,42 @@ def check_batch_size(args: argparse.Namespace) -> None:
         raise ToolError(f"--batch-size must be ≥ 1, got {args.batch_size}")
 
 
-def setup_logging() -> None:
-    """The generating tools' log format (INFO, timestamped)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# --- the shared opening -----------------------------------------------------------------------
+@dataclass
+class Work:
+    """One process's share of a generating tool's work, settled before any model is loaded
+    (:func:`plan_work`)."""
+
+    conv_mode: str  # the template used (see :func:`settle_conv_mode`)
+    settings: dict  # what decides the output: stored in every record, compared on resume
+    items: list  # every input item
+    chunk: list  # this process's chunk of them (--num-chunks / --chunk-idx)
+    already_done: int  # items of the chunk the output file already holds
+    pending: list  # the chunk's items still to do, whose image exists (or was refused)
+
+
+def plan_work(args: argparse.Namespace, *, default_conv_mode: str, settings_of: Callable[[argparse.Namespace], dict],
+              read_items: Callable[[], Sequence], source: str, what: str, out: str | os.PathLike, key: str,
+              key_of: Callable[[Any], str], done_what: str, images: ImageSource,
+              check_template: Callable[[str], Any] | None = None) -> Work:
+    """The opening every generating tool shares, in this order: the template (``--conv-mode``, the
+    checkpoint's, else ``default_conv_mode``; then ``check_template(template)``, which refuses one
+    the tool cannot use), the settings (``settings_of(args)``, with ``args.conv_mode`` settled), the
+    input (``read_items()``; ``source`` holding no ``what`` is refused unless ``--allow-empty``), this
+    process's chunk, what ``out`` already holds (field ``key`` of its records: resumed, or refused
+    when written with other settings; ``--overwrite`` starts it over), the pending items (named by
+    ``key_of``; ``done_what`` names them in a warning), and, through ``images``, those whose image
+    file is missing (refused, or with ``--skip-bad`` listed in ``images.skipped`` and left out).
+
+    Returns the :class:`Work`; the refusals are :class:`ToolError`s."""
+    conv_mode = settle_conv_mode(args, default_conv_mode)
+    if check_template is not None:
+        check_template(conv_mode)
+    settings = settings_of(args)
+    items = list(read_items())
+    refuse_empty(items, args, source, what)
+    chunk = chunk_of(items, args.num_chunks, args.chunk_idx)
+    done = read_done(out, key, settings, overwrite=args.overwrite)
+    pending = pending_items(chunk, key_of, done, done_what, str(out))
+    already_done = len(chunk) - len(pending)
+    return Work(conv_mode, settings, items, chunk, already_done, images.drop_missing(pending))

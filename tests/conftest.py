@@ -51,6 +51,32 @@ def tiny_bundle(tmp_path_factory):
     return build_tiny_bundle(str(tmp_path_factory.mktemp("tiny_bundle")), seed=0)
 
 
+@pytest.fixture(scope="module")
+def pretrained(tiny_bundle):
+    """``load_pretrained_model``'s (tokenizer, model, image_processor, context_len) for the tiny
+    bundle on the CPU, loaded once per test module (a test may change the model's state)."""
+    from stllava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(tiny_bundle["model"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def loaded(pretrained):
+    """(tokenizer, model, image_processor) of :func:`pretrained`: what the generating tools take."""
+    tok, model, proc, _ = pretrained
+    return tok, model, proc
+
+
+@pytest.fixture(scope="module")
+def tok_proc(tiny_bundle):
+    """The tiny bundle's training tokenizer (``model_max_length`` 1024) and its CLIP image processor."""
+    from transformers import CLIPImageProcessor
+
+    from stllava.model.builder import load_tokenizer
+
+    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """The locally trained LLaMA-like tokenizer (no ../shared needed)."""

@@ -46,6 +46,16 @@ def run(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def torchrun(script: str, argv: list[str], *, env: dict, nproc: int = 2, timeout: float = 600
+             ) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC SCRIPT ARGV`` from the
+    checkout (:func:`run`); asserts it exits 0 (the message holds the ends of its output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *argv]
+    proc = run(cmd, cwd=REPO, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 def build_shm_comm_op(env: dict) -> None:
     """JIT-build DeepSpeed's CPU comm op in one process, before any launcher starts ranks that would
     race to build it (30-90 s the first time in a checkout, then cached)."""

@@ -136,14 +136,6 @@ def test_load_rgb_names_the_problem(tmp_path):
 
 
 # --- with the tiny model --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def loaded(tiny_bundle):
-    from stllava.model.builder import load_pretrained_model
-
-    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
-    return tok, model, proc
-
-
 def _images(n):
     """n small non-square images, all different (the model's output depends on the image)."""
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,10 @@ from stllava.artifacts import ArtifactError
 from stllava.eval import model_vqa
 from stllava.selftrain import answers, questions
 from stllava.tooling import (
+    ImageSource,
     ToolError,
     chunk_of,
+    plan_work,
     read_done,
     resolve_conv_mode,
     settle_conv_mode,
@@ -101,6 +103,44 @@ def test_read_done_checks_settings_and_overwrite_starts_over(tmp_path, caplog):
 
 
 # --- the shared loop end to end ------------------------------------------------------------------
+ITEMS = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
+
+
+def _plan(tmp_path, out, skip_bad=False):
+    args = argparse.Namespace(conv_mode=None, model_path=str(tmp_path / "ckpt"), num_chunks=2, chunk_idx=0,
+                              overwrite=False, allow_empty=False, skip_bad=skip_bad)
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for name in ("a.png", "b.png", "d.png", "e.png", "f.png"):  # "c.png" is missing
+        (tmp_path / "img" / name).write_bytes(b"")
+    images = ImageSource(str(tmp_path / "img"), lambda it: it, lambda it: f"item {it}", lambda it: {"image": it},
+                         args.skip_bad)
+    read = []
+    work = plan_work(args, default_conv_mode="v1", settings_of=lambda a: {"conv_mode": a.conv_mode},
+                     read_items=lambda: read.append(1) or ITEMS, source="items.jsonl",
+                     what="items", out=out, key="image", key_of=str, done_what="images", images=images)
+    return work, images, read
+
+
+def test_plan_work_is_the_tools_shared_opening(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"image": "a.png", "settings": {"conv_mode": "v1"}}) + "\n")
+    with pytest.raises(ToolError, match="image 'c.png' not found"):  # chunk 0 of 2: a, b, c
+        _plan(tmp_path, out)
+    work, images, read = _plan(tmp_path, out, skip_bad=True)
+    assert (work.conv_mode, work.settings) == ("v1", {"conv_mode": "v1"})
+    assert work.items == ITEMS and work.chunk == ["a.png", "b.png", "c.png"] and read == [1]
+    assert work.already_done == 1 and work.pending == ["b.png"]  # a.png is done, c.png missing
+    assert images.skipped == [{"image": "c.png", "reason": "missing image"}]
+    # the template is settled (and refused) before the input is read or the output touched
+    args = argparse.Namespace(conv_mode="no_such_template", model_path=str(tmp_path), num_chunks=1, chunk_idx=0,
+                              overwrite=True, allow_empty=False)
+    read = []
+    with pytest.raises(ToolError, match="no_such_template"):
+        plan_work(args, default_conv_mode="v1", settings_of=dict, read_items=lambda: read.append(1) or [],
+                  source="s", what="items", out=out, key="image", key_of=str, done_what="images", images=images)
+    assert read == [] and out.exists()
+
+
 def test_vqa_rad_answers_batched_equal_one_at_a_time_and_the_reference(tiny_bundle, tmp_path):
     """Issue 15: the embedded VQA-RAD questions answered by model_vqa through the shared loop, at
     batch 16 (images shared within a batch decoded and preprocessed once, the next batch prepared

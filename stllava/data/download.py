@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from stllava import logs
 from stllava.data import llava_med, sources
 from stllava.data.fetch import BAD_FILE, KINDS, Hub, VerifiedStore, reject
 from stllava.data.images import check_image
@@ -207,12 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of downloading: re-hash a folder against a manifest.json or SHA256SUMS and "
                         "list missing, changed and extra files (exit 1 on any)")
     p.add_argument("--folder", default=None, help="with --verify: the folder to check (default: the manifest's)")
+    logs.add_log_level_arg(p)
     return p
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     for noisy in ("httpx", "httpx2"):  # one INFO line per HTTP request of huggingface_hub's client
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.verify is not None:

@@ -10,8 +10,8 @@ A record is the schema of the released ``ZachSun/STLLaVA-Med-DPO`` data, as
 Both conversations are rendered, tokenized and masked exactly as SFT does
 (:func:`stllava.data.preprocess.preprocess`: only the answers and their ``</s>`` are trained), the
 image is loaded and preprocessed as in SFT (``pad`` aspect ratio, CLIP processor), and bad records
-are found before training by the SFT check (:func:`stllava.data.verify.verify_records`, run on
-each side of the pair) plus one DPO rule: the two sides must ask the same question(s). The
+are found before training by :func:`stllava.data.verify.verify_preference_records`: the SFT check
+run on each side of the pair plus one DPO rule, the two sides must ask the same question(s). The
 ``--on_bad_sample`` policy is SFT's (``stop`` with the report, or ``skip``).
 
 :class:`DataCollatorForPreferenceDataset` pads chosen and rejected samples to ONE common width, so
@@ -28,71 +28,13 @@ import torch
 
 from stllava.constants import IGNORE_INDEX
 from stllava.data.collate import attention_mask_from_lengths, pad_right, stack_images, truncate_to_fit
-from stllava.data.images import IMAGE_PROBLEMS
 from stllava.data.lazy import LazyLlavaDataset, load_checked_records
 from stllava.data.preprocess import preprocess
-from stllava.data.verify import BAD_RECORD, Problem, VerifyReport, verify_records
-
-CHOSEN, REJECT = "chosen_conversations", "reject_conversations"
-SIDES = (("chosen", CHOSEN), ("rejected", REJECT))
-PROMPT_MISMATCH = "chosen/rejected prompts differ"
+from stllava.data.verify import CHOSEN, REJECT, verify_preference_records
 
 
 def _words(conversation: Sequence[dict]) -> int:
     return sum(len(str(t.get("value", "")).split()) for t in conversation if isinstance(t, dict))
-
-
-def side_view(record: Any, key: str) -> Any:
-    """The record as an SFT record holding one side of the pair (``{"id", "image"?, "conversations"}``),
-    or the record itself when it is not a dict (the SFT check then reports it as malformed)."""
-    if not isinstance(record, dict):
-        return record
-    view = {k: record[k] for k in ("id", "image") if k in record}
-    if key in record:
-        view["conversations"] = record[key]
-    return view
-
-
-def _prompts(conversation: Any) -> list | None:
-    if not isinstance(conversation, list):
-        return None
-    return [t.get("value") for t in conversation if isinstance(t, dict) and t.get("from") != "gpt"]
-
-
-def verify_preference_records(records: Sequence[Any], image_folder: str | None, *, data_path: str = "<data>",
-                              version: str = "v1", tokenizer=None, model_max_length: int | None = None,
-                              image_tokens: int = 576, workers: int = 8) -> VerifyReport:
-    """Check every preference record; returns one :class:`~stllava.data.verify.VerifyReport` (never
-    raises for bad data). Each side is checked with the SFT rules (images once, on the chosen side);
-    the problem detail says which side. A record whose two sides ask different questions is bad too."""
-    report = VerifyReport(data_path, len(records))
-    problems: list[Problem] = []
-    for side, key in SIDES:
-        views = [side_view(r, key) for r in records]
-        sub = verify_records(views, image_folder, data_path=data_path, version=version, tokenizer=tokenizer,
-                             model_max_length=model_max_length, image_tokens=image_tokens, workers=workers,
-                             check_images=(key == CHOSEN))
-        for p in sub.problems:
-            rec = records[p.index]
-            if p.kind == BAD_RECORD and isinstance(rec, dict) and not isinstance(rec.get(key), list):
-                detail = f"no '{key}' list (a DPO record needs '{CHOSEN}' and '{REJECT}')"
-            elif p.kind == BAD_RECORD or p.kind in IMAGE_PROBLEMS:
-                detail = p.detail  # about the record or its image, not one side
-            else:
-                detail = f"{side}: {p.detail}"
-            problems.append(Problem(p.index, p.record_id, p.kind, detail))
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            continue
-        a, b = _prompts(rec.get(CHOSEN)), _prompts(rec.get(REJECT))
-        if a is not None and b is not None and a != b:
-            problems.append(Problem(i, rec.get("id"), PROMPT_MISMATCH,
-                                    f"chosen asks {a!r}, rejected asks {b!r}; a preference pair compares two "
-                                    "answers to the same question"))
-    # One line per (record, kind, detail): the image problems are reported once.
-    unique = {(p.index, p.kind, p.detail): p for p in problems}
-    report.problems = sorted(unique.values(), key=lambda p: (p.index, p.kind))
-    return report
 
 
 class LazyPreferenceDataset(LazyLlavaDataset):
@@ -188,33 +130,3 @@ class DataCollatorForPreferenceDataset:
         if images is not None:
             batch["images"] = images
         return batch
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny learnable preference task (tests, benchmarks, smoke runs).
-
-def write_colour_preference_dataset(out_dir: str, n: int = 16, seed: int = 0,
-                                    image_size: tuple[int, int] = (40, 28)) -> tuple[str, str]:
-    """Write ``n`` pairs over the red/blue pictures of :func:`stllava.data.sft.write_colour_dataset`:
-    "What colour is the image?" with the right colour chosen and the other one rejected, so the
-    preference is learnable only by looking at the image. Returns ``(data_path, image_folder)``."""
-    import json
-    import os
-
-    from stllava.data.sft import TOY_COLOURS, write_colour_dataset
-
-    sft_path, folder = write_colour_dataset(out_dir, n=n, seed=seed, image_size=image_size)
-    with open(sft_path) as f:
-        sft = json.load(f)
-    names = sorted(TOY_COLOURS)
-    pairs = []
-    for rec in sft:
-        q, right = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        wrong = next(c for c in names if c != right)
-        pairs.append({"id": rec["id"], "image": rec["image"],
-                      "chosen_conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": right}],
-                      "reject_conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": wrong}]})
-    data_path = os.path.join(out_dir, "toy_dpo.json")
-    with open(data_path, "w") as f:
-        json.dump(pairs, f, indent=1)
-    return data_path, folder

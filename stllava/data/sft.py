@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from stllava.data.lazy import LazyLlavaDataset, load_checked_records
 from stllava.data.preprocess import MaskCache, make_sq_rng, preprocess
+from stllava.data.verify import verify_records
 
 
 class LazySupervisedDataset(LazyLlavaDataset):
@@ -72,8 +73,6 @@ def build_sft_dataset(data_path: str, tokenizer, image_processor, *, image_folde
     image counts towards ``model_max_length`` in the length check; ``data_vuser_turns``: see
     :func:`stllava.data.preprocess.render_turns`.
     """
-    from stllava.data.verify import verify_records
-
     records, keep = load_checked_records(
         data_path, lambda recs: verify_records(recs, image_folder, data_path=data_path, version=version,
                                                tokenizer=tokenizer, model_max_length=model_max_length,
@@ -82,48 +81,3 @@ def build_sft_dataset(data_path: str, tokenizer, image_processor, *, image_folde
     return LazySupervisedDataset([records[i] for i in keep], tokenizer, image_processor, image_folder=image_folder,
                                  version=version, sq_r=sq_r, seed=seed, image_aspect_ratio=image_aspect_ratio,
                                  indices=keep, data_vuser_turns=data_vuser_turns)
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny learnable task (tests, benchmarks, smoke runs): the answer depends on the image.
-
-TOY_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
-
-
-def write_colour_dataset(out_dir: str, n: int = 16, n_text: int = 0, seed: int = 0,
-                         image_size: tuple[int, int] = (40, 28)) -> tuple[str, str]:
-    """Write ``n`` image records (a red or blue picture, non-square so ``pad`` matters;
-    "What colour is the image?" → the colour; a second turn for VUSER conversion) and ``n_text``
-    text-only records to ``out_dir``. Returns ``(data_path, image_folder)``."""
-    import json
-    import os
-    import random
-
-    from PIL import Image
-
-    rng = random.Random(seed)
-    folder = os.path.join(out_dir, "images")
-    os.makedirs(folder, exist_ok=True)
-    records = []
-    names = sorted(TOY_COLOURS)
-    for i in range(n):
-        colour = names[i % len(names)]
-        base = TOY_COLOURS[colour]
-        im = Image.new("RGB", image_size, tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in base))
-        fname = f"toy_{i:04d}.png"
-        im.save(os.path.join(folder, fname))
-        records.append({"id": f"toy-{i}", "image": fname, "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the image?"},
-            {"from": "gpt", "value": colour},
-            {"from": "human", "value": "Is the image red?"},
-            {"from": "gpt", "value": "Yes" if colour == "red" else "No"},
-        ]})
-    for j in range(n_text):
-        records.append({"id": f"text-{j}", "conversations": [
-            {"from": "human", "value": f"How many kidneys does a person have? ({j})"},
-            {"from": "gpt", "value": "two"},
-        ]})
-    data_path = os.path.join(out_dir, "toy_sft.json")
-    with open(data_path, "w") as f:
-        json.dump(records, f, indent=1)
-    return data_path, folder

@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from stllava.data.images import ImageLoadError, check_image, image_mode, image_path, mode_note
+from stllava.data.images import IMAGE_PROBLEMS, ImageLoadError, check_image, image_mode, image_path, mode_note
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class DataFileNotFound(StllavaError, FileNotFoundError):
     """``--data_path`` names no file."""
 
 
-PAIR_KEYS = ("chosen_conversations", "reject_conversations")
+CHOSEN, REJECT = "chosen_conversations", "reject_conversations"  # the two sides of a DPO pair
+PAIR_KEYS = (CHOSEN, REJECT)
 SFT_KIND, PAIR_KIND = "SFT conversations", "preference pairs (DPO)"
 
 
@@ -303,6 +305,66 @@ def apply_bad_sample_policy(records: Sequence[Any], report: VerifyReport, policy
     return [i for i in range(len(records)) if i not in bad]
 
 
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (DPO): each side checked with the SFT rules, plus one rule of their own
+
+SIDES = (("chosen", CHOSEN), ("rejected", REJECT))
+PROMPT_MISMATCH = "chosen/rejected prompts differ"
+
+
+def side_view(record: Any, key: str) -> Any:
+    """The record as an SFT record holding one side of the pair (``{"id", "image"?, "conversations"}``),
+    or the record itself when it is not a dict (the SFT check then reports it as malformed)."""
+    if not isinstance(record, dict):
+        return record
+    view = {k: record[k] for k in ("id", "image") if k in record}
+    if key in record:
+        view["conversations"] = record[key]
+    return view
+
+
+def _prompts(conversation: Any) -> list | None:
+    if not isinstance(conversation, list):
+        return None
+    return [t.get("value") for t in conversation if isinstance(t, dict) and t.get("from") != "gpt"]
+
+
+def verify_preference_records(records: Sequence[Any], image_folder: str | None, *, data_path: str = "<data>",
+                              version: str = "v1", tokenizer=None, model_max_length: int | None = None,
+                              image_tokens: int = 576, workers: int = 8) -> VerifyReport:
+    """Check every preference record; returns one :class:`VerifyReport` (never
+    raises for bad data). Each side is checked with the SFT rules (images once, on the chosen side);
+    the problem detail says which side. A record whose two sides ask different questions is bad too."""
+    report = VerifyReport(data_path, len(records))
+    problems: list[Problem] = []
+    for side, key in SIDES:
+        views = [side_view(r, key) for r in records]
+        sub = verify_records(views, image_folder, data_path=data_path, version=version, tokenizer=tokenizer,
+                             model_max_length=model_max_length, image_tokens=image_tokens, workers=workers,
+                             check_images=(key == CHOSEN))
+        for p in sub.problems:
+            rec = records[p.index]
+            if p.kind == BAD_RECORD and isinstance(rec, dict) and not isinstance(rec.get(key), list):
+                detail = f"no '{key}' list (a DPO record needs '{CHOSEN}' and '{REJECT}')"
+            elif p.kind == BAD_RECORD or p.kind in IMAGE_PROBLEMS:
+                detail = p.detail  # about the record or its image, not one side
+            else:
+                detail = f"{side}: {p.detail}"
+            problems.append(Problem(p.index, p.record_id, p.kind, detail))
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            continue
+        a, b = _prompts(rec.get(CHOSEN)), _prompts(rec.get(REJECT))
+        if a is not None and b is not None and a != b:
+            problems.append(Problem(i, rec.get("id"), PROMPT_MISMATCH,
+                                    f"chosen asks {a!r}, rejected asks {b!r}; a preference pair compares two "
+                                    "answers to the same question"))
+    # One line per (record, kind, detail): the image problems are reported once.
+    unique = {(p.index, p.kind, p.detail): p for p in problems}
+    report.problems = sorted(unique.values(), key=lambda p: (p.index, p.kind))
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (underscores: they are training's flags)."""
     ap = argparse.ArgumentParser(prog="python -m stllava.data.verify", description=__doc__,
@@ -322,12 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="print at most this many problems (and notes)")
     ap.add_argument("--allow_empty", action="store_true",
                     help="accept a file with no records (by default an empty list is an error: a wrong file)")
+    logs.add_log_level_arg(ap, default="WARNING")
     return ap
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     tokenizer = None
     if args.tokenizer:
         from transformers import LlamaTokenizer
@@ -338,9 +401,7 @@ def _main(argv: list[str] | None) -> int:
         raise DataFileError(f"{args.data_path} holds no records; fix: pass the dataset file (or --allow_empty "
                             "when an empty file is expected)")
     kind = data_kind(records)
-    check = verify_records
-    if kind == PAIR_KIND:
-        from stllava.data.preference import verify_preference_records as check
+    check = verify_preference_records if kind == PAIR_KIND else verify_records
     report = check(records, args.image_folder, data_path=args.data_path,
                    version=args.version or ("v1" if kind == PAIR_KIND else "v1_sq"), tokenizer=tokenizer,
                    model_max_length=args.model_max_length, image_tokens=args.image_tokens, workers=args.workers)

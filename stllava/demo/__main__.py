@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from stllava import logs
 from stllava.demo.pipeline import STAGES, Demo, DemoConfig
 from stllava.demo.steps import LoopSettings
 from stllava.errors import run_cli
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     ap.add_argument("--figures", action="store_true", help="also write README's demo pictures into images/ "
                     "(the report's curves and a row of test phantoms)")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     cfg = DemoConfig(workdir=args.workdir, seed=args.seed, threads=args.threads, **(QUICK if args.quick else {}))
     if args.sft_procs:

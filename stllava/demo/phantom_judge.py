@@ -1,6 +1,6 @@
 """The *phantom judge*: a stand-in for GPT-4o that knows each phantom's ground truth.
 
-It is served by :class:`stllava.selftrain.openai_server.ChatCompletionServer`, so the demo drives
+It is served by :class:`stllava.demo.openai_stub.ChatCompletionServer`, so the demo drives
 the real judge client (``stllava.selftrain.judge``, the ``openai`` package, HTTP, retries, cache)
 exactly as it would drive GPT-4o. It identifies the image by the SHA-256 of the bytes in the
 request's data URL, works out what the question asks (presence, side, count, size, modality) and
@@ -15,9 +15,10 @@ import json
 import logging
 import re
 
+from stllava import logs
 from stllava.data.images import image_path
+from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_images, request_text
 from stllava.selftrain.judge_prompt import split_prompt
-from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", required=True, help="facts.json written with the phantom images")
     ap.add_argument("--image-folder", required=True)
     ap.add_argument("--port", type=int, default=8765)
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    logs.setup(args.log_level)
     server = build_server(args.facts, args.image_folder, args.port)
     print(f"{JUDGE_NAME} serving on {server.base_url}")
     server.serve_forever()

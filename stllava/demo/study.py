@@ -32,10 +32,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from stllava import logs
 from stllava.demo import steps
 from stllava.demo.quality import pair_stats, per_kind, question_stats
 from stllava.demo.runner import Runner
 from stllava.demo.steps import SEARCH, LoopSettings, chosen_settings
+from stllava.demo.study_report import aggregate, config_record, copy_figures, write_report, write_search
 from stllava.errors import StllavaError, run_cli
 
 logger = logging.getLogger("stllava.demo")
@@ -200,8 +202,6 @@ class Study:
 
     def run(self) -> dict:
         """Prepare, run every cell, aggregate; returns ``study.json``'s content."""
-        from stllava.demo.study_report import aggregate, write_report
-
         self.prepare()
         results = self._map([(seed, n) for n in sorted(self.cfg.sizes, reverse=True) for seed in self.cfg.seeds])
         study = aggregate(results, self.cfg)
@@ -212,8 +212,6 @@ class Study:
         """The settings search: every variant of :data:`SEARCH` (loop-setting overrides) at every size
         and seed, conditions sft / st / rft, on the *validation* phantoms only; writes and returns
         ``search.json`` (and ``search.md``)."""
-        from stllava.demo.study_report import write_search
-
         variants = variants or SEARCH
         self.prepare()
         names = [name for name in variants for _ in sorted(self.cfg.sizes) for _ in self.cfg.seeds]
@@ -233,14 +231,6 @@ def _count(json_list_file: str) -> int:
         return len(json.load(f))
 
 
-def config_record(cfg: StudyConfig) -> dict:
-    """The settings as stored in ``study.json`` (no paths, no timings: bit-identical reruns)."""
-    d = dataclasses.asdict(cfg)
-    d.pop("workdir")
-    d.pop("jobs")
-    return d
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stllava.demo.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,8 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search", default=None, nargs="?", const="all",
                     help="run the settings search on the validation phantoms instead of the study: all variants, "
                     f"or a comma-separated subset of {','.join(SEARCH)}")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     cfg = StudyConfig(**(QUICK if args.quick else {}))
     cfg.workdir = args.workdir or ("playground/study-quick" if args.quick else cfg.workdir)
     cfg.jobs = args.jobs
@@ -282,8 +273,6 @@ def main(argv=None) -> int:
         return 0
     study = Study(cfg).run()
     if args.figures:
-        from stllava.demo.study_report import copy_figures
-
         copy_figures(cfg.workdir)
     print(f"study finished in {time.time() - t0:.0f} s: {len(study['runs'])} runs; "
           f"{os.path.join(cfg.workdir, 'study.md')}")

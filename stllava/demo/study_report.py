@@ -1,6 +1,7 @@
 """The study's numbers: aggregation over seeds, paired comparisons, the markdown tables, figures."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -34,11 +35,18 @@ def _mean_sd_known(values: list) -> dict | None:
     return mean_sd(known) if known else None
 
 
+def config_record(cfg) -> dict:
+    """The study's settings (a :class:`stllava.demo.study.StudyConfig`) as stored in ``study.json``
+    and ``search.json`` (no paths, no timings: bit-identical reruns)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("workdir")
+    d.pop("jobs")
+    return d
+
+
 def aggregate(results: list[dict], cfg) -> dict:
     """``study.json``: settings, per-run results, mean ± sd per condition, paired comparisons,
     per-kind accuracy (test) and stage-2 data quality, per labelled-set size."""
-    from stllava.demo.study import config_record
-
     runs = sorted(results, key=lambda r: (r["n_labelled"], r["seed"]))
     sizes = sorted({r["n_labelled"] for r in runs})
     out = {"config": config_record(cfg), "runs": runs, "conditions": {}, "comparisons": {}, "per_kind": {},

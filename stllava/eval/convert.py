@@ -35,6 +35,7 @@ import pathlib
 import sys
 from typing import Any, Callable
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import StllavaError, run_cli
@@ -337,13 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="source layout: VQA-RAD public|split, PathVQA lxmert|hf (default: "
                         "detected from the fields)")
     parser.add_argument("--image-folder", help="if given, check every image exists in it")
+    logs.add_log_level_arg(parser)
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     valid = {"vqa_rad": ("auto", "public", "split"), "slake": ("auto",),
              "pvqa": ("auto", "lxmert", "hf")}[args.benchmark]
     if args.format not in valid:

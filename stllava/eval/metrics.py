@@ -33,6 +33,7 @@ import pathlib
 import sys
 from typing import Any, Iterable
 
+from stllava import logs
 from stllava.errors import StllavaError, run_cli
 from stllava.eval.closed import closed_hit, closed_hit_strict, yes_no_acc_run_eval, yes_no_hit_run_eval
 from stllava.eval.glossary import (
@@ -356,12 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "'benchmark' of stats.json beside --gt)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score only the answered questions (counted as n_missing)")
+    logs.add_log_level_arg(parser)
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     gt_path = pathlib.Path(args.gt)
     try:
         result = score(load_gt(gt_path), load_jsonl(args.pred), allow_missing=args.allow_missing)

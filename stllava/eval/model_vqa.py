@@ -34,6 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from stllava import logs
 from stllava.errors import run_cli
 from stllava.generation import (
     GenerationSettings,
@@ -49,16 +50,11 @@ from stllava.tooling import (
     ToolError,
     add_tool_args,
     check_batch_size,
-    chunk_of,
     load_model,
     model_name,
     model_path_setting,
-    pending_items,
-    read_done,
-    refuse_empty,
+    plan_work,
     run_batches,
-    settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.eval.model_vqa")
@@ -127,22 +123,20 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     notebooks). Raises ToolError for bad input, before any model is loaded where possible."""
     gen = settings_from_args(args)
     check_batch_size(args)
-    questions = load_questions(args.question_file)
-    refuse_empty(questions, args, args.question_file, "questions")
-    chunk = chunk_of(questions, args.num_chunks, args.chunk_idx)
-    conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
-    settings = {"model_path": model_path_setting(args.model_path), "model_base": model_path_setting(args.model_base),
-                "conv_mode": conv_mode, **gen.to_dict(), "seed": args.seed}
-    done = read_done(args.answers_file, "question_id", settings, overwrite=args.overwrite)
-    pending = pending_items(chunk, lambda q: q.key, done, "answers", args.answers_file)
     images = ImageSource(args.image_folder, lambda q: q.image,
                          lambda q: f"{args.question_file}, line {q.line} (question_id {q.question_id!r})",
                          lambda q: {"question_id": q.question_id, "image": q.image}, args.skip_bad)
-    summary = {"questions": len(questions), "chunk": len(chunk), "already_answered": len(chunk) - len(pending),
+    work = plan_work(args, default_conv_mode=DEFAULT_CONV_MODE, settings_of=lambda a: {
+                         "model_path": model_path_setting(a.model_path), "model_base": model_path_setting(a.model_base),
+                         "conv_mode": a.conv_mode, **gen.to_dict(), "seed": a.seed},
+                     read_items=lambda: load_questions(args.question_file), source=args.question_file,
+                     what="questions", out=args.answers_file, key="question_id", key_of=lambda q: q.key,
+                     done_what="answers", images=images)
+    conv_mode, settings, pending = work.conv_mode, work.settings, work.pending
+    summary = {"questions": len(work.items), "chunk": len(work.chunk), "already_answered": work.already_done,
                "answered": 0, "skipped_bad": 0, "skipped": images.skipped, "seconds": 0.0}
-    pending = images.drop_missing(pending)
     logger.info("%d questions, chunk %d/%d holds %d: %d already answered, %d to answer, %d skipped (missing image)",
-                len(questions), args.chunk_idx, args.num_chunks, len(chunk), summary["already_answered"],
+                len(work.items), args.chunk_idx, args.num_chunks, len(work.chunk), summary["already_answered"],
                 len(pending), len(images.skipped))
     if pending:
         tokenizer, model, processor = loaded if loaded is not None else load_model(args)
@@ -200,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     rate = s["answered"] / s["seconds"] if s["seconds"] else 0.0
     print(f"answered {s['answered']} questions in {s['seconds']:.1f} s ({rate:.2f} q/s); "

@@ -19,6 +19,7 @@ import logging
 import pathlib
 import sys
 
+from stllava import logs
 from stllava.errors import StllavaError, run_cli
 from stllava.eval.metrics import ROW_FIELDS
 from stllava.jsonl import read_utf8
@@ -223,12 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paper", action="store_true",
                         help="show the published STLLaVA-Med-7B numbers beside ours")
     parser.add_argument("--no-plot", action="store_true", help="skip report.png (no matplotlib)")
+    logs.add_log_level_arg(parser)
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     runs = [parse_run_arg(r) for r in args.run]
     try:
         table = build_report(runs, args.out, args.paper, not args.no_plot)

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from stllava.model import checkpoint_layouts as cl
 from stllava.model.llava_llama import LlavaLlamaForCausalLM, load_llava_config
-from stllava.model.merge import merge_lora, merge_vit_lora, read_vit_lora
+from stllava.model.lora import merge_lora, merge_vit_lora, read_vit_lora
 from stllava.model.vision_tower import clip_processor_class
 
 __all__ = ["load_pretrained_model", "load_tokenizer", "load_image_processor", "resolve_device",

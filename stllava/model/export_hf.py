@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+from stllava import logs
 from stllava.errors import StllavaError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -220,8 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-path", required=True, help="merged stllava checkpoint (mlp2x_gelu or linear projector)")
     ap.add_argument("--out", required=True, help="folder to write the transformers-native LLaVA to")
     ap.add_argument("--conv-mode", default=None, help="template for the chat template (default: config, else v1)")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     summary = export(args.model_path, args.out, args.conv_mode)
     print(f"exported {args.model_path} to {summary['out']}: LlavaForConditionalGeneration, {summary['projector']} "
           f"projector, <image> = token {summary['image_token_id']}, template {summary['conv_mode']}")

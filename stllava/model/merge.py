@@ -1,12 +1,13 @@
-"""LoRA merging, written once: the arithmetic on modules, and a checkpoint folder merged into one full folder.
+"""A checkpoint folder (any layout the builder reads, LoRA merged in) saved as one full folder.
 
     python -m stllava.model.merge --model-path OUT/checkpoint-N --model-base BASE \\
         --save-model-path MERGED [--vit-lora OUT/Vit-lora] [--dtype float16]
 
 (``python scripts/merge_lora_weights.py`` takes the same flags and calls this.)
 
-- :func:`merge_lora` / :func:`merge_vit_lora`: wrap a module with a LoRA state dict (peft does the
-  arithmetic; we only pick the modules), load it, merge it. The builder uses them to load LoRA layouts.
+- :func:`~stllava.model.lora.merge_lora` / :func:`~stllava.model.lora.merge_vit_lora` (in
+  :mod:`stllava.model.lora`): wrap a module with a LoRA state dict (peft does the arithmetic; we only
+  pick the modules), load it, merge it. The builder uses them to load LoRA layouts.
 - :func:`merge_checkpoint`: any layout ``stllava.model.builder.load_pretrained_model`` reads (a LoRA
   run's output, a released STLLaVA-Med folder, a projector-only folder; ``Vit-lora/`` found in the
   folder or given) → one full folder: ``config.json`` (model_type ``llava_llama``, the tower's shape
@@ -20,17 +21,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import sys
 import time
-import warnings
 from typing import Sequence
 
 import torch
 
+from stllava import logs
 from stllava.errors import StllavaError
-from stllava.model import checkpoint_layouts as cl
 
 logger = logging.getLogger(__name__)
 
@@ -42,79 +41,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class MergeError(StllavaError, ValueError):
     """A merge that would overwrite something (an input folder, a non-empty output folder)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The arithmetic (peft merges; we only pick the modules and rename the keys)
-
-def _lora_config(state: dict, hyper: dict, source: str, keep_scaling: bool = False):
-    """A peft ``LoraConfig`` targeting exactly the modules of ``state``. The rank comes from the
-    tensors; with ``keep_scaling`` a rank that differs from ``hyper['r']`` keeps alpha / r."""
-    from peft import LoraConfig
-
-    modules = cl.lora_modules(state)
-    ranks = set(cl.lora_ranks(state).values())
-    r, alpha = hyper["r"], hyper["lora_alpha"]
-    if len(ranks) > 1 and not hyper["rank_pattern"]:
-        raise ValueError(f"{source}: LoRA weights have several ranks {sorted(ranks)} but the adapter config has "
-                         "no rank_pattern saying which module has which")
-    if len(ranks) == 1 and ranks != {r}:
-        if not (keep_scaling or hyper["rank_pattern"]):
-            raise ValueError(f"{source}: LoRA weights have rank {ranks.pop()} but the adapter config says r={r}")
-        if keep_scaling:
-            (new_r,) = ranks
-            alpha, r = alpha * new_r / r, new_r
-    target = "(" + "|".join(re.escape(m) for m in modules) + ")"  # exact module paths, nothing else
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, bias="none",
-                      use_rslora=hyper["use_rslora"], use_dora=hyper["use_dora"],
-                      fan_in_fan_out=hyper["fan_in_fan_out"], rank_pattern=hyper["rank_pattern"],
-                      alpha_pattern=hyper["alpha_pattern"])
-
-
-def merge_lora(module: torch.nn.Module, state: dict, hyper: dict, source: str, keep_scaling: bool = False):
-    """Wrap ``module`` with the LoRA of ``state`` (keys as in a PEFT model around ``module``),
-    load it, merge it and return the plain merged module. Raises ValueError naming ``source``
-    when a tensor of ``state`` has no place in the module or a LoRA weight is left unloaded."""
-    from peft import get_peft_model
-    from peft.utils import set_peft_model_state_dict
-
-    cfg = _lora_config(state, hyper, source, keep_scaling)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(second time|already).*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(module, cfg)
-    res = set_peft_model_state_dict(peft_model, state)
-    if res.unexpected_keys:
-        raise ValueError(f"{source}: {len(res.unexpected_keys)} tensors do not fit the model "
-                         f"({list(res.unexpected_keys)[:4]})")
-    lora_names = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
-    missing = sorted(lora_names & set(res.missing_keys))
-    if missing:
-        raise ValueError(f"{source}: LoRA weights missing for {missing[:4]}")
-    logger.info("merging %d LoRA tensors of %s into %d modules", len(state), source, len(cl.lora_modules(state)))
-    return peft_model.merge_and_unload()
-
-
-def merge_vit_lora(model, state: dict, hyper: dict, source: str, keep_scaling: bool = False) -> None:
-    """Merge a ViT-LoRA (keys as :func:`~stllava.model.checkpoint_layouts.vit_lora_key` makes them)
-    into ``model``'s CLIP tower, in place. Refuses a model without a tower (ValueError)."""
-    tower = model.get_model().get_vision_tower()
-    if tower is None:
-        raise ValueError(f"{source}: a ViT-LoRA was given but the model has no vision tower")
-    tower.vision_tower = merge_lora(tower.clip, state, hyper, source, keep_scaling)
-    tower.lora_enabled = False
-
-
-def read_vit_lora(adapter_dir: str) -> tuple[dict, dict]:
-    """``(hyper, state)`` of a ``Vit-lora/`` folder, keys mapped to transformers 5's CLIP.
-    Refuses tensors that are not LoRA weights (ValueError)."""
-    weights = cl.check_adapter_folder(adapter_dir, "vit_lora")
-    raw = cl.load_weights(weights)
-    state = {cl.vit_lora_key(k): v for k, v in raw.items() if cl.is_lora_key(k)}
-    other = [k for k in raw if not cl.is_lora_key(k)]
-    if other:
-        raise ValueError(f"{weights}: {len(other)} tensors are not LoRA weights ({other[:4]})")
-    return cl.read_lora_config(adapter_dir), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +75,7 @@ def merge_checkpoint(model_path: str, model_base: str | None, save_model_path: s
     Returns the absolute ``save_model_path``. Refuses (:class:`MergeError`) to write into an input
     folder or a non-empty folder; raises the builder's errors for incomplete layouts.
     """
-    from stllava.model.builder import load_pretrained_model
+    from stllava.model.builder import load_pretrained_model  # transformers: loaded when a merge runs
 
     out = check_output_folder(save_model_path, model_path, model_base, vit_lora)
     tokenizer, model, processor, _ = load_pretrained_model(model_path, model_base=model_base, device="cpu",
@@ -182,6 +108,7 @@ def build_parser(prog: str = "python -m stllava.model.merge") -> argparse.Argume
                     "be empty)")
     ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES),
                     help="dtype of the saved weights (default: float16)")
+    logs.add_log_level_arg(ap)
     return ap
 
 
@@ -189,7 +116,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m stllava.model
     """The CLI: parse ``argv``, merge, print one summary line; returns 0. Raises as :func:`merge_checkpoint`
     (``stllava.errors.run_cli`` turns a :class:`MergeError` into one line and exit code 2)."""
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     t0 = time.time()
     out = merge_checkpoint(args.model_path, args.model_base, args.save_model_path, args.vit_lora, args.dtype)
     print(f"merged {args.model_path} (base {args.model_base}) into {out} in {time.time() - t0:.1f} s; "

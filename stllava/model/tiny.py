@@ -19,6 +19,7 @@ import shutil
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from stllava import logs
 from stllava.model.llava_llama import LlavaLlamaConfig, LlavaLlamaForCausalLM
 from stllava.model.vision_tower import clip_processor_class
 
@@ -99,8 +100,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder to write the bundle to")
     ap.add_argument("--seed", type=int, default=0, help="random-init seed")
     ap.add_argument("--projector", default="cluster", help="mm_projector_type (cluster, mlp2x_gelu, linear)")
+    logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     paths = build_tiny_bundle(args.out, seed=args.seed, projector_type=args.projector)
     for k, v in paths.items():
         print(f"{k}: {v}")

@@ -2,5 +2,5 @@
 
 questions (VUSER sampling) -> answers (two samples per question) -> ``judge`` (an OpenAI-compatible
 vision model scores both answers; cached, resumable) -> ``build_pairs`` (the DPO training JSON).
-``openai_server`` is a small local OpenAI-compatible server for tests and demos.
+(The local OpenAI-compatible stub that serves the demo's phantom judge is ``stllava.demo.openai_stub``.)
 """

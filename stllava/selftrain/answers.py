@@ -36,6 +36,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from stllava import logs
 from stllava.errors import run_cli
 from stllava.generation import GenerationSettings, derive_seed, generate, image_prompt_text, render_prompt
 from stllava.jsonl import JsonlError, iter_jsonl
@@ -44,16 +45,11 @@ from stllava.tooling import (
     ToolError,
     add_tool_args,
     check_batch_size,
-    chunk_of,
     load_model,
     model_name,
     model_path_setting,
-    pending_items,
-    read_done,
-    refuse_empty,
+    plan_work,
     run_batches,
-    settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.selftrain.answers")
@@ -136,22 +132,20 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     if args.n_answers < 2:
         raise ToolError(f"--n-answers must be ≥ 2 (a pair needs two answers), got {args.n_answers}")
     k = args.n_answers
-    conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
-    settings, model_id = settings_of(args), model_name(args.model_path)
-    questions = load_questions(args.questions)
-    refuse_empty(questions, args, args.questions, "questions")
-    chunk = chunk_of(questions, args.num_chunks, args.chunk_idx)
-    done = read_done(args.out, "question_id", settings, overwrite=args.overwrite)
-    pending = pending_items(chunk, lambda q: q.question_id, done, "answers", args.out)
     images = ImageSource(args.image_folder, lambda q: q.image,
                          lambda q: f"{args.questions}, line {q.line} (question {q.question_id!r})",
                          lambda q: {"question_id": q.question_id, "image": q.image}, args.skip_bad)
-    summary = {"questions": len(questions), "chunk": len(chunk), "already_done": len(chunk) - len(pending),
+    work = plan_work(args, default_conv_mode=DEFAULT_CONV_MODE, settings_of=settings_of,
+                     read_items=lambda: load_questions(args.questions), source=args.questions, what="questions",
+                     out=args.out, key="question_id", key_of=lambda q: q.question_id, done_what="answers",
+                     images=images)
+    conv_mode, settings, pending = work.conv_mode, work.settings, work.pending
+    model_id = model_name(args.model_path)
+    summary = {"questions": len(work.items), "chunk": len(work.chunk), "already_done": work.already_done,
                "written": 0, "skipped": images.skipped, "seconds": 0.0}
-    pending = images.drop_missing(pending)
     logger.info("%d questions in %s, chunk %d/%d holds %d: %d already in %s, %d to answer, %d skipped "
-                "(missing image)", len(questions), args.questions, args.chunk_idx, args.num_chunks, len(chunk),
-                summary["already_done"], args.out, len(pending), len(images.skipped))
+                "(missing image)", len(work.items), args.questions, args.chunk_idx, args.num_chunks,
+                len(work.chunk), summary["already_done"], args.out, len(pending), len(images.skipped))
     if not pending:
         return summary
     tokenizer, model, processor = loaded if loaded is not None else load_model(args)
@@ -201,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     print(f"{s['written']} questions answered ({args.n_answers} answers each) in {s['seconds']:.1f} s; "
           f"{s['already_done']} already done; {len(s['skipped'])} skipped (bad image) → {args.out}")

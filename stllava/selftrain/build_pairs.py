@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.errors import StllavaError, run_cli
 from stllava.jsonl import iter_jsonl, write_json_atomic
@@ -192,13 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a pair only when score(chosen) - score(rejected) >= this")
     p.add_argument("--max-per-question", type=int, default=None,
                    help="keep at most this many pairs per distinct question text (default: no cap)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_log_level_arg(p)
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     try:
         if args.max_per_question is not None and args.max_per_question < 1:
             raise PairsError(f"--max-per-question must be ≥ 1, got {args.max_per_question}")

@@ -52,6 +52,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from stllava import logs
 from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import EXIT_FAILED, run_cli
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
@@ -371,14 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept an answers file with no records (by default an error: a wrong or unfinished file)")
     p.add_argument("--reask-ties", action="store_true",
                    help="ask once more on a tie (still recorded 'tie' if it repeats)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_log_level_arg(p)
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     secret = os.environ.get(args.api_key_env, "")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in ("httpx", "httpx2"):  # one INFO line per HTTP request is noise at 50k requests
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -41,6 +41,7 @@ import os
 import sys
 from pathlib import Path
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.errors import run_cli
 from stllava.generation import GenerationSettings, batched, derive_seed, generate, render_prompt
@@ -49,16 +50,11 @@ from stllava.tooling import (
     ToolError,
     add_tool_args,
     check_batch_size,
-    chunk_of,
     load_model,
     model_name,
     model_path_setting,
-    pending_items,
-    read_done,
-    refuse_empty,
+    plan_work,
     run_batches,
-    settle_conv_mode,
-    setup_logging,
 )
 
 logger = logging.getLogger("stllava.selftrain.questions")
@@ -143,22 +139,22 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
                                         top_k=args.top_k, top_p=args.top_p, min_new_tokens=args.min_new_tokens)
     except ValueError as e:
         raise ToolError(f"invalid decoding flags: {e}") from None
-    conv_mode = settle_conv_mode(args, DEFAULT_CONV_MODE)
-    question_prompt(conv_mode, "")  # refuses a template without VUSER before loading the model
-    settings, model_id = settings_of(args), model_name(args.model_path)
-    selected = list_images(args.image_folder, args.offset, args.limit)
-    refuse_empty(selected, args, args.image_folder, f"image files ({', '.join(IMAGE_EXTENSIONS)}) in the "
-                 f"selection --offset {args.offset} --limit {args.limit}")
-    chunk = chunk_of(selected, args.num_chunks, args.chunk_idx)
-    done = read_done(args.out, "image", settings, overwrite=args.overwrite)
-    pending = pending_items(chunk, str, done, "images", args.out)
     images = ImageSource(args.image_folder, str, str, lambda rel: {"image": rel}, args.skip_bad)
-    summary = {"images": len(selected), "chunk": len(chunk), "already_done": len(chunk) - len(pending),
+    work = plan_work(args, default_conv_mode=DEFAULT_CONV_MODE, settings_of=settings_of,
+                     # refuses a template without VUSER before loading the model
+                     check_template=lambda mode: question_prompt(mode, ""),
+                     read_items=lambda: list_images(args.image_folder, args.offset, args.limit),
+                     source=args.image_folder, what=f"image files ({', '.join(IMAGE_EXTENSIONS)}) in the selection "
+                     f"--offset {args.offset} --limit {args.limit}",
+                     out=args.out, key="image", key_of=str, done_what="images", images=images)
+    conv_mode, settings, pending = work.conv_mode, work.settings, work.pending
+    model_id = model_name(args.model_path)
+    summary = {"images": len(work.items), "chunk": len(work.chunk), "already_done": work.already_done,
                "written": 0, "questions": 0, "dropped_empty": 0, "dropped_duplicate": 0,
                "skipped": images.skipped, "seconds": 0.0}
-    logger.info("%d images selected under %s, chunk %d/%d holds %d: %d already in %s, %d to do", len(selected),
-                args.image_folder, args.chunk_idx, args.num_chunks, len(chunk), summary["already_done"], args.out,
-                len(pending))
+    logger.info("%d images selected under %s, chunk %d/%d holds %d: %d already in %s, %d to do", len(work.items),
+                args.image_folder, args.chunk_idx, args.num_chunks, len(work.chunk), summary["already_done"],
+                args.out, len(pending))
     if not pending:
         return summary
     tokenizer, model, processor = loaded if loaded is not None else load_model(args)
@@ -224,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    logs.setup(args.log_level)
     s = run(args)
     print(f"{s['written']} images written ({s['questions']} questions; dropped {s['dropped_empty']} empty, "
           f"{s['dropped_duplicate']} duplicate) in {s['seconds']:.1f} s; {s['already_done']} already done; "

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 
+from stllava import logs
 from stllava.conversation import conv_templates
 from stllava.errors import StllavaError, run_cli
 
@@ -111,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "and are disconnected")
     p.add_argument("--max-connections", type=int, default=128,
                    help="connections served at once; requests on more get 503")
+    logs.add_log_level_arg(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     for flag in ("max_batch", "max_queue", "port", "max_connections"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ServeError(f"--{flag.replace('_', '-')} must be ≥ {0 if flag == 'port' else 1}")

@@ -30,6 +30,7 @@ import threading
 
 from PIL import Image
 
+from stllava import logs
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.control_text import control_strings, neutralize
 from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
@@ -245,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-8bit", action="store_true", help="8-bit weights (needs bitsandbytes and CUDA)")
     ap.add_argument("--load-4bit", action="store_true", help="4-bit weights (needs bitsandbytes and CUDA)")
     ap.add_argument("--allow-url", action="store_true", help="allow --image-file to be an http(s) URL")
-    ap.add_argument("--debug", action="store_true", help="log prompts and outputs")
+    ap.add_argument("--debug", action="store_true", help="log prompts and outputs (at least --log-level INFO)")
+    logs.add_log_level_arg(ap, default="WARNING")
     return ap
 
 
@@ -257,8 +259,7 @@ def main(argv=None, read=input, write=None) -> int:
 
 def _chat(argv, read, write) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(min(logging.INFO, logs.level_number(args.log_level)) if args.debug else args.log_level)
     if write is None:
         def write(s):
             sys.stdout.write(s)

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions protocol on FastAPI: one implementation, pluggable backends.
 
 :func:`create_app` builds the app both servers of the project run: ``stllava.serve.api`` (a
-model backend, :mod:`stllava.serve.engine`) and ``stllava.selftrain.openai_server`` (a Python
+model backend, :mod:`stllava.serve.engine`) and ``stllava.demo.openai_stub`` (a Python
 scorer backend: the phantom judge and the judge's fault tests). It owns what the protocol fixes:
 
 - routes ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (and ``GET /``, the

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 import transformers
 
+from stllava import logs
 from stllava.errors import StllavaError, run_cli
 
 
@@ -66,10 +67,17 @@ def _single_process_env(argv: list[str]) -> None:
 
 
 def _setup_logging(training_args) -> None:
-    """INFO logs from stllava and the Trainer's run summary on the main process, warnings elsewhere.
-    A root handler is added only when the caller has none (an in-process caller keeps its own)."""
-    level = logging.INFO if training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """stllava's logs and the Trainer's run summary at ``--log_level`` on the main process (INFO for
+    transformers' default ``passive``) and at ``--log_level_replica`` (default warning) elsewhere.
+    These are TrainingArguments' own flags (``--log-level`` is their dashed spelling), reused rather
+    than a second flag. Other libraries log warnings only. A root handler (:func:`stllava.logs.setup`)
+    is added only when the caller has none (an in-process caller keeps its own)."""
+    levels = transformers.utils.logging.get_log_levels_dict()
+    main_level = logging.INFO if training_args.log_level == "passive" else levels[training_args.log_level]
+    replica_level = (logging.WARNING if training_args.log_level_replica == "passive"
+                     else levels[training_args.log_level_replica])
+    level = main_level if training_args.should_log else replica_level
+    logs.setup(logging.WARNING)
     logging.getLogger("stllava").setLevel(level)
     # transformers at INFO prints every config it loads; keep its Trainer's run summary only.
     transformers.utils.logging.set_verbosity_warning()

@@ -2,8 +2,9 @@
 import torch
 
 from stllava.data.preprocess import MaskCache, mask_conversation
-from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+from stllava.data.sft import LazySupervisedDataset
 from stllava.data.verify import load_records
+from stllava.toys import write_colour_dataset
 
 
 def test_mask_cache_returns_what_mask_conversation_returns(tiny_tokenizer):

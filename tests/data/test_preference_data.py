@@ -7,25 +7,10 @@ import torch
 
 from stllava.constants import IGNORE_INDEX
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
-from stllava.data.preference import (
-    PROMPT_MISMATCH,
-    DataCollatorForPreferenceDataset,
-    LazyPreferenceDataset,
-    build_preference_dataset,
-    verify_preference_records,
-    write_colour_preference_dataset,
-)
-from stllava.data.verify import BadDataError, load_records
+from stllava.data.preference import DataCollatorForPreferenceDataset, LazyPreferenceDataset, build_preference_dataset
+from stllava.data.verify import PROMPT_MISMATCH, BadDataError, load_records, verify_preference_records
+from stllava.toys import write_colour_preference_dataset
 from stllava.train.dpo_trainer import concatenated_batch
-
-
-@pytest.fixture(scope="module")
-def tok_proc(tiny_bundle):
-    from transformers import CLIPImageProcessor
-
-    from stllava.model.builder import load_tokenizer
-
-    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
 
 
 def _trained(tok, labels):

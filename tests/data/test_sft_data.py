@@ -8,23 +8,15 @@ from torch.utils.data import DataLoader
 from stllava.constants import IGNORE_INDEX
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
 from stllava.data.collate import DataCollatorForSupervisedDataset, truncate_to_fit
-from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+from stllava.data.sft import LazySupervisedDataset
 from stllava.data.verify import load_records
+from stllava.toys import write_colour_dataset
 from stllava.train.sampler import (
     LengthGroupedSampler,
     RandomEpochSampler,
     get_modality_length_grouped_indices,
     split_to_even_chunks,
 )
-
-
-@pytest.fixture(scope="module")
-def tok_proc(tiny_bundle):
-    from transformers import CLIPImageProcessor
-
-    from stllava.model.builder import load_tokenizer
-
-    return load_tokenizer(tiny_bundle["model"], 1024, training=True), CLIPImageProcessor.from_pretrained(tiny_bundle["model"])
 
 
 def test_item_and_batch(tok_proc, tmp_path):

@@ -17,14 +17,6 @@ from stllava.tooling import ToolError
 logger = logging.getLogger(__name__)
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_bundle):
-    from stllava.model.builder import load_pretrained_model
-
-    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
-    return tok, model, proc
-
-
 @pytest.fixture()
 def vqa(tmp_path):
     """10 questions on 5 small images (some questions share an image), in a tmp folder."""

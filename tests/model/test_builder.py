@@ -297,7 +297,7 @@ def test_real_sft_run_checkpoints_load_exactly(tiny_bundle, inputs, tmp_path, mo
     """Train 3 steps (LLM LoRA + ViT-LoRA + projector), saving at steps 2 and 3; the logits of the
     in-memory model at each save must equal those of the saved folder loaded back, with either base."""
     train_sft = pytest.importorskip("stllava.train.train_sft")
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset
     from stllava.train import trainer as trainer_mod
 
     ids, px, untrained = inputs

@@ -130,8 +130,8 @@ def test_end_to_end_from_the_judge(tmp_path, monkeypatch):
     """The judge's real output feeds build_pairs (scripted server of test_judge)."""
     from test_judge import KEY, Script, argv, make_dataset
 
+    from stllava.demo.openai_stub import ChatCompletionServer
     from stllava.selftrain import judge
-    from stllava.selftrain.openai_server import ChatCompletionServer
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     answers, folder = make_dataset(tmp_path)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_images, request_text
 from stllava.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from stllava.selftrain import judge
 from stllava.selftrain.judge_client import JudgeInputError
 from stllava.selftrain.judge_prompt import build_prompt, encode_image, load_rule, parse_scores, split_prompt
-from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-test-9f8e7d6c5b4a-DO-NOT-LEAK"

@@ -10,9 +10,9 @@ import pytest
 from bad_files import write_bomb_png
 from test_judge import KEY, Script, argv, count_200, make_dataset, statuses_by_question
 
+from stllava.demo.openai_stub import ChatCompletionServer, Reply
 from stllava.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from stllava.selftrain import judge
-from stllava.selftrain.openai_server import ChatCompletionServer, Reply
 
 HTML = b"<html><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>"
 

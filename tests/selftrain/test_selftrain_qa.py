@@ -51,14 +51,6 @@ def test_question_prompt_is_the_v1_sq_layout():
 
 
 # --- with the tiny model --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def loaded(tiny_bundle):
-    from stllava.model.builder import load_pretrained_model
-
-    tok, model, proc, _ = load_pretrained_model(tiny_bundle["model"], device="cpu")
-    return tok, model, proc
-
-
 @pytest.fixture()
 def images(tmp_path):
     g = torch.Generator().manual_seed(2)

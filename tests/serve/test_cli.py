@@ -11,7 +11,6 @@ from checkpoint_factory import ASSET_IMAGE
 
 from stllava.constants import IMAGE_TOKEN_INDEX
 from stllava.mm_utils import tokenizer_image_token
-from stllava.model.builder import load_pretrained_model
 from stllava.serve import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -46,15 +45,10 @@ def test_chat_in_a_real_terminal(tiny_bundle):
     assert all(a.strip() for a in answers), answers
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_bundle):
-    return load_pretrained_model(tiny_bundle["model"], device="cpu")
-
-
-def test_session_streams_the_greedy_answer_and_keeps_one_image(loaded):
+def test_session_streams_the_greedy_answer_and_keeps_one_image(pretrained):
     from PIL import Image
 
-    tok, model, proc, _ = loaded
+    tok, model, proc, _ = pretrained
     session = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=12)
     pieces = []
     answer = session.ask("What is shown in the image?", pieces.append)
@@ -247,11 +241,11 @@ def _positions(session, text):
     return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (session.image_positions - 1)
 
 
-def test_a_question_past_the_context_is_refused_and_the_chat_goes_on(loaded):
+def test_a_question_past_the_context_is_refused_and_the_chat_goes_on(pretrained):
     """It was accepted silently, and every later answer of the conversation degraded."""
     from PIL import Image
 
-    tok, model, proc, context_len = loaded
+    tok, model, proc, context_len = pretrained
     assert context_len == 1024 and cli.context_length(model) == 1024
     session = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=6)
     assert session.image_positions == 64  # the tiny tower: (112 / 14)^2 patches
@@ -271,10 +265,10 @@ def test_a_question_past_the_context_is_refused_and_the_chat_goes_on(loaded):
     assert session.conv.get_prompt() == fresh.conv.get_prompt()
 
 
-def test_an_answer_never_runs_past_the_context(loaded, caplog):
+def test_an_answer_never_runs_past_the_context(pretrained, caplog):
     from PIL import Image
 
-    tok, model, proc, _ = loaded
+    tok, model, proc, _ = pretrained
     probe = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=12)
     _, ids, positions = probe.add_question("What is shown?")
     session = cli.ChatSession(model, tok, proc, Image.open(ASSET_IMAGE), "v1", temperature=0.0, max_new_tokens=12,

@@ -1,10 +1,10 @@
-"""The one protocol implementation with a Python scorer backend (stllava.selftrain.openai_server):
+"""The one protocol implementation with a Python scorer backend (stllava.demo.openai_stub):
 the same routes, schema, auth and error JSON as the model server, streaming included."""
 import openai
 import pytest
 from serve_utils import post
 
-from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_text
+from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_text
 
 
 def test_scorer_server_streams_checks_keys_and_answers_errors_in_openai_format():

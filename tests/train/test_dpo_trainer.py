@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from stllava.data.preference import write_colour_preference_dataset
+from stllava.toys import write_colour_preference_dataset
 from stllava.train.dpo_trainer import check_adapter_reference, concatenated_batch, llava_base
 from stllava.train.ref_cache import REF_CACHE_NAME
 from stllava.train.train_dpo import build_dpo_trainer

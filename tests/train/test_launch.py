@@ -72,6 +72,34 @@ def test_prepare_run_checks_before_any_process_group_and_seeds(tmp_path):
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+@pytest.mark.parametrize("flags,main,replica", [
+    ([], "INFO", "WARNING"),  # transformers' defaults: passive (= INFO here) and warning
+    (["--log_level", "debug"], "DEBUG", "WARNING"),
+    (["--log-level", "error", "--log_level_replica", "info"], "ERROR", "INFO"),
+])
+def test_training_logs_at_transformers_log_level_flags(flags, main, replica, tmp_path):
+    import logging
+
+    t = parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), *flags])[2]
+    names = ("stllava", "transformers.trainer")
+    before = {n: logging.getLogger(n).level for n in names}
+    try:
+        for should_log, want in ((True, main), (False, replica)):
+            launch._setup_logging(SimpleNamespace(log_level=t.log_level, log_level_replica=t.log_level_replica,
+                                                  should_log=should_log))
+            assert logging.getLevelName(logging.getLogger("stllava").level) == want
+    finally:
+        for n in names:
+            logging.getLogger(n).setLevel(before[n])
+
+
+def test_training_refuses_an_unknown_log_level(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path),
+                    "--log_level", "TRACE"])
+    assert e.value.code == 2 and "invalid choice: 'TRACE'" in capsys.readouterr().err
+
+
 def test_entry_point_prints_one_line_on_rank_0_only(capsys, monkeypatch):
     def bad(argv):
         raise StllavaError("2 records are bad", file="d.json", fix="pass --on_bad_sample skip")
@@ -164,7 +192,7 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, tiny_bundle):
 def test_launch_scripts_name_a_missing_input_before_starting_anything(tmp_path, tiny_bundle, script):
     """A MODEL / VISION_TOWER / PROJECTOR / DATA / IMAGES path that does not exist: one line naming the
     variable, exit status 2, before any launcher or Python starts (no hub retries from every rank)."""
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset
 
     data, images = write_colour_dataset(str(tmp_path / "d"), n=2)
     good = {"MODEL": tiny_bundle["model"], "VISION_TOWER": tiny_bundle["vision_tower"], "PROJECTOR": "",

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.training import lora_args
 from transformers import TrainerCallback
 
 from stllava.model import LlavaLlamaForCausalLM
@@ -21,12 +22,6 @@ from stllava.train.train_sft import main, run_sft
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
-def lora_args(**over):
-    base = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none", vit_lora_enable=True,
-                lora_r_vit=2, lora_alpha_vit=4, lora_dropout_vit=0.0)
-    return SimpleNamespace(**{**base, **over})
-
-
 def trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -34,7 +29,7 @@ def trainable(model):
 @pytest.fixture(scope="module")
 def captions(tiny_bundle, tmp_path_factory):
     """Image-caption records for the plain template (LLaVA's pretraining data format)."""
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset
 
     root = tmp_path_factory.mktemp("captions")
     data, images = write_colour_dataset(str(root), n=8)

@@ -11,10 +11,11 @@ from transformers import TrainerCallback
 
 from stllava.constants import IGNORE_INDEX
 from stllava.data.collate import DataCollatorForSupervisedDataset
-from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+from stllava.data.sft import LazySupervisedDataset
 from stllava.model import LlavaLlamaForCausalLM
 from stllava.model.builder import load_tokenizer
 from stllava.model.vision_tower import clip_processor_class
+from stllava.toys import write_colour_dataset
 from stllava.train.arguments import TrainingArguments
 from stllava.train.model_setup import make_trainable
 from stllava.train.trainer import LLaVATrainer

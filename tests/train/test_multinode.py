@@ -143,8 +143,7 @@ def _same_run(one_node: str, two_nodes: str) -> None:
 def colour(tiny_bundle, tmp_path_factory):
     from checkpoint_factory import save_lora_layout, trained_lora_model
 
-    from stllava.data.preference import write_colour_preference_dataset
-    from stllava.data.sft import write_colour_dataset
+    from stllava.toys import write_colour_dataset, write_colour_preference_dataset
 
     root = tmp_path_factory.mktemp("multinode")
     sft_data, sft_images = write_colour_dataset(str(root / "sft"), n=8)

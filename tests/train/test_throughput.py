@@ -115,9 +115,10 @@ def test_real_sft_run_logs_throughput(tiny_bundle, tmp_path, monkeypatch):
     """One step over all 6 records: tokens / samples must be their mean spliced length."""
     from transformers import CLIPImageProcessor
 
-    from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+    from stllava.data.sft import LazySupervisedDataset
     from stllava.data.verify import load_records
     from stllava.model.builder import load_tokenizer
+    from stllava.toys import write_colour_dataset
     from stllava.train.train_sft import run_sft
 
     monkeypatch.delenv(PEAK_ENV, raising=False)
@@ -145,7 +146,7 @@ def test_real_sft_run_logs_throughput(tiny_bundle, tmp_path, monkeypatch):
 
 def test_real_dpo_run_logs_throughput_and_mfu(tiny_bundle, tmp_path, monkeypatch):
     """One step over all 4 pairs (both sides of each, images spliced); a given peak gives mfu."""
-    from stllava.data.preference import write_colour_preference_dataset
+    from stllava.toys import write_colour_preference_dataset
     from stllava.train.train_dpo import build_dpo_trainer
 
     monkeypatch.setenv(PEAK_ENV, "0.001")  # 1 GFLOP/s: the tiny model on this CPU

@@ -11,8 +11,8 @@ import pytest
 import ranks
 import torch
 
-from stllava.data.preference import write_colour_preference_dataset
 from stllava.model.builder import load_pretrained_model
+from stllava.toys import write_colour_preference_dataset
 from stllava.train.train_dpo import START_DIR, run_dpo
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,13 +165,6 @@ ZERO3_DRIVER = textwrap.dedent('''
 ''')
 
 
-def _torchrun(driver, argv, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, *argv]
-    proc = ranks.run(cmd, cwd=REPO, env=ENV, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_deepspeed_zero3_two_processes(setup, tmp_path, shm_comm_op):
     """Full-folder start, bf16, ZeRO-3 over 2 CPU processes: the reference of a fixed batch does not
@@ -183,7 +176,8 @@ def test_deepspeed_zero3_two_processes(setup, tmp_path, shm_comm_op):
     args = ["--model_name_or_path", s["model"], "--deepspeed", os.path.join(REPO, "scripts", "zero3.json"),
             "--bf16", "True", "--gradient_checkpointing", "True", "--per_device_train_batch_size", "4"]
     a_out, b_out = tmp_path / "a", tmp_path / "b"
-    _torchrun(str(driver), common(s, a_out, *args, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"))
+    ranks.torchrun(str(driver), common(s, a_out, *args, "--max_steps", "4", "--save_strategy", "steps",
+                                      "--save_steps", "2"), env=ENV)
     probe = json.load(open(a_out / "probe.json"))
     assert probe["ref_mode"] == "adapter_disabled" and len(probe["seen"]) == 5
     first = probe["seen"][0]
@@ -198,8 +192,8 @@ def test_deepspeed_zero3_two_processes(setup, tmp_path, shm_comm_op):
     assert non_lora and all(v.numel() > 0 and v.dtype == torch.bfloat16 for v in non_lora.values())  # gathered
     chat(str(a_out), s["model"])
 
-    _torchrun(str(driver), common(s, b_out, *args, "--max_steps", "1", "--save_strategy", "no",
-                                  "--ref_model", "separate"))
+    ranks.torchrun(str(driver), common(s, b_out, *args, "--max_steps", "1", "--save_strategy", "no",
+                                       "--ref_model", "separate"), env=ENV)
     probe_b = json.load(open(b_out / "probe.json"))
     lb = train_logs(str(b_out))
     assert probe_b["ref_mode"] == "separate" and probe_b["seen"][0]["ref"] == pytest.approx(first["ref"], rel=1e-3)

@@ -21,8 +21,8 @@ PROJ = "base_model.model.model.mm_projector."
 def learnable(tmp_path_factory):
     """A tiny bundle whose LM head can express confident predictions (init range 0.2; at the default
     0.02 a frozen random head caps the loss near 6), the colour task, and the projector alone."""
-    from stllava.data.sft import write_colour_dataset
     from stllava.model.tiny import build_tiny_bundle
+    from stllava.toys import write_colour_dataset
 
     root = tmp_path_factory.mktemp("learnable")
     paths = build_tiny_bundle(str(root / "bundle"), seed=0, llm={"initializer_range": 0.2})
@@ -122,14 +122,6 @@ def test_resume_matches_uninterrupted_run(learnable, tmp_path):
     assert ckpt["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 0
 
 
-def _torchrun(nproc, argv, timeout=900):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "stllava/train/train_sft.py", *argv]
-    proc = ranks.run(cmd, cwd=REPO, env=ENV, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_deepspeed_zero3_two_processes_and_resume(learnable, tmp_path, shm_comm_op):
     """Plain LLaMA + --vision_tower + --pretrain_mm_mlp_adapter, bf16, ZeRO-3 over 2 CPU processes."""
@@ -138,7 +130,7 @@ def test_deepspeed_zero3_two_processes_and_resume(learnable, tmp_path, shm_comm_
     args = ["--deepspeed", os.path.join(REPO, "scripts", "zero3.json"), "--bf16", "True",
             "--pretrain_mm_mlp_adapter", learnable["projector"], "--gradient_checkpointing", "True",
             "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--save_steps", "3"]
-    _torchrun(2, common(b, a_out, *args))
+    ranks.torchrun("stllava/train/train_sft.py", common(b, a_out, *args), env=ENV, timeout=900)
     la = losses(a_out)
     assert sorted(la) == [1, 2, 3, 4, 5] and all(v == v and 0 < v < 20 for v in la.values())
     assert os.path.isdir(os.path.join(a_out, "checkpoint-3", "global_step3"))
@@ -159,7 +151,9 @@ def test_deepspeed_zero3_two_processes_and_resume(learnable, tmp_path, shm_comm_
     assert not torch.equal(non_lora[PROJ + "c.weight"], learnable["projector_sd"]["model.mm_projector.c.weight"].to(torch.bfloat16))
 
     shutil.copytree(os.path.join(a_out, "checkpoint-3"), os.path.join(b_out, "checkpoint-3"))
-    _torchrun(2, common(b, b_out, *args, "--resume_from_checkpoint", os.path.join(b_out, "checkpoint-3")))
+    ranks.torchrun("stllava/train/train_sft.py",
+                   common(b, b_out, *args, "--resume_from_checkpoint", os.path.join(b_out, "checkpoint-3")),
+                   env=ENV, timeout=900)
     lb = losses(b_out)
     assert [lb[4], lb[5]] == pytest.approx([la[4], la[5]], rel=1e-5)  # (it passed the manifest check)
 

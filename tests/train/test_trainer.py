@@ -1,9 +1,9 @@
 """LLaVATrainer pieces: optimizer groups, trainable selection, sampler choice, checkpoint save/load."""
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.training import lora_args
 
 from stllava.model import LlavaLlamaForCausalLM
 from stllava.train.arguments import TrainingArguments
@@ -16,12 +16,6 @@ from stllava.train.checkpoint import (
 from stllava.train.model_setup import llm_lora_target_names, make_trainable
 from stllava.train.sampler import LengthGroupedSampler, RandomEpochSampler
 from stllava.train.trainer import LLaVATrainer
-
-
-def lora_args(**over):
-    base = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none", vit_lora_enable=True,
-                lora_r_vit=2, lora_alpha_vit=4, lora_dropout_vit=0.0)
-    return SimpleNamespace(**{**base, **over})
 
 
 def build(tiny_bundle, **over):
@@ -102,9 +96,10 @@ def _colour_batches(tiny_bundle, tmp_path, n=8):
     from transformers import CLIPImageProcessor
 
     from stllava.data.collate import DataCollatorForSupervisedDataset
-    from stllava.data.sft import LazySupervisedDataset, write_colour_dataset
+    from stllava.data.sft import LazySupervisedDataset
     from stllava.data.verify import load_records
     from stllava.model.builder import load_tokenizer
+    from stllava.toys import write_colour_dataset
 
     tok = load_tokenizer(tiny_bundle["model"], 1024, training=True)
     proc = CLIPImageProcessor.from_pretrained(tiny_bundle["model"])

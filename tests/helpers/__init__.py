@@ -1,0 +1,1 @@
+"""Helpers shared by several test modules (plain functions; pytest fixtures live in conftest.py)."""
