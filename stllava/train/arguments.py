@@ -198,8 +198,14 @@ def check_supported(model_args: ModelArguments, data_args: DataArguments, traini
         raise FlagError("--model_name_or_path is required")
     if not data_args.data_path:
         raise FlagError("--data_path is required")
-    if not os.path.isfile(data_args.data_path):
+    from stllava.jsonl import not_a_file
+
+    if not os.path.exists(data_args.data_path):
         raise FlagError(f"--data_path {data_args.data_path} does not exist; give the training data file "
+                        "(a JSON list or JSONL of records)")
+    why = not_a_file(data_args.data_path)  # a folder, or a device such as /dev/zero (never read)
+    if why is not None:
+        raise FlagError(f"--data_path {data_args.data_path} {why}; give the training data file "
                         "(a JSON list or JSONL of records)")
     check_trainable_flags(model_args, training_args)
     if training_args.bits != 16:
