@@ -181,8 +181,9 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 def check_supported(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
-    """Refuse flag values the published flags allow but this implementation does not, and missing
-    inputs (:class:`FlagError` naming the flag and the supported value)."""
+    """Refuse flag values the published flags allow but this implementation does not, missing
+    inputs and an unusable ``--output_dir`` (:class:`FlagError` naming the flag and the supported
+    value)."""
     import os
 
     if model_args.data_aug:
@@ -207,6 +208,9 @@ def check_supported(model_args: ModelArguments, data_args: DataArguments, traini
     if why is not None:
         raise FlagError(f"--data_path {data_args.data_path} {why}; give the training data file "
                         "(a JSON list or JSONL of records)")
+    from stllava.train.saving import check_output_dir
+
+    check_output_dir(training_args.output_dir)  # a file, or not writable: refused before any model loads
     check_trainable_flags(model_args, training_args)
     if training_args.bits != 16:
         check_kbit_training(training_args)
