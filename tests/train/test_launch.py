@@ -176,6 +176,19 @@ def test_a_data_path_that_is_not_a_file_is_named_before_anything_loads(tmp_path,
                                        "or JSONL of records)\n")
 
 
+def test_data_without_a_usable_record_is_one_line(tmp_path, tiny_bundle, capsys):
+    """Before: a ValueError traceback (after the tokenizer and image processor loaded)."""
+    from stllava.train.train_sft import main
+
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    assert main(["--model_name_or_path", tiny_bundle["model"], "--data_path", str(data), "--output_dir",
+                 str(tmp_path / "out"), "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}: no usable records (0 in the file, 0 skipped as bad); nothing to train on.")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("script", ["sqllava_med.sh", "dpo_finetune.sh"])
 def test_launch_scripts_name_a_missing_input_before_starting_anything(tmp_path, tiny_bundle, script):
     """A MODEL / VISION_TOWER / PROJECTOR / DATA / IMAGES path that does not exist: one line naming the
