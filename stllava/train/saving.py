@@ -8,7 +8,8 @@ folder checked before anything loads (docs/BadInputs.md, issue 21).
   into ``checkpoint-N``). A run killed or a disk filled mid-save therefore leaves no
   ``checkpoint-N`` at all: resume (and the Trainer's rotation of old checkpoints) only ever sees
   complete ones. The staging folder is hidden from the Trainer, which looks for ``checkpoint-*``.
-- :func:`save_final` writes the final checkpoint the same way, into ``.stllava-staging/final``,
+- :func:`save_final` writes the final checkpoint the same way, into ``.stllava-staging/<name of
+  the output folder>``,
   then moves its files into ``--output_dir``: a failed save never leaves half-written files there
   (nor destroys the files of an earlier final save). It first compares the free space with the
   bytes of the weights to write (:func:`stllava.train.checkpoint.save_bytes`).
@@ -33,7 +34,6 @@ from stllava.errors import EXIT_FAILED, StllavaError
 logger = logging.getLogger(__name__)
 
 STAGING = ".stllava-staging"
-FINAL = "final"
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 _NEARLY_FULL = 64 << 20  # after torch's writer failed, a disk with less free space than this is full
@@ -183,6 +183,13 @@ def move_entries(staged: str, target: str) -> list[str]:
     return names
 
 
+def final_staging(output_dir: str) -> str:
+    """Where :func:`save_final` writes the final checkpoint before moving it into ``output_dir``:
+    ``output_dir/.stllava-staging/<output_dir's own name>`` (a save writes what it would write
+    to ``output_dir``, under the same name)."""
+    return os.path.join(output_dir, STAGING, os.path.basename(os.path.normpath(os.path.abspath(output_dir))))
+
+
 def save_final(trainer) -> None:
     """The final save of a run into ``--output_dir``: the trainer state and the checkpoint layout
     (``trainer.save_model``). Every process must call it.
@@ -207,7 +214,7 @@ def save_final(trainer) -> None:
         raise DiskFullError(f"not enough free space for the final checkpoint in {out}: about {human_bytes(short[0])} "
                             f"to write, {human_bytes(short[1])} free; nothing was written; {saved}; fix: free space "
                             f"on the disk of {out}, {redo}")
-    staged = os.path.join(out, STAGING, FINAL)
+    staged = final_staging(out)
     if args.should_save:
         shutil.rmtree(staged, ignore_errors=True)  # what a killed final save left
     _barrier()

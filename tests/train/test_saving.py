@@ -139,7 +139,7 @@ def test_the_final_save_is_moved_into_place_when_complete(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"old")
     trainer = SaveStub(tmp_path)
     saving.save_final(trainer)
-    assert trainer.calls == [str(tmp_path / STAGING / "final"), "state"]
+    assert trainer.calls == [str(tmp_path / STAGING / tmp_path.name), "state"]
     assert (tmp_path / "model.safetensors").read_bytes() == b"w" * 100 and not (tmp_path / STAGING).exists()
 
 
@@ -202,7 +202,7 @@ def test_disk_full_at_the_final_save_is_one_line_and_resume_redoes_only_the_save
     real = trainer_module.save_llava_checkpoint
 
     def full_at_the_final_save(model, state, output_dir, **kwargs):
-        if os.path.basename(output_dir) == "final":
+        if os.path.basename(os.path.dirname(output_dir)) == STAGING and os.path.basename(output_dir) == "out":
             os.makedirs(output_dir, exist_ok=True)
             with open(os.path.join(output_dir, "adapter_model.safetensors"), "wb") as f:
                 f.write(b"half a file")
