@@ -94,7 +94,7 @@ def is_disk_full(exc: BaseException, folder: str) -> bool:
 
 
 def human_bytes(n: float) -> str:
-    """``1000`` → ``"1000 B"``, ``3.2e9`` → ``"3.2 GB"``."""
+    """``900`` → ``"900 B"``, ``1000`` → ``"1.0 kB"``, ``3.2e9`` → ``"3.2 GB"`` (SI units)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
