@@ -10,6 +10,8 @@ Three needs, written once:
   warning and trimmed off before appending again, instead of being reported as corrupt data --
   also when the cut falls inside a multi-byte UTF-8 character (records are written with
   ``ensure_ascii=False``);
+* **opening**: a path that is a folder is named as one, and a device, pipe or socket is refused
+  before it is read (:func:`not_a_file`, :class:`NotAFileError`): reading ``/dev/zero`` never ends;
 * **decoding**: files are UTF-8; a file that is not (e.g. saved as Latin-1) is refused naming the
   file, the line and the byte (:class:`EncodingError`, :func:`read_utf8`), never a bare
   ``UnicodeDecodeError``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -34,8 +37,10 @@ __all__ = [
     "EncodingError",
     "JsonlError",
     "JsonlWriter",
+    "NotAFileError",
     "dumps",
     "iter_jsonl",
+    "not_a_file",
     "read_jsonl",
     "read_utf8",
     "repair_tail",
@@ -61,6 +66,44 @@ class EncodingError(StllavaError, ValueError):
     """A file that is not UTF-8 text; the message names the file, the line and the byte."""
 
 
+class NotAFileError(StllavaError, OSError):
+    """A path that exists but is not a regular file: a folder, or a device, pipe or socket."""
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a data file although it exists, e.g. ``"is a folder, not a
+    file (it holds a.json, b.jsonl)"`` or ``"is not a regular file (a character device, which may
+    never end)"``; None for a regular file (or a link to one) and for a path that does not exist
+    (``open`` names that)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        try:
+            data = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
+        except OSError:
+            data = []
+        held = ", ".join(data[:5]) + (", …" if len(data) > 5 else "") if data else "no .json or .jsonl file"
+        return f"is a folder, not a file (it holds {held})"
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    return f"is not a regular file ({kind}, which may never end)"
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse (:class:`NotAFileError`) a ``path`` that exists but is not a regular file (see
+    :func:`not_a_file`) before anything reads it; returns None otherwise."""
+    why = not_a_file(path)
+    if why is not None:
+        raise NotAFileError(f"{path} {why}; fix: give the path of a file")
+
+
 _UTF8_FIX = "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)"
 
 
@@ -72,7 +115,9 @@ def read_utf8(path: str | os.PathLike) -> str:
     """The text of ``path`` decoded as UTF-8 (a leading byte-order mark is dropped).
 
     Refuses (:class:`EncodingError`) a file that is not UTF-8, naming the file, the line, the
-    column and the byte. Raises FileNotFoundError / OSError as ``open`` does."""
+    column and the byte, and (:class:`NotAFileError`) a folder or a device. Raises FileNotFoundError
+    / OSError as ``open`` does."""
+    check_regular_file(path)
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -111,9 +156,11 @@ def iter_jsonl(
     ``skip_bad``: then the line is skipped and ``on_bad(error)`` is called (use it to count and log).
     With ``allow_truncated_tail`` a malformed *last* line that lacks its newline -- what a
     killed writer leaves, possibly cut inside a multi-byte character -- is dropped with a warning
-    instead (resume files only). Raises FileNotFoundError naming the path when it does not exist.
+    instead (resume files only). Raises FileNotFoundError naming the path when it does not exist,
+    :class:`NotAFileError` for a folder or a device.
     """
     path = Path(path)
+    check_regular_file(path)
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)

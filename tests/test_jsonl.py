@@ -154,3 +154,37 @@ def test_read_utf8_names_the_line_and_byte(tmp_path):
                                "UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)")
     p.write_bytes("\ufeffok é".encode("utf-8"))
     assert read_utf8(p) == "ok é"
+
+
+# A path that is not a regular file (issue 21, docs/BadInputs.md): a folder is named as one, and a
+# device is refused before it is read (reading /dev/zero never ends: it would fill the memory).
+
+def _bounded(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child limited to 3 GiB of address space and 60 s: a reader that never
+    ends fails there instead of taking the machine with it."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit)
+
+
+@pytest.mark.parametrize("reader", ["iter_jsonl", "read_utf8"])
+def test_a_device_is_refused_before_it_is_read(reader):
+    proc = _bounded(f"from stllava.jsonl import NotAFileError, {reader} as r\n"
+                    "try:\n    list(r('/dev/zero'))\nexcept NotAFileError as e:\n    print(e)\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("/dev/zero is not a regular file (a character device, which may never end); "
+                                   "fix: give the path of a file")
+
+
+@pytest.mark.parametrize("reader", [iter_jsonl, read_utf8])
+def test_a_folder_is_named_as_a_folder(tmp_path, reader):
+    from stllava.jsonl import NotAFileError
+
+    (tmp_path / "q.jsonl").write_text("{}\n")
+    with pytest.raises(NotAFileError) as e:
+        list(reader(tmp_path))
+    assert str(e.value) == f"{tmp_path} is a folder, not a file (it holds q.jsonl); fix: give the path of a file"

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stllava.data.images import blank_image, image_path, load_image
-from stllava.data.verify import VerifyReport, apply_bad_sample_policy, load_records, record_name
+from stllava.data.verify import DataFileError, VerifyReport, apply_bad_sample_policy, load_records, record_name
 from stllava.mm_utils import process_images
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def load_checked_records(data_path: str, check: Callable[[list], VerifyReport],
     ``on_bad_sample``; returns ``(records, keep)``, ``keep`` the indices of the records to train on.
 
     Raises :class:`stllava.data.verify.BadDataError` with the full report when records are bad
-    and ``on_bad_sample`` is ``stop``; ValueError when nothing is left to train on. Under
+    and ``on_bad_sample`` is ``stop``; :class:`~stllava.data.verify.DataFileError` (one line)
+    when nothing is left to train on. Under
     torch.distributed the check runs on rank 0 only and its report is broadcast, so every rank
     trains on the same records.
     """
@@ -110,7 +111,7 @@ def load_checked_records(data_path: str, check: Callable[[list], VerifyReport],
         report = box[0]
     keep = apply_bad_sample_policy(records, report, on_bad_sample)
     if not keep:
-        raise ValueError(f"{data_path}: no usable records ({len(records)} in the file, {len(records) - len(keep)} "
+        raise DataFileError(f"{data_path}: no usable records ({len(records)} in the file, {len(records) - len(keep)} "
                          "skipped as bad); nothing to train on. For DPO data, check the judge summary and "
                          "build_pairs stats (ties / identical answers / min-margin) that produced it.")
     return records, keep

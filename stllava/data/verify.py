@@ -144,9 +144,13 @@ def load_records(data_path: str) -> list[dict]:
     Refuses anything else (:class:`DataFileNotFound`, :class:`DataFileError`, or
     :class:`~stllava.jsonl.JsonlError` for a bad JSONL line) with one message naming the file and the fix."""
     fix = "fix: --data_path must name a JSON list of records with 'id', 'image' and 'conversations'"
-    if not os.path.isfile(data_path):
+    from stllava.jsonl import not_a_file, read_jsonl, read_utf8
+
+    if not os.path.exists(data_path):
         raise DataFileNotFound(f"--data_path {data_path} does not exist; {fix}")
-    from stllava.jsonl import read_jsonl, read_utf8
+    why = not_a_file(data_path)  # a folder is named as one; a device is never read (/dev/zero never ends)
+    if why is not None:
+        raise DataFileError(f"--data_path {data_path} {why}; {fix}")
 
     if data_path.endswith(".jsonl"):
         return read_jsonl(data_path)
@@ -156,12 +160,26 @@ def load_records(data_path: str) -> list[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _first_line_is_object(text):
+            stem = os.path.splitext(os.path.basename(data_path))[0]
+            raise DataFileError(f"{data_path} looks like JSON Lines (one JSON object per line) but is named .json (not "
+                                f"valid JSON: {e.msg} at line {e.lineno}, column {e.colno}); fix: rename it to "
+                                f"{stem}.jsonl, or make it one JSON list of records") from None
         cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
         raise DataFileError(f"{data_path} is not valid JSON{' (cut short?)' if cut else ''}: {e.msg} (line "
                             f"{e.lineno}, column {e.colno}); {fix}") from None
     if not isinstance(data, list):
         raise DataFileError(f"{data_path} holds a JSON {type(data).__name__}, expected a list of records; {fix}")
     return data
+
+
+def _first_line_is_object(text: str) -> bool:
+    """Whether the first non-blank line of ``text`` is a JSON object on its own (a JSON Lines file)."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def record_name(record: Any, index: int) -> str:

@@ -53,11 +53,18 @@ def load_tokenizer(path: str, model_max_length: int | None = None, *, training: 
 
     Inference (default): pad = unk when the tokenizer has no pad token (LLaVA pads with unk).
     ``training=True`` is LLaVA's v1 training setup: pad = unk always, right padding, and
-    ``model_max_length`` (when given) as the tokenizer's maximum length."""
+    ``model_max_length`` (when given) as the tokenizer's maximum length. A tokenizer file that
+    cannot be read is refused naming it (:func:`~stllava.model.checkpoint_layouts.tokenizer_file_problem`)."""
     kwargs = {"padding_side": "right"} if training else {}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
-    tok = LlamaTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tok = LlamaTokenizer.from_pretrained(path, **kwargs)
+    except Exception:
+        problem = cl.tokenizer_file_problem(path) if os.path.isdir(path) else None
+        if problem is None:
+            raise
+        raise problem from None
     if training or tok.pad_token is None:
         tok.pad_token = tok.unk_token
     return tok

@@ -27,7 +27,13 @@ import re
 import torch
 
 from stllava.errors import StllavaError
-from stllava.model.weights import UnsafeCheckpointError, check_weight_file, corrupt, load_state_dict_file
+from stllava.model.weights import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    check_weight_file,
+    corrupt,
+    load_state_dict_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,11 @@ _ADAPTER_NAME = re.compile(r"\." + _LORA_KINDS + r"\.(?!weight$)[A-Za-z0-9_-]+(?
 
 class CheckpointLayoutError(StllavaError, FileNotFoundError):
     """A folder does not hold the files its layout needs (the message lists both)."""
+
+
+class ConfigError(StllavaError, ValueError):
+    """A checkpoint's ``config.json`` holds a value stllava cannot build a model from (the message
+    names the file, the field and the fix)."""
 
 
 @dataclasses.dataclass
@@ -158,6 +169,45 @@ def check_adapter_folder(path: str, what: str = "vit_lora") -> str:
 
 def has_tokenizer(path: str | None) -> bool:
     return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+_TOKENIZER_FIX = ("copy it again from the model's source (the checkpoint, or the base LLaMA/Vicuna folder it was "
+                  "trained from)")
+TOKENIZER_JSON_KEYS = ("model", "added_tokens")  # what transformers 5 reads without a default
+
+
+def tokenizer_file_problem(path: str) -> CorruptCheckpointError | None:
+    """Why the tokenizer files of folder ``path`` cannot be loaded, as the error to raise (naming
+    the file and the fix), or None when they look sound. Called after transformers failed, whose
+    own messages name no file (``Model missing``, a bare ``KeyError``, or advice to install
+    tiktoken for a ``tokenizer.model`` that is not SentencePiece). Checks, in transformers' order:
+    ``tokenizer_config.json`` (JSON), ``tokenizer.json`` (JSON, the keys transformers needs, then
+    the tokenizers library's own parse) — else ``tokenizer.model`` (SentencePiece)."""
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        read_json(config)  # raises, naming the file
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        data = read_json(tj)
+        missing = [k for k in TOKENIZER_JSON_KEYS if k not in data]
+        if missing:
+            return corrupt(tj, f"no {missing[0]!r} key", "tokenizer file", _TOKENIZER_FIX)
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(tj)
+        except Exception as e:  # tokenizers raises a bare Exception
+            return corrupt(tj, e, "tokenizer file", _TOKENIZER_FIX)
+        return None
+    spm = os.path.join(path, "tokenizer.model")
+    if os.path.isfile(spm):
+        import sentencepiece
+
+        try:
+            sentencepiece.SentencePieceProcessor(model_file=spm)
+        except Exception as e:  # RuntimeError / OSError from the C++ parser
+            return corrupt(spm, f"not a SentencePiece model: {e}", "tokenizer file", _TOKENIZER_FIX)
+    return None
 
 
 _JSON_FIX = "correct it, or copy it again from the checkpoint's source"

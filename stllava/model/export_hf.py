@@ -168,16 +168,21 @@ def check_export(out: str, tokenizer, image_processor, config, conv_mode: str, i
         raise ExportError("the exported image processor does not reproduce stllava's preprocessing", file=out)
 
 
-def export(model_path: str, out: str, conv_mode: str | None = None) -> dict:
+def export(model_path: str, out: str, conv_mode: str | None = None, overwrite: bool = False) -> dict:
     """Write the native LLaVA folder ``out`` from the merged checkpoint ``model_path``; returns a
-    summary (paths, image token id, projector, template). Refuses (ExportError) LoRA or
-    projector-only folders (merge first), models without a vision tower, projectors without a
-    native counterpart, and an export that fails :func:`check_export`."""
+    summary (paths, image token id, projector, template). Refuses, before reading anything,
+    an ``out`` that is ``model_path`` or lies inside it, and a non-empty ``out`` unless
+    ``overwrite`` (:func:`stllava.model.merge.check_output_folder`, the merge's own check);
+    then (ExportError) LoRA or projector-only folders (merge first), models without a vision
+    tower, projectors without a native counterpart, and an export that fails :func:`check_export`."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     from stllava.model import checkpoint_layouts as cl
     from stllava.model.builder import load_pretrained_model
     from stllava.model.llava_llama import load_llava_config
+    from stllava.model.merge import check_output_folder
+
+    check_output_folder(out, model_path, flag="--out", overwrite=overwrite)
 
     try:
         layout = cl.detect_layout(model_path)
@@ -221,10 +226,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model-path", required=True, help="merged stllava checkpoint (mlp2x_gelu or linear projector)")
     ap.add_argument("--out", required=True, help="folder to write the transformers-native LLaVA to")
     ap.add_argument("--conv-mode", default=None, help="template for the chat template (default: config, else v1)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out (its files of the same name are replaced); --out may never "
+                         "be --model-path or lie inside it")
     logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
     logs.setup(args.log_level)
-    summary = export(args.model_path, args.out, args.conv_mode)
+    summary = export(args.model_path, args.out, args.conv_mode, overwrite=args.overwrite)
     print(f"exported {args.model_path} to {summary['out']}: LlavaForConditionalGeneration, {summary['projector']} "
           f"projector, <image> = token {summary['image_token_id']}, template {summary['conv_mode']}")
     return 0

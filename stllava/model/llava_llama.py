@@ -15,7 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from stllava.model.checkpoint_layouts import ConfigError
 from stllava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from stllava.model.projector import PROJECTOR_CHOICES, is_projector_type
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,11 @@ def load_llava_config(path: str) -> LlavaLlamaConfig:
 
     Accepts our own ``llava_llama`` configs, released LLaVA/SQ-LLaVA/STLLaVA-Med configs
     (``"model_type": "llava"`` with ``mm_vision_tower``) and plain ``llama`` configs. Refuses
-    transformers' native LLaVA layout (``text_config``/``vision_config``) with a clear message.
+    (:class:`~stllava.model.checkpoint_layouts.ConfigError`, naming the file and the fix)
+    transformers' native LLaVA layout (``text_config``/``vision_config``), another model type, a
+    multimodal config without ``mm_hidden_size`` and an ``mm_projector_type`` no projector has.
+    ``auto_map`` (code in the folder that transformers would import with ``trust_remote_code``)
+    is dropped with a warning: stllava builds its own classes and never runs a checkpoint's code.
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
@@ -133,13 +139,17 @@ def load_llava_config(path: str) -> LlavaLlamaConfig:
         raw = json.load(f)
     mtype = raw.get("model_type")
     if mtype == "llava" and "mm_vision_tower" not in raw:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg_file}: model_type 'llava' without 'mm_vision_tower' is transformers' native LLaVA "
             "layout; load it with transformers.LlavaForConditionalGeneration, not stllava")
     if mtype not in (MODEL_TYPE, "llava", "llama"):
-        raise ValueError(f"{cfg_file}: model_type {mtype!r} is not one of 'llava_llama', 'llava' "
-                         "(released STLLaVA-Med/SQ-LLaVA) or 'llama'")
-    raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")}
+        raise ConfigError(f"{cfg_file}: model_type {mtype!r} is not one of 'llava_llama', 'llava' "
+                          "(released STLLaVA-Med/SQ-LLaVA) or 'llama'")
+    if "auto_map" in raw:
+        logger.warning("%s names remote code (auto_map %s); ignored: stllava never imports a checkpoint's code",
+                       cfg_file, raw["auto_map"])
+    raw = {k: v for k, v in raw.items()
+           if k not in ("model_type", "architectures", "transformers_version", "auto_map")}
     if "rope_theta" in raw and "rope_parameters" not in raw:  # transformers 4.x layout
         raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.pop("rope_theta")}
         scaling = raw.pop("rope_scaling", None)
@@ -149,8 +159,13 @@ def load_llava_config(path: str) -> LlavaLlamaConfig:
         for k, v in MM_DEFAULTS.items():
             raw.setdefault(k, v)
         if "mm_hidden_size" not in raw:
-            raise ValueError(f"{cfg_file}: 'mm_vision_tower' is set but 'mm_hidden_size' is missing; "
-                             "add the vision width (1024 for CLIP ViT-L/14)")
+            raise ConfigError(f"{cfg_file}: 'mm_vision_tower' is set but 'mm_hidden_size' is missing; "
+                              "add the vision width (1024 for CLIP ViT-L/14)")
+        if not is_projector_type(raw["mm_projector_type"]):
+            raise ConfigError(f"mm_projector_type {raw['mm_projector_type']!r} is not a projector stllava builds "
+                              f"({', '.join(PROJECTOR_CHOICES)})", file=cfg_file,
+                              fix="set mm_projector_type to the projector the checkpoint was trained with "
+                                  "(e.g. mlp2x_gelu, or cluster for SQ-LLaVA / STLLaVA-Med)")
     return LlavaLlamaConfig(**raw)
 
 

@@ -40,7 +40,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 class MergeError(StllavaError, ValueError):
-    """A merge that would overwrite something (an input folder, a non-empty output folder)."""
+    """A merge (or an export: :func:`check_output_folder`) that would overwrite something: an input
+    folder, a folder inside one, a non-empty output folder."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,16 +55,30 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_output_folder(save_model_path: str, *inputs: str | None) -> str:
-    """The absolute output folder; refuses (:class:`MergeError`) one of the ``inputs`` or a
-    non-empty existing folder: a merge never overwrites anything."""
+def check_output_folder(save_model_path: str, *inputs: str | None, flag: str = "--save-model-path",
+                        overwrite: bool | None = None) -> str:
+    """The absolute output folder of a command that writes a new model folder (merge, export).
+
+    Refuses (:class:`MergeError`, one line naming ``flag``) a folder that is one of the ``inputs``
+    (however spelled: real paths are compared) or lies inside one, so a source is never written
+    over, and an existing non-empty folder — unless ``overwrite`` is True. ``overwrite=None`` means
+    the command has no such flag (the message then does not offer one)."""
     out = os.path.abspath(save_model_path)
+    real = os.path.realpath(out)
     for src in inputs:
-        if src and os.path.realpath(src) == os.path.realpath(out):
-            raise MergeError(f"--save-model-path {save_model_path} is an input folder; choose a new folder")
-    if os.path.isdir(out) and os.listdir(out):
-        raise MergeError(f"--save-model-path {save_model_path} exists and is not empty; choose a new folder "
-                         "(or delete it first)")
+        if not src:
+            continue
+        src_real = os.path.realpath(src)
+        if src_real == real:
+            raise MergeError(f"{flag} {save_model_path} is an input folder ({src}); choose a new folder")
+        if os.path.isdir(src_real) and real.startswith(src_real.rstrip(os.sep) + os.sep):
+            raise MergeError(f"{flag} {save_model_path} is inside an input folder ({src}); choose a new folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MergeError(f"{flag} {save_model_path} is a file, not a folder; choose a new folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        offer = ", or pass --overwrite to write over its files" if overwrite is False else ""
+        raise MergeError(f"{flag} {save_model_path} exists and is not empty; choose a new folder "
+                         f"(or delete it first{offer})")
     return out
 
 

@@ -181,6 +181,12 @@ _WIDTH_FIELDS = {
 }
 
 
+def is_projector_type(name: str) -> bool:
+    """Whether :func:`build_vision_projector` builds ``mm_projector_type`` ``name``."""
+    match = _MLP_GELU.match(name) if isinstance(name, str) else None
+    return name in ("linear", "identity", "cluster") or (match is not None and int(match.group(1)) >= 1)
+
+
 def _required(config, field: str) -> int:
     value = getattr(config, field, None)
     if value is None:

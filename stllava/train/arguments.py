@@ -20,6 +20,8 @@ import dataclasses
 import importlib.util
 import inspect
 import logging
+import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 
@@ -232,10 +234,34 @@ SFT_PROG = "python -m stllava.train.train_sft"
 DPO_PROG = "python -m stllava.train.train_dpo"
 
 
+def check_output_dir(output_dir: str | None) -> None:
+    """Refuse (:class:`FlagError`) an ``--output_dir`` that is a file,
+    lies under a file, or cannot be created or written (permissions, a read-only file system).
+    Creates the folder; returns None."""
+    if not output_dir:
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FlagError(f"--output_dir {output_dir} is a file, not a folder; give a folder for the checkpoints")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        parent = os.path.dirname(os.path.abspath(output_dir))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f"{parent} is a file, not a folder" if os.path.isfile(parent) else f"{e.strerror}"
+        raise FlagError(f"--output_dir {output_dir} cannot be created: {why}; give a folder you can write to") from None
+    try:
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise FlagError(f"--output_dir {output_dir} cannot be written ({e.strerror}); give a folder you can write "
+                        "to") from None
+
+
 def check_supported(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
-    """Refuse flag values the published flags allow but this implementation does not, and missing
-    inputs (:class:`FlagError` naming the flag and the supported value)."""
-    import os
+    """Refuse flag values the published flags allow but this implementation does not, missing
+    inputs and an unusable ``--output_dir`` (:class:`FlagError` naming the flag and the supported
+    value)."""
 
     if model_args.data_aug:
         raise FlagError("--data_aug True is not implemented (the published STLLaVA-Med runs use False)")
@@ -250,9 +276,16 @@ def check_supported(model_args: ModelArguments, data_args: DataArguments, traini
         raise FlagError("--model_name_or_path is required")
     if not data_args.data_path:
         raise FlagError("--data_path is required")
-    if not os.path.isfile(data_args.data_path):
+    from stllava.jsonl import not_a_file
+
+    if not os.path.exists(data_args.data_path):
         raise FlagError(f"--data_path {data_args.data_path} does not exist; give the training data file "
                         "(a JSON list or JSONL of records)")
+    why = not_a_file(data_args.data_path)  # a folder, or a device such as /dev/zero (never read)
+    if why is not None:
+        raise FlagError(f"--data_path {data_args.data_path} {why}; give the training data file "
+                        "(a JSON list or JSONL of records)")
+    check_output_dir(training_args.output_dir)  # a file, or not writable: refused before any model loads
     check_trainable_flags(model_args, training_args)
     if training_args.bits != 16:
         check_kbit_training(training_args)
@@ -263,7 +296,6 @@ def check_trainable_flags(model_args: ModelArguments, training_args: TrainingArg
     nothing or silently freeze what the user asked to train (also ``--bits`` with only the
     quantized LLM to train); ``--pretrain_lora`` needs
     ``--vit_lora_enable`` and an existing path."""
-    import os
 
     lora = training_args.lora_enable or training_args.vit_lora_enable
     if model_args.tune_mm_mlp_adapter and lora:

@@ -157,6 +157,13 @@ def _vision_tower(model: nn.Module):
     return base.get_model().get_vision_tower() if hasattr(base, "get_model") else None
 
 
+def save_bytes(model: nn.Module, projector_only: bool = False) -> int:
+    """Bytes of the weights a save of ``model`` writes: its trainable parameters with LoRA (PEFT)
+    or ``projector_only``, all of them for full fine-tuning (full sizes also under ZeRO-3)."""
+    partial = projector_only or hasattr(model, "peft_config")
+    return sum(numel(p) * p.element_size() for p in model.parameters() if p.requires_grad or not partial)
+
+
 def split_trainable_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Split a trainable state dict into ``{"llm_lora", "vit_lora", "non_lora"}`` by parameter name."""
     out = {"llm_lora": {}, "vit_lora": {}, "non_lora": {}}

@@ -1,8 +1,10 @@
 """The end of a training run, shared by the entry points (``train_sft``, ``train_dpo``).
 
-:func:`train_and_save` trains (resuming when ``--resume_from_checkpoint`` says so), saves the
-trainer state and the final checkpoint (the layout of ``stllava.train.checkpoint``, in
-``--output_dir``), evaluates the held-out set when the trainer has one (``eval_results.json``) and
+:func:`train_and_save` trains (resuming when ``--resume_from_checkpoint`` says so, from the last
+checkpoint whose files are complete: ``stllava.train.manifest.choose_resume_checkpoint``), saves
+the trainer state and the final checkpoint (the layout of ``stllava.train.checkpoint``, in
+``--output_dir``, written aside and moved into place after a free-space check:
+``stllava.train.saving.save_final``), evaluates the held-out set when the trainer has one (``eval_results.json``) and
 reports what a user must know: tokenization mismatches, where the checkpoint is and how to load it.
 Under ``--deepspeed`` a checkpoint to resume is first checked against the file hashes saved with it
 (``stllava.train.manifest``): DeepSpeed unpickles its files.
@@ -13,7 +15,8 @@ import logging
 from typing import Sequence
 
 from stllava.train.launch import resume_from_checkpoint
-from stllava.train.manifest import verify_resume_checkpoint
+from stllava.train.manifest import choose_resume_checkpoint, verify_resume_checkpoint
+from stllava.train.saving import save_final
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +30,12 @@ def train_and_save(trainer, stage: str, *, model_base: str | None = None,
     Every process must call it (saving gathers ZeRO-3 shards)."""
     args = trainer.args
     resume = resume_from_checkpoint(args)
-    if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(args.output_dir)
-        if resume is None:
-            from stllava.train.arguments import FlagError
-
-            raise FlagError(f"--resume_from_checkpoint True but {args.output_dir} holds no checkpoint-N folder")
+    if resume:  # a checkpoint whose files are cut short is skipped (True) or refused, trusted or not
+        resume = choose_resume_checkpoint(resume, args.output_dir)
     if resume and args.deepspeed:  # DeepSpeed's own resume unpickles (weights_only=False) its files
         verify_resume_checkpoint(resume, trust=getattr(args, "trust_resume_checkpoint", False))
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-    trainer.save_model(args.output_dir)
+    save_final(trainer)  # free space checked first; written aside, moved into place when complete
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.save_metrics("eval", metrics)

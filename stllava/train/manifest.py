@@ -1,12 +1,14 @@
-"""A manifest of file hashes in every training checkpoint, checked before a DeepSpeed resume.
+"""A manifest of file hashes in every training checkpoint, checked before a DeepSpeed resume; and
+which checkpoint a resume may start from at all (its files complete).
 
 Why: DeepSpeed's own resume (``--resume_from_checkpoint`` under ``--deepspeed``) reads
 ``global_stepN/*_model_states.pt`` and ``*_optim_states.pt`` with ``torch.load(weights_only=False)``
 inside DeepSpeed, so a planted or swapped file there runs its pickled payload. Nothing in DeepSpeed
 can make that load safe, so the run refuses to resume from a checkpoint it cannot recognise:
 
-- :class:`ManifestCallback` writes ``stllava_manifest.json`` (SHA-256 and size of every file of the
-  checkpoint folder, recursively) after each save, once every process has written its shards;
+- :func:`write_manifest` writes ``stllava_manifest.json`` (SHA-256 and size of every file of the
+  checkpoint folder, recursively) at each save, once every process has written its shards and
+  before the folder is renamed into place (``stllava.train.saving``);
 - :func:`verify_resume_checkpoint` (called before ``Trainer.train``) compares the folder with its
   manifest and raises :class:`UntrustedCheckpointError` naming the first file that changed, is
   unknown (not in the manifest) or is missing — or the manifest itself when there is none.
@@ -16,6 +18,13 @@ can make that load safe, so the run refuses to resume from a checkpoint it canno
 The manifest proves a checkpoint is the one this code saved, not that the folder it sits in is
 safe: whoever can rewrite the checkpoint can rewrite the manifest too. It stops accidents and
 files dropped into a shared folder; a checkpoint from someone else must be trusted as code.
+
+Complete or not is another question, asked with or without ``--trust_resume_checkpoint``
+(:func:`checkpoint_problem`, :func:`choose_resume_checkpoint`): a file cut short (a crash, a full
+disk, an interrupted copy), a file the manifest lists that is gone, or no ``trainer_state.json``
+(the Trainer writes it last). ``--resume_from_checkpoint True`` skips such a newest checkpoint with
+a warning naming the file and resumes from the last complete one; an explicitly named one is refused
+(:class:`IncompleteCheckpointError`), never left to a torch traceback.
 """
 from __future__ import annotations
 
@@ -23,9 +32,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import zipfile
 
 import torch
-from transformers import TrainerCallback
 
 from stllava.errors import StllavaError
 
@@ -37,6 +47,10 @@ _CHUNK = 1 << 22
 
 class UntrustedCheckpointError(StllavaError, ValueError):
     """A checkpoint to resume does not match the manifest written when it was saved."""
+
+
+class IncompleteCheckpointError(StllavaError, ValueError):
+    """No checkpoint to resume from has all its files complete (the message names the file)."""
 
 
 def file_sha256(path: str) -> str:
@@ -123,15 +137,128 @@ def verify_resume_checkpoint(ckpt_dir: str, trust: bool = False) -> None:
     logger.info("resume checkpoint %s matches its manifest", ckpt_dir)
 
 
-class ManifestCallback(TrainerCallback):
-    """Writes the manifest of each ``checkpoint-N/`` once all its files are written (``on_save``
-    comes after the Trainer saved model, optimizer, RNG and trainer state; every process waits
-    for the others first, so the main process sees every rank's shards)."""
+# ---------------------------------------------------------------------------------------------
+# Complete checkpoints
 
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if args.should_save and os.path.isdir(ckpt):
-            write_manifest(ckpt)
-        return control
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last in every checkpoint
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils' own pattern
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _cut_short(path: str) -> str | None:
+    """Why the file ``path`` is cut short, from its own format, or None: a safetensors file whose
+    header or data is incomplete, a torch (zip) file without its end record, a JSON file that does
+    not parse. Other files (and torch files in the legacy pickle format) are not judged here."""
+    name = os.path.basename(path)
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError is not exported as a class
+            return " ".join(str(e).split())[:120]
+        return None
+    if name.endswith((".bin", ".pt", ".pth")):
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == _ZIP_MAGIC
+        if starts_as_zip and not zipfile.is_zipfile(path):
+            return "a torch file without its end record"
+        return None
+    if name.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON: {e}"
+    return None
+
+
+def checkpoint_problem(ckpt_dir: str) -> str | None:
+    """None when every file of ``ckpt_dir`` a resume reads is complete; otherwise one line naming
+    the file: cut short (:func:`_cut_short`), listed in the manifest but missing, or no
+    ``trainer_state.json``. Whether the files are the ones saved is :func:`check_manifest`'s question."""
+    state = os.path.join(ckpt_dir, TRAINER_STATE)
+    if not os.path.isfile(state):
+        return f"{state} is missing (the save did not finish)"
+    for rel in checkpoint_files(ckpt_dir):
+        why = _cut_short(os.path.join(ckpt_dir, rel))
+        if why is not None:
+            return f"{os.path.join(ckpt_dir, rel)} is cut short ({why})"
+    try:
+        with open(os.path.join(ckpt_dir, MANIFEST)) as f:
+            listed = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no manifest to compare with: an older checkpoint, judged by its files alone
+    missing = sorted(rel for rel in listed if not os.path.isfile(os.path.join(ckpt_dir, rel)))
+    if missing:
+        return f"{os.path.join(ckpt_dir, missing[0])} is listed in the checkpoint's manifest but missing"
+    return None
+
+
+def checkpoint_step(ckpt_dir: str) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    return int(_CHECKPOINT.match(os.path.basename(os.path.normpath(ckpt_dir))).group(1))
+
+
+def checkpoints_newest_first(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``output_dir``, highest N first (folders being written are
+    elsewhere: ``stllava.train.saving``)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if _CHECKPOINT.match(n) and os.path.isdir(os.path.join(output_dir, n))]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: -checkpoint_step(n))]
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` whose files are complete, or None."""
+    return next((c for c in checkpoints_newest_first(output_dir) if checkpoint_problem(c) is None), None)
+
+
+def _choose(resume: str | bool, output_dir: str) -> tuple[str | None, str | None, str | None]:
+    """``(checkpoint, None, None)`` or ``(None, error kind, message)``; see :func:`choose_resume_checkpoint`."""
+    if resume is not True:
+        problem = checkpoint_problem(resume)
+        if problem is None:
+            return resume, None, None
+        other = next((c for c in checkpoints_newest_first(os.path.dirname(os.path.normpath(resume)))
+                      if os.path.realpath(c) != os.path.realpath(resume) and checkpoint_problem(c) is None), None)
+        fix = (f"resume from {other} (the last complete checkpoint)" if other else
+               "start without --resume_from_checkpoint (no other complete checkpoint is there)")
+        return None, "incomplete", f"cannot resume from {resume}: {problem}; fix: {fix}"
+    candidates = checkpoints_newest_first(output_dir)
+    if not candidates:
+        return None, "flag", f"--resume_from_checkpoint True but {output_dir} holds no checkpoint-N folder"
+    problems = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            for skipped in problems:
+                logger.warning("skipping an incomplete checkpoint: %s; resuming from %s", skipped, ckpt)
+            return ckpt, None, None
+        problems.append(problem)
+    return None, "incomplete", (f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}: "
+                                f"{problems[0]}; fix: start without --resume_from_checkpoint, or copy the checkpoint "
+                                "again if it was copied")
+
+
+def choose_resume_checkpoint(resume: str | bool, output_dir: str) -> str:
+    """The checkpoint folder to resume from: ``resume`` itself when it is a folder whose files are
+    complete; for True the newest complete ``checkpoint-N`` of ``output_dir``, each newer incomplete
+    one skipped with a warning naming its file. Raises :class:`IncompleteCheckpointError` (naming
+    the file, and for a named folder the last complete one) when there is none, FlagError when
+    ``output_dir`` holds no checkpoint at all. The main process decides; every process gets its
+    answer (or raises the same error)."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    box = [_choose(resume, output_dir) if not distributed or dist.get_rank() == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    chosen, kind, message = box[0]
+    if kind == "flag":
+        from stllava.train.arguments import FlagError
+
+        raise FlagError(message)
+    if kind is not None:
+        raise IncompleteCheckpointError(message)
+    return chosen

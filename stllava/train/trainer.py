@@ -13,8 +13,10 @@ the bases of any ``transformers.Trainer`` subclass (``class X(LlavaTrainerMixin,
   scheduler, RNG and trainer state to each ``checkpoint-N/`` (DeepSpeed: its ``global_stepN/`` shards).
 - :meth:`~LlavaTrainerMixin._load_from_checkpoint`: resume restores LLM LoRA, projector and
   ViT-LoRA (without DeepSpeed; DeepSpeed reloads them from its shards).
-- every ``checkpoint-N/`` gets a manifest of its files' hashes (``stllava.train.manifest``),
-  checked before a DeepSpeed resume.
+- :meth:`~LlavaTrainerMixin._save_checkpoint`: every ``checkpoint-N/`` is written aside
+  (``<output_dir>/.stllava-staging/``), gets a manifest of its files' hashes
+  (``stllava.train.manifest``, checked before a DeepSpeed resume) and is renamed into place when
+  complete (``stllava.train.saving``): a crash or a full disk never leaves a half checkpoint.
 - LLaVA's projector pretraining (``args.tune_mm_mlp_adapter``, set from the model flag by the entry
   point): every save writes only ``mm_projector.bin`` + config (+ tokenizer, image processor).
 
@@ -41,8 +43,9 @@ from stllava.train.checkpoint import (
     save_projector_checkpoint,
     trainable_state_dict,
 )
-from stllava.train.manifest import ManifestCallback
+from stllava.train.manifest import write_manifest
 from stllava.train.sampler import build_train_sampler
+from stllava.train.saving import STAGING, DiskFullError, is_disk_full, publish_folder, remove_folder, saved_account
 from stllava.train.throughput import ThroughputLogMixin
 
 logger = logging.getLogger(__name__)
@@ -107,8 +110,8 @@ class LlavaTrainerMixin(ThroughputLogMixin):
 
     def __init__(self, *args, image_processor=None, **kwargs):
         self.image_processor = image_processor
+        self._staging_save = False
         super().__init__(*args, **kwargs)
-        self.add_callback(ManifestCallback())
 
     # ---- optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -173,6 +176,56 @@ class LlavaTrainerMixin(ThroughputLogMixin):
             save_llava_checkpoint(model, state, output_dir, tokenizer=self.processing_class,
                                   image_processor=self.image_processor, config_updates=self.llava_config_updates())
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _get_output_dir(self, trial) -> str:
+        # While _save_checkpoint runs, the Trainer's own checkpoint writes (model, optimizer,
+        # scheduler, RNG, trainer state, rotation) go to the staging folder.
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging_save else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint save, written into ``<run dir>/.stllava-staging/checkpoint-N``,
+        then (main process) given its manifest and renamed to ``<run dir>/checkpoint-N``; older
+        checkpoints are rotated (``--save_total_limit``) only then. Every process must call it (the
+        Trainer does). Raises :class:`~stllava.train.saving.DiskFullError` when the disk fills:
+        the partial folder is removed and the message names the last complete checkpoint."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            remove_folder(staged)  # what a killed save left
+        self._barrier()
+        self._staging_save = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            if not is_disk_full(e, run_dir):
+                raise
+            remove_folder(staged)
+            saved, redo = saved_account(run_dir, self.state.max_steps)
+            raise DiskFullError(f"no space left on the disk while saving {final} ({' '.join(str(e).split())[:160]}); "
+                                f"the partial checkpoint was removed; {saved}; fix: free space on the disk of "
+                                f"{run_dir}, {redo}") from None
+        finally:
+            self._staging_save = False
+        self._barrier()  # every process has written its shards
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and os.path.realpath(best) == os.path.realpath(staged):
+                self.state.best_model_checkpoint = final  # found in the staging folder by the Trainer
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            write_manifest(staged)
+            publish_folder(staged, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self._barrier()
+
+    @staticmethod
+    def _barrier() -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 

@@ -133,6 +133,44 @@ def test_verify_cli_unreadable_file_is_one_line(tmp_path, content, needle):
     assert needle in proc.stderr and "fix: --data_path" in proc.stderr
 
 
+def _verify_cli(path):
+    """``data.verify --data_path path`` in a child limited to 3 GiB of address space and 60 s (a
+    reader that never ends fails there instead of filling the machine's memory)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    return subprocess.run([sys.executable, "-m", "stllava.data.verify", "--data_path", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, preexec_fn=limit)
+
+
+def test_a_folder_or_a_device_as_data_path_is_named_for_what_it_is(tmp_path):
+    """Before: a folder (and /dev/zero) 'does not exist'; a reader without that check would read
+    /dev/zero for ever."""
+    (tmp_path / "train.json").write_text("[]")
+    (tmp_path / "eval.jsonl").write_text("")
+    proc = _verify_cli(tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --data_path {tmp_path} is a folder, not a file (it holds eval.jsonl, train.json); fix: --data_path "
+        "must name a JSON list of records with 'id', 'image' and 'conversations'\n")
+    proc = _verify_cli("/dev/zero")
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: --data_path /dev/zero is not a regular file (a character device, which may never end); fix: ")
+
+
+def test_a_json_file_holding_json_lines_gets_a_hint(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text("".join(json.dumps({"id": str(i), "conversations": _qa("Hi?")}) + "\n" for i in range(3)))
+    proc = _verify_cli(path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: {path} looks like JSON Lines (one JSON object per line) but is named .json "
+                                  "(not valid JSON: Extra data at line 2, column 1); fix: rename it to train.jsonl, "
+                                  "or make it one JSON list of records")
+    (tmp_path / "train.jsonl").write_text(path.read_text())
+    assert len(load_records(str(tmp_path / "train.jsonl"))) == 3  # the hint's fix works
+
+
 def test_policy_stop_and_skip(tmp_path, caplog):
     path, folder, expected = write_bad_dataset(str(tmp_path))
     records = load_records(path)

@@ -122,3 +122,81 @@ def test_a_sharded_index_that_is_broken_is_named(tiny_bundle, tmp_path):
         f.write('{"weight_map": ')
     with pytest.raises(CorruptCheckpointError, match="model.safetensors.index.json: this JSON file cannot be read"):
         cl.check_full_weights(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 21: what the config and tokenizer files of a checkpoint can get wrong (docs/BadInputs.md)
+
+def _edit_json(path, edit):
+    data = json.load(open(path))
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_an_unknown_projector_type_names_config_json(tiny_bundle, tmp_path):
+    folder = _full_copy(tiny_bundle, tmp_path / "proj")
+    cfg = os.path.join(folder, "config.json")
+    _edit_json(cfg, lambda c: c.update(mm_projector_type="mlp2x_relu"))
+    with pytest.raises(cl.ConfigError) as e:
+        load_pretrained_model(folder, device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{cfg}: mm_projector_type 'mlp2x_relu' is not a projector stllava builds (")
+    assert "fix: set mm_projector_type to the projector the checkpoint was trained with" in msg and "\n" not in msg
+
+
+def test_a_tokenizer_model_that_is_not_sentencepiece_is_named(tiny_bundle, tmp_path):
+    folder = _full_copy(tiny_bundle, tmp_path / "spm")
+    os.remove(os.path.join(folder, "tokenizer.json"))  # else transformers reads tokenizer.json alone
+    spm = os.path.join(folder, "tokenizer.model")
+    with open(spm, "wb") as f:
+        f.write(b"<!DOCTYPE html><html>a download that went wrong</html>")
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_pretrained_model(folder, device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{spm}: this tokenizer file cannot be read (not a SentencePiece model") and "\n" not in msg
+    assert "tiktoken" not in msg and "fix: copy it again from the model's source" in msg
+
+
+@pytest.mark.parametrize("drop", ["model", "added_tokens"])
+def test_a_tokenizer_json_with_a_missing_key_is_named(tiny_bundle, tmp_path, drop):
+    folder = _full_copy(tiny_bundle, tmp_path / f"tj_{drop}")
+    tj = os.path.join(folder, "tokenizer.json")
+    _edit_json(tj, lambda t: t.pop(drop))
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_pretrained_model(folder, device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{tj}: this tokenizer file cannot be read (no {drop!r} key") and "\n" not in msg
+    assert "tiktoken" not in msg and "fix: copy it again from the model's source" in msg
+
+
+def test_a_tokenizer_json_that_tokenizers_refuses_is_named(tiny_bundle, tmp_path):
+    folder = _full_copy(tiny_bundle, tmp_path / "tj_vocab")
+    tj = os.path.join(folder, "tokenizer.json")
+    _edit_json(tj, lambda t: t["model"].pop("vocab"))
+    with pytest.raises(CorruptCheckpointError, match=f"^{tj}: this tokenizer file cannot be read \\(.*vocab"):
+        load_pretrained_model(folder, device="cpu")
+
+
+def test_remote_code_named_by_auto_map_is_never_run(tiny_bundle, tmp_path):
+    """config.json, tokenizer_config.json and preprocessor_config.json may name code in the
+    folder (``auto_map``, transformers' trust_remote_code); loading never imports it."""
+    folder = _full_copy(tiny_bundle, tmp_path / "remote")
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    with open(os.path.join(folder, "evil.py"), "w") as f:
+        f.write(f"open({str(marker)!r}, 'w').write('imported')\n"
+                "from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, CLIPImageProcessor\n"
+                "class EvilConfig(LlamaConfig): model_type = 'evil'\n"
+                "class EvilModel(LlamaForCausalLM): pass\n"
+                "class EvilTokenizer(LlamaTokenizer): pass\n"
+                "class EvilProcessor(CLIPImageProcessor): pass\n")
+    _edit_json(os.path.join(folder, "config.json"), lambda c: c.update(auto_map={
+        "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}))
+    _edit_json(os.path.join(folder, "tokenizer_config.json"), lambda c: c.update(
+        auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}))
+    _edit_json(os.path.join(folder, "preprocessor_config.json"), lambda c: c.update(
+        auto_map={"AutoImageProcessor": "evil.EvilProcessor"}))
+    tok, model, proc, _ = load_pretrained_model(folder, device="cpu")
+    assert not marker.exists(), "code named by auto_map was imported"
+    assert "evil" not in type(model).__module__ + type(tok).__module__ + type(proc).__module__
+    assert getattr(model.config, "auto_map", None) is None  # not carried into a merged or exported folder

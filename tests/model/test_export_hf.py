@@ -1,5 +1,7 @@
 """stllava.model.export_hf: a merged checkpoint becomes a transformers-native LLaVA that plain
 transformers loads (AutoModelForImageTextToText + AutoProcessor) and that computes our logits."""
+import os
+
 import pytest
 import torch
 from checkpoint_factory import ASSET_IMAGE
@@ -94,3 +96,45 @@ def test_chat_template_reproduces_our_token_ids_with_the_real_llama_tokenizer(ll
     got = tok(text, add_special_tokens=False)["input_ids"]
     want = [image_id if i == IMAGE_TOKEN_INDEX else i for i in tokenizer_image_token(our_prompt(), tok)]
     assert got == want
+
+
+def _snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+@pytest.mark.parametrize("where", ["same", "same_spelled_otherwise", "inside"])
+def test_out_that_is_or_lies_in_the_model_path_is_refused_and_the_source_untouched(exported, tmp_path, capsys,
+                                                                                    where):
+    """Before: ``--out`` = ``--model-path`` wrote the export over the source and exited 0."""
+    import shutil
+
+    from stllava.errors import run_cli
+    from stllava.model.export_hf import main
+
+    src = str(tmp_path / "ckpt")
+    shutil.copytree(exported[0], src, ignore=shutil.ignore_patterns("llm", "vision_tower"))
+    before = _snapshot(src)
+    out = {"same": src, "same_spelled_otherwise": os.path.join(src, "..", "ckpt") + "/",
+           "inside": os.path.join(src, "hf")}[where]
+    for extra in ([], ["--overwrite"]):
+        assert run_cli(main, ["--model-path", src, "--out", out, *extra]) == 2
+        err = capsys.readouterr().err
+        what = "is inside an input folder" if where == "inside" else "is an input folder"
+        assert err == f"error: --out {out} {what} ({src}); choose a new folder\n"
+    assert _snapshot(src) == before and sorted(os.listdir(src)) == sorted(before)
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(exported, capsys):
+    from stllava.errors import run_cli
+    from stllava.model.export_hf import main
+
+    src, summary = exported
+    out = summary["out"]
+    before = _snapshot(out)
+    assert run_cli(main, ["--model-path", src, "--out", out]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} exists and is not empty; choose a new folder (or delete "
+                                       "it first, or pass --overwrite to write over its files)\n")
+    assert _snapshot(out) == before
+    assert run_cli(main, ["--model-path", src, "--out", out, "--overwrite"]) == 0
+    assert _snapshot(out).keys() == before.keys()

@@ -188,6 +188,34 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, tiny_bundle):
                                                     "give the training data file (a JSON list or JSONL of records)")
 
 
+@pytest.mark.parametrize("what", ["folder", "device"])
+def test_a_data_path_that_is_not_a_file_is_named_before_anything_loads(tmp_path, what, capsys):
+    from stllava.train.train_sft import main
+
+    path = str(tmp_path) if what == "folder" else "/dev/zero"
+    (tmp_path / "train.json").write_text("[]")
+    argv = ["--model_name_or_path", str(tmp_path / "no_model"), "--data_path", path, "--output_dir",
+            str(tmp_path / "out"), "--report_to", "none"]
+    assert main(argv) == 2
+    why = "is a folder, not a file (it holds train.json)" if what == "folder" else \
+        "is not a regular file (a character device, which may never end)"
+    assert capsys.readouterr().err == (f"error: --data_path {path} {why}; give the training data file (a JSON list "
+                                       "or JSONL of records)\n")
+
+
+def test_data_without_a_usable_record_is_one_line(tmp_path, tiny_bundle, capsys):
+    """Before: a ValueError traceback (after the tokenizer and image processor loaded)."""
+    from stllava.train.train_sft import main
+
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    assert main(["--model_name_or_path", tiny_bundle["model"], "--data_path", str(data), "--output_dir",
+                 str(tmp_path / "out"), "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}: no usable records (0 in the file, 0 skipped as bad); nothing to train on.")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("script", ["sqllava_med.sh", "dpo_finetune.sh"])
 def test_launch_scripts_name_a_missing_input_before_starting_anything(tmp_path, tiny_bundle, script):
     """A MODEL / VISION_TOWER / PROJECTOR / DATA / IMAGES path that does not exist: one line naming the
