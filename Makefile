@@ -65,7 +65,11 @@ $(LMMS_STAMP): pyproject.toml
 	test -x $(LMMS_PY) || $(PY) -m venv $(LMMS_VENV)
 	$(LMMS_PY) -m pip install -q --upgrade pip
 	$(LMMS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(LMMS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 lmms-eval==0.7.3 -e .
+	# sentencepiece<0.2.3: 0.2.3's model reader needs protobuf>=7, but lmms-eval pins wandb 0.25, which
+	# needs protobuf<7; with 0.2.3 transformers cannot read a SentencePiece tokenizer.model here.
+	# filelock<4: lmms-eval 0.7.3's evaluator imports filelock._api, which filelock 4 no longer has.
+	$(LMMS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 lmms-eval==0.7.3 'sentencepiece<0.2.3' \
+	    'filelock<4' -e .
 	touch $(LMMS_STAMP)
 
 lmms-eval: $(LMMS_STAMP)

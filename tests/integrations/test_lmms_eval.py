@@ -264,18 +264,17 @@ class _Request:
 def test_lmms_eval_model_and_task(tiny_bundle, subset, monkeypatch, vqa):
     pytest.importorskip("lmms_eval", reason=NO_LMMS)
     from lmms_eval.models import get_model
-
-    from stllava.integrations.lmms_eval.task import LocalVQATask
+    from lmms_eval.tasks import TaskManager, get_task_dict
 
     cls = get_model("stllava")  # through this project's entry point
     assert f"{cls.__module__}.{cls.__name__}" == MODEL_CLASS_PATH
     for key, value in subset["env"].items():
         monkeypatch.setenv(key, value)
-    cfg = {k: v for k, v in _task_yaml("stllava_vqa_rad.yaml").items() if k != "metric_list"}
-    cfg.update(doc_to_visual=task_utils.doc_to_visual, doc_to_text=task_utils.doc_to_text,
-               doc_to_target=task_utils.doc_to_target, process_results=task_utils.process_results, **{"class": None})
-    task = LocalVQATask(config=cfg)
-    assert len(task.dataset["test"]) == len(subset["gt"])
+    task = get_task_dict(["stllava_vqa_rad"], TaskManager(include_path=str(TASKS_DIR)))["stllava_vqa_rad"]
+    assert type(task).__name__ == "LocalVQATask"
+    docs = list(task.test_docs())
+    assert [d["question_id"] for d in docs] == [str(g["id"]) for g in subset["gt"]]
+    assert task.doc_to_text(docs[0]) == docs[0]["question"] and task.config.generation_kwargs["until"] == []
 
     model = cls.create_from_arg_string(f"pretrained={tiny_bundle['model']},device=cpu", {"batch_size": 4})
     docs = [{"question_id": str(q["question_id"]), "image_path": str(vqa["folder"] / q["image"])}
@@ -289,3 +288,37 @@ def test_lmms_eval_model_and_task(tiny_bundle, subset, monkeypatch, vqa):
     assert model.generate_until(reqs) == want
     with pytest.raises(NotImplementedError, match="generate_until tasks only"):
         model.loglikelihood(reqs)
+
+
+# --- the check behind `make lmms-eval` ---------------------------------------------------------------
+def test_check_reads_lmms_eval_output_and_compares(subset, tmp_path):
+    from stllava.integrations.lmms_eval import check
+
+    gt = subset["gt"][:4]
+    answers = {str(g["id"]): t for g, t in zip(gt, ["yes", "no", "", "left lung"])}
+    ours = metrics.score(gt, [{"question_id": q, "text": t} for q, t in answers.items()])["overall"]
+    run_dir = tmp_path / "lmms" / "stllava"
+    run_dir.mkdir(parents=True)
+    values = {f"{m},none": (float("nan") if ours[m] is None else ours[m]) for m in task_utils.METRICS}
+    (run_dir / "20260101_results.json").write_text(json.dumps({"results": {check.TASK: values}}))
+    (run_dir / f"20260101_samples_{check.TASK}.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "filtered_resps": t, "open_recall": {"gt": json.dumps(g), "prediction": t}}) + "\n"
+        for i, (g, t) in enumerate(zip(gt, answers.values()))))
+    theirs, their_answers = check.lmms_results(str(tmp_path / "lmms"))
+    assert their_answers == answers
+    result = check.compare(ours, theirs, answers, their_answers, gt)
+    assert result["ok"] and result["answers_identical"] == 4
+    assert "| open_recall |" in check.render(result)
+    other = dict(their_answers, **{str(gt[0]["id"]): "no"})
+    changed = check.compare(ours, theirs, answers, other, gt)
+    assert not changed["ok"] and changed["answers_differing"] == [str(gt[0]["id"])]
+
+
+def test_check_cli_flags(capsys, tmp_path):
+    from stllava.integrations.lmms_eval import check
+
+    parser = check.build_parser()
+    assert parser.prog == "python -m stllava.integrations.lmms_eval.check"
+    assert all(a.help for a in parser._actions)
+    assert check.main(["--out", str(tmp_path / "out"), "--src", "/no/such/file.json"]) == 1  # convert fails: named, exit 1
+    assert "stllava.eval.convert exited 2" in capsys.readouterr().err

@@ -74,7 +74,9 @@ def lmms_results(out_dir: str) -> tuple[dict, dict[str, str]]:
             resp = sample["filtered_resps"]
             while isinstance(resp, list):
                 resp = resp[0]
-            answers[str(sample["doc"]["question_id"])] = resp
+            # A logged sample holds the document's index, not the document; its process_results
+            # item holds the test.json record.
+            answers[str(json.loads(sample[METRICS[0]]["gt"])["id"])] = resp
     return metrics, answers
 
 
