@@ -87,6 +87,8 @@ def test_gen_kwargs_mapping_and_refusals():
         settings_from_gen_kwargs({"do_sample": True, "temperature": 0})
     with pytest.raises(AdapterError, match="invalid generation kwargs.*top_p"):
         settings_from_gen_kwargs({"temperature": 1.0, "top_p": 1.5})
+    with pytest.raises(AdapterError, match="invalid generation kwargs.*temperature"):
+        settings_from_gen_kwargs({"temperature": "hot"})
     with pytest.raises(AdapterError, match="until"):
         settings_from_gen_kwargs({"until": [3]})
 
@@ -208,6 +210,9 @@ def test_doc_refusals_name_the_fix(subset, tmp_path):
     (bad / "questions.jsonl").write_text((subset["dir"] / "questions.jsonl").read_text())
     (bad / "test.json").write_text(json.dumps(subset["gt"][1:]))
     with pytest.raises(BenchmarkFilesError, match=f"do not pair up .*{n} questions, {n - 1}"):
+        load_docs("vqa_rad", {**subset["env"], "STLLAVA_LMMS_VQA_RAD_DIR": str(bad)})
+    (bad / "questions.jsonl").write_text("")
+    with pytest.raises(BenchmarkFilesError, match="questions.jsonl: no questions; fix: point STLLAVA_LMMS_VQA_RAD_DIR"):
         load_docs("vqa_rad", {**subset["env"], "STLLAVA_LMMS_VQA_RAD_DIR": str(bad)})
 
 

@@ -56,17 +56,19 @@ def settings_from_gen_kwargs(gen_kwargs: dict | None) -> tuple[GenerationSetting
     if not all(isinstance(u, str) for u in until):
         raise AdapterError(f"generation kwarg until={until!r} must be a string or a list of strings")
     do_sample = kw.pop("do_sample", None)
-    temperature = float(kw.get("temperature") or 0.0)
-    if do_sample and temperature == 0:
-        raise AdapterError("do_sample=True with temperature 0: the stllava model samples iff temperature > 0; "
-                           "fix: give a temperature > 0, or do_sample=False for greedy answers")
     try:
+        temperature = float(kw.get("temperature") or 0.0)
+        if do_sample and temperature == 0:
+            raise AdapterError("do_sample=True with temperature 0: the stllava model samples iff temperature > 0; "
+                               "fix: give a temperature > 0, or do_sample=False for greedy answers")
         settings = GenerationSettings(
             max_new_tokens=int(kw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             min_new_tokens=int(kw.get("min_new_tokens") or 0), temperature=temperature,
             top_k=None if kw.get("top_k") is None else int(kw["top_k"]),
             top_p=None if kw.get("top_p") is None else float(kw["top_p"]),
             num_beams=int(kw.get("num_beams") or 1))
+    except AdapterError:
+        raise
     except (TypeError, ValueError) as e:
         raise AdapterError(f"invalid generation kwargs {gen_kwargs!r}: {e}") from None
     return settings, until

@@ -82,6 +82,8 @@ def load_docs(name: str, environ: Mapping[str, str] | None = None) -> list[dict]
             raise BenchmarkFilesError(f"{path}: not found", fix=f"python -m stllava.eval.convert {name} --src RAW "
                                       f"--out DIR, then export {bench.dir_var}=DIR")
     questions = load_questions(qfile)
+    if not questions:
+        raise BenchmarkFilesError(f"{qfile}: no questions", fix=f"point {bench.dir_var} at a converted benchmark")
     gt = {}
     for item in load_gt(gfile):
         if isinstance(item, dict) and "id" in item:
