@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test test-fast lint demo install clean browser
+.PHONY: test test-fast lint demo install clean browser lmms-eval
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -52,6 +52,31 @@ test-fast: lint browser
 
 demo: $(STAMP)
 	$(VPY) -m stllava.demo
+
+# lmms-eval (docs/Evaluation.md#lmms-eval) in an environment of its own, .venv-lmms: lmms-eval needs
+# torchvision, and torchvision pins a torch release whose wheel here is a CUDA build (x86_64,
+# Python 3.11: torch 2.14.1 + torchvision 0.29.1 from local wheels, ~5.5 GB; it runs on the CPU),
+# which must not replace .venv's pinned CPU torch. `make test` never uses it. `make lmms-eval`
+# builds it once, then scores the embedded VQA-RAD subset with a tiny random-init model through
+# lmms-eval and through model_vqa + metrics, and fails unless both give identical numbers.
+LMMS_VENV := .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.installed
+LMMS_OUT ?= playground/lmms-eval
+
+$(LMMS_STAMP): pyproject.toml
+	test -x $(LMMS_PY) || $(PY) -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install -q --upgrade pip
+	$(LMMS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# sentencepiece<0.2.3: 0.2.3's model reader needs protobuf>=7, but lmms-eval pins wandb 0.25, which
+	# needs protobuf<7; with 0.2.3 transformers cannot read a SentencePiece tokenizer.model here.
+	# filelock<4: lmms-eval 0.7.3's evaluator imports filelock._api, which filelock 4 no longer has.
+	$(LMMS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 lmms-eval==0.7.3 'sentencepiece<0.2.3' \
+	    'filelock<4' -e .
+	touch $(LMMS_STAMP)
+
+lmms-eval: $(LMMS_STAMP)
+	$(LMMS_PY) -m stllava.integrations.lmms_eval.check --out $(LMMS_OUT)
 
 clean:
 	rm -rf $(VENV) playground/demo
