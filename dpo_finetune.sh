@@ -20,6 +20,8 @@
 #   BETA 0.1     LOSS sigmoid (or ipo, hinge)    REF_MODEL adapter_disabled (or separate: the published
 #                full second copy)               PRECOMPUTE False (True: reference log-probs computed once)
 #   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher; scripts/launch_common.sh)
+#   NNODES 1  NODE_RANK 0  MASTER_ADDR 127.0.0.1  MASTER_PORT 29500  HOSTFILE  NO_SSH   several nodes
+#                 (NUM_GPUS = processes per node; docs/Training.md "Several nodes", scripts/slurm/)
 #   PYTHON        python         EXTRA  extra flags appended as-is (e.g. "--max_steps 10")
 #
 # Hardware of the paper's run: 4x A100 80GB (10 CPU cores, 64 GB RAM, a 5 h 20 min slot).

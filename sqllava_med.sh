@@ -13,6 +13,8 @@
 #   NUM_GPUS 4   EPOCHS 3   BATCH 8 (per device)   ACCUM 4   MAX_LEN 2048   SAVE_STEPS 50000
 #   WORKERS 8    REPORT_TO wandb    ZERO ./scripts/zero3.json    SQ_R 0.5
 #   LAUNCHER      deepspeed | torchrun | python (python: one process, no launcher; scripts/launch_common.sh)
+#   NNODES 1  NODE_RANK 0  MASTER_ADDR 127.0.0.1  MASTER_PORT 29500  HOSTFILE  NO_SSH   several nodes
+#                 (NUM_GPUS = processes per node; docs/Training.md "Several nodes", scripts/slurm/)
 #   PYTHON        python         EXTRA  extra flags appended as-is (e.g. "--max_steps 10")
 #
 # Hardware of the paper's run: 4x A100 80GB (the job asked for 10 CPU cores, 64 GB RAM and a
