@@ -1,4 +1,4 @@
-"""Closed-question (yes/no) scoring: the three variants reported by :mod:`stllava.eval.metrics`.
+"""Closed-question (yes/no) scoring: the variants reported by :mod:`stllava.eval.metrics`.
 
 All three read the *normalised* answer ``a`` and prediction ``p`` (one pass of
 :func:`stllava.eval.metrics.normalize`, as both LLaVA-Med scorers do):
@@ -9,22 +9,27 @@ All three read the *normalised* answer ``a`` and prediction ``p`` (one pass of
 
 ``yes_no_acc_run_eval`` — :func:`yes_no_hit_run_eval`, :func:`yes_no_acc_run_eval`
     LLaVA-Med's single-file scorer ``llava/eval/run_eval.py``, ``evaluate()``, its "yes/no
-    accuracy", reproduced bit for bit (lines 88-95 and 109 of the file at commit ad758b6)::
+    accuracy" in the file's last version (commit b9a98a7, "fix closed accuracy calculation")::
 
         if 'yes' in pred_value or 'no' in pred_value:
             if gt_value in pred_value:
                 closed_scores['hit'].append(1)
+            else:
+                closed_scores['hit'].append(0)
         else:
             closed_scores['hit'].append(0)
         ...
         closed_score = sum(closed_scores['hit']) / len(closed_scores['hit']) if len(...) != 0 else 0.0
         ... closed_score*100
 
-    Two quirks make it differ from ``closed_acc``: ``'no' in pred_value`` is a *substring* test
-    (so "nodule", "normal", "know" all pass it), and the inner ``if`` has no ``else``: a
-    prediction that contains yes/no but not the answer is left out of the denominator instead
-    of counting as a miss. A prediction without yes/no counts as a miss. So answering "yes" to
-    every yes/no question scores 100.0 — what ``run_eval.py`` printed.
+    Every closed question counts; a hit needs ``'yes'`` or ``'no'`` as a *substring* of the
+    prediction (so "nodule", "normal", "know" pass that test) and the answer as a substring.
+
+``yes_no_acc_run_eval_first_release`` — :func:`yes_no_hit_run_eval_first_release`
+    The same file's first release (commit ad758b6), whose inner ``if`` has no ``else``: a
+    prediction that contains yes/no but not the answer is left out of the denominator instead of
+    counting as a miss, so answering "yes" to every yes/no question scores 100.0. Kept, under a
+    name that says which release, to compare with numbers computed by that version.
 
 ``closed_acc_strict`` — :func:`closed_hit_strict` (ours, not a reference metric)
     ``a`` is a substring of ``p`` AND ``yes`` or ``no`` is a whole *word* of ``p``; every closed
@@ -49,20 +54,27 @@ def closed_hit_strict(prediction_norm: str, answer_norm: str) -> bool:
     return closed_hit(prediction_norm, answer_norm) and ("yes" in words or "no" in words)
 
 
-def yes_no_hit_run_eval(prediction_norm: str, answer_norm: str) -> int | None:
-    """What LLaVA-Med ``run_eval.py`` appends to its closed hit list for one closed question:
-    1 when ``'yes'`` or ``'no'`` is a *substring* of the prediction and the answer is a substring
-    of it; None (nothing appended: not counted) when yes/no is there but the answer is not;
-    0 when the prediction holds neither substring. Inputs must already be normalised."""
+def yes_no_hit_run_eval(prediction_norm: str, answer_norm: str) -> int:
+    """What LLaVA-Med ``run_eval.py`` (last version, b9a98a7) appends to its closed hit list for one
+    closed question: 1 when ``'yes'`` or ``'no'`` is a *substring* of the prediction and the answer
+    is a substring of it, else 0. Inputs must already be normalised."""
+    return int(("yes" in prediction_norm or "no" in prediction_norm) and answer_norm in prediction_norm)
+
+
+def yes_no_hit_run_eval_first_release(prediction_norm: str, answer_norm: str) -> int | None:
+    """What ``run_eval.py``'s first release (ad758b6) appends: as :func:`yes_no_hit_run_eval`, except
+    None (nothing appended: not counted) when yes/no is there but the answer is not. Inputs must
+    already be normalised."""
     if "yes" in prediction_norm or "no" in prediction_norm:
         return 1 if answer_norm in prediction_norm else None
     return 0
 
 
 def yes_no_acc_run_eval(hits: Iterable[int | None]) -> float:
-    """``run_eval.py``'s "yes/no accuracy" from :func:`yes_no_hit_run_eval` values (None = not
-    appended): ``sum / len * 100`` over the appended values, in ``run_eval.py``'s order of
-    operations (so the float is bit-identical), 0.0 when nothing was appended."""
+    """``run_eval.py``'s "yes/no accuracy" from :func:`yes_no_hit_run_eval` (or
+    :func:`yes_no_hit_run_eval_first_release`) values (None = not appended): ``sum / len * 100``
+    over the appended values, in ``run_eval.py``'s order of operations (so the float is
+    bit-identical), 0.0 when nothing was appended."""
     appended = [h for h in hits if h is not None]
     closed_score = sum(appended) / len(appended) if len(appended) != 0 else 0.0
     return closed_score * 100

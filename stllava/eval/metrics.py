@@ -13,9 +13,11 @@ paper numbers) with ``eval_metrics/glossary.py`` (normalisation) and
 * token counts are multisets, and tp sums the *prediction's* count of shared words, so a
   repeated word in the prediction inflates recall (``"left left"`` vs ``"left lung"`` → 2/3).
 
-Closed (yes/no) questions are scored three ways (:mod:`stllava.eval.closed`): ``closed_acc`` (the
+Closed (yes/no) questions are scored four ways (:mod:`stllava.eval.closed`): ``closed_acc`` (the
 batch scorer, the paper's column), ``yes_no_acc_run_eval`` (LLaVA-Med's ``run_eval.py`` "yes/no
-accuracy", bit for bit) and ``closed_acc_strict`` (ours: yes/no as a whole word).
+accuracy" in its fixed last version, bit for bit), ``yes_no_acc_run_eval_first_release`` (the
+same file's first release, which drops wrong yes/no answers from the denominator) and
+``closed_acc_strict`` (ours: yes/no as a whole word).
 
 Public API: :func:`normalize_word`, :func:`normalize`, :func:`token_scores`,
 :func:`exact_match`, :func:`closed_hit`, :func:`closed_hit_strict`, :func:`yes_no_hit_run_eval`,
@@ -35,7 +37,13 @@ from typing import Any, Iterable
 
 from stllava import logs
 from stllava.errors import StllavaError, run_cli
-from stllava.eval.closed import closed_hit, closed_hit_strict, yes_no_acc_run_eval, yes_no_hit_run_eval
+from stllava.eval.closed import (
+    closed_hit,
+    closed_hit_strict,
+    yes_no_acc_run_eval,
+    yes_no_hit_run_eval,
+    yes_no_hit_run_eval_first_release,
+)
 from stllava.eval.glossary import (
     ARTICLES,
     COMMA_STRIP,
@@ -54,7 +62,7 @@ OPEN, CLOSED = "OPEN", "CLOSED"
 # Per-question CSV columns (also read by stllava.eval.report).
 ROW_FIELDS = ["question_id", "answer_type", "question", "answer", "prediction", "answer_norm",
               "prediction_norm", "recall", "precision", "f1", "exact_match", "open_hit",
-              "closed_hit", "closed_hit_strict", "yes_no_hit_run_eval"]
+              "closed_hit", "closed_hit_strict", "yes_no_hit_run_eval", "yes_no_hit_run_eval_first_release"]
 
 
 class EvalInputError(StllavaError, ValueError):
@@ -193,10 +201,11 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
     ``open_recall`` (the paper's "Open"), ``open_f1``, ``open_precision``, ``exact_match``,
     ``open_hit`` (batch scorer's "open accuracy": answer substring of prediction),
     ``closed_acc`` (substring hit — the paper's "Closed"), ``yes_no_acc_run_eval`` (``run_eval.py``'s
-    "yes/no accuracy", with ``yes_no_n_run_eval`` closed questions in its denominator),
+    "yes/no accuracy", with ``yes_no_n_run_eval`` closed questions in its denominator; the first
+    release's number as ``yes_no_acc_run_eval_first_release`` / ``yes_no_n_run_eval_first_release``),
     ``closed_acc_strict`` and ``closed_recall`` (see :mod:`stllava.eval.closed`); a metric is
     ``None`` when its category has no items. ``rows`` holds one dict per scored question (fields
-    :data:`ROW_FIELDS`; ``yes_no_hit_run_eval`` None = not counted by ``run_eval.py``), in
+    :data:`ROW_FIELDS`; ``yes_no_hit_run_eval_first_release`` None = not counted by ``run_eval.py``'s first release), in
     ground-truth order.
 
     Refuses: duplicate ids, predictions for unknown ids, and (unless ``allow_missing``)
@@ -240,6 +249,8 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
             "closed_hit": None if is_open else float(closed_hit(pred_norm, gt_norm)),
             "closed_hit_strict": None if is_open else float(closed_hit_strict(pred_norm, gt_norm)),
             "yes_no_hit_run_eval": None if is_open else yes_no_hit_run_eval(pred_norm, gt_norm),
+            "yes_no_hit_run_eval_first_release":
+                None if is_open else yes_no_hit_run_eval_first_release(pred_norm, gt_norm),
         })
     opened = [r for r in rows if r["answer_type"] == OPEN]
     closed = [r for r in rows if r["answer_type"] == CLOSED]
@@ -257,6 +268,9 @@ def score(gt_items: list[dict], pred_items: list[dict], allow_missing: bool = Fa
         # None without closed questions, like every metric here (docs/Differences.md#eval-empty).
         "yes_no_acc_run_eval": yes_no_acc_run_eval(r["yes_no_hit_run_eval"] for r in closed) if closed else None,
         "yes_no_n_run_eval": sum(r["yes_no_hit_run_eval"] is not None for r in closed),
+        "yes_no_acc_run_eval_first_release":
+            yes_no_acc_run_eval(r["yes_no_hit_run_eval_first_release"] for r in closed) if closed else None,
+        "yes_no_n_run_eval_first_release": sum(r["yes_no_hit_run_eval_first_release"] is not None for r in closed),
     }
     return {"overall": overall, "rows": rows}
 
@@ -269,6 +283,7 @@ METRIC_LABELS = {
     "closed_acc": "Closed acc (substring, paper)",
     "closed_acc_strict": "Closed acc (strict: yes/no word)",
     "yes_no_acc_run_eval": "Yes/no acc (LLaVA-Med run_eval.py)",
+    "yes_no_acc_run_eval_first_release": "Yes/no acc (run_eval.py first release)",
     "exact_match": "Exact match*",
     "open_precision": "Open precision",
     "open_hit": "Open hit",
@@ -312,11 +327,13 @@ def render_markdown(overall: dict, title: str = "") -> str:
               f"({overall['n_open']} / {overall['n_closed']}) |"]
     if overall.get("n_missing"):
         lines.append(f"| Missing predictions | {overall['n_missing']} |")
-    if overall.get("yes_no_acc_run_eval") is not None:
-        lines.append(f"| Yes/no acc: questions counted | {overall['yes_no_n_run_eval']} of {overall['n_closed']} |")
+    if overall.get("yes_no_acc_run_eval_first_release") is not None:
+        lines.append(f"| Yes/no acc (first release): questions counted | "
+                     f"{overall['yes_no_n_run_eval_first_release']} of {overall['n_closed']} |")
     lines += ["", "Closed acc (substring) is LLaVA-Med's batch scorer (the paper's column). Yes/no acc is "
               "LLaVA-Med run_eval.py's number, exactly: a hit needs 'yes' or 'no' as a substring and the "
-              "answer; a prediction with yes/no but not the answer is not counted. Strict (ours) needs "
+              "answer; every closed question counts. Its first release left a prediction with yes/no but "
+              "not the answer out of the denominator. Strict (ours) needs "
               "the answer and yes or no as a word. *Exact match = distinct answer words found ÷ "
               "prediction tokens (LLaVA-Med's name)."]
     return "\n".join(lines) + "\n"

@@ -137,7 +137,7 @@ def render_markdown(table: dict) -> str:
         "*Closed acc (substring)*: the normalised answer is a substring of the normalised "
         "prediction — LLaVA-Med's batch scorer, the paper's \"Closed\" column. *Yes/no acc "
         "(run_eval.py)*: LLaVA-Med run_eval.py's \"yes/no accuracy\", exactly ('yes' or 'no' as a "
-        "substring and the answer; a prediction with yes/no but not the answer is not counted). "
+        "substring and the answer; its fixed last version, where every closed question counts). "
         "*Closed acc (strict)*: ours, the answer and the word yes or no. *Exact match: "
         "distinct answer words found ÷ prediction tokens (LLaVA-Med's name). "
         "See docs/Evaluation.md.", ""]

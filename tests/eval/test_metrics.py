@@ -227,12 +227,16 @@ def test_real_vqa_rad_predictions(vqa_rad_dir):
     assert oracle["closed_acc_strict"] == pytest.approx(100 * 251 / 272)
     # run_eval.py's yes/no accuracy counts 3 more: "abnormal" holds the substring "no"
     assert (oracle["yes_no_acc_run_eval"], oracle["yes_no_n_run_eval"]) == ((254 / 272) * 100, 272)  # 93.38
+    assert oracle["yes_no_acc_run_eval_first_release"] == oracle["yes_no_acc_run_eval"]  # nothing dropped
     yes = score(items, _answers(items, lambda it: "Yes"))["overall"]
     assert yes["closed_acc"] == pytest.approx(100 * 118 / 272)  # 43.38
     assert yes["closed_acc_strict"] == yes["closed_acc"]
-    # every "no" question is dropped from run_eval.py's denominator: "Yes" to everything scores 100
-    assert (yes["yes_no_acc_run_eval"], yes["yes_no_n_run_eval"]) == (100.0, 118)
+    # every "no" question is dropped from the first release's denominator: "Yes" to everything scores
+    # 100 there; the fixed version counts them as misses
+    assert (yes["yes_no_acc_run_eval_first_release"], yes["yes_no_n_run_eval_first_release"]) == (100.0, 118)
+    assert (yes["yes_no_acc_run_eval"], yes["yes_no_n_run_eval"]) == ((118 / 272) * 100, 272)
     assert yes["open_recall"] == 0.0
     no = score(items, _answers(items, lambda it: "No."))["overall"]
     assert no["closed_acc"] == pytest.approx(100 * 133 / 272)   # 48.90
-    assert (no["yes_no_acc_run_eval"], no["yes_no_n_run_eval"]) == (100.0, 133)
+    assert (no["yes_no_acc_run_eval_first_release"], no["yes_no_n_run_eval_first_release"]) == (100.0, 133)
+    assert (no["yes_no_acc_run_eval"], no["yes_no_n_run_eval"]) == ((133 / 272) * 100, 272)
