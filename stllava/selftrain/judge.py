@@ -366,8 +366,10 @@ def run(args: argparse.Namespace, secret: str, judges: list[dict] | None = None)
         "cost_usd_all_items": cost_all,
         "error": error,
     }
-    if swap_check:
-        summary.update(swap_check=True, **_swap_counts(results.values()))
+    if swap_check:  # with several judges: the sum of the judges' own counts (each in the judges list)
+        counts = (_swap_counts(results.values()) if judges is None else
+                  {k: sum(j[k] for j in panel) for k in ("position_consistent", "position_inconsistent")})
+        summary.update(swap_check=True, **counts)
         logger.info("swap check: %d of %d decided pairs position-inconsistent", summary["position_inconsistent"],
                     summary["position_inconsistent"] + summary["position_consistent"])
     if judges is not None:
