@@ -370,7 +370,8 @@ def run(args: argparse.Namespace, secret: str, judges: list[dict] | None = None)
         counts = (_swap_counts(results.values()) if judges is None else
                   {k: sum(j[k] for j in panel) for k in ("position_consistent", "position_inconsistent")})
         summary.update(swap_check=True, **counts)
-        logger.info("swap check: %d of %d decided pairs position-inconsistent", summary["position_inconsistent"],
+        logger.info("swap check: %d of %d pairs scored in both orders position-inconsistent",
+                    summary["position_inconsistent"],
                     summary["position_inconsistent"] + summary["position_consistent"])
     if judges is not None:
         summary["judges"] = panel
@@ -406,7 +407,7 @@ def _panel_summary(judges: list[dict], results: dict[int, dict], stats: Stats, a
         statuses: dict[str, int] = {}
         for b in blocks:
             statuses[b["status"]] = statuses.get(b["status"], 0) + 1
-        tokens = [sum(b["usage"][k] for b in blocks) for k in ("prompt_tokens", "completion_tokens")]
+        tokens = [sum(b["usage"][kind] for b in blocks) for kind in ("prompt_tokens", "completion_tokens")]
         fresh = stats.fresh_by_model.get(j["model"], [0, 0])
         price = price_for(j["model"], j["price_in"] if j["price_in"] is not None else args.price_in,
                           j["price_out"] if j["price_out"] is not None else args.price_out)

@@ -131,6 +131,24 @@ def test_swap_check_keeps_what_a_fair_judge_prefers(tmp_path, key_env):
     assert (summary["position_inconsistent"], summary["position_consistent"]) == (0, 7)
 
 
+def test_swap_check_with_three_answers_exchanges_every_match(tmp_path, key_env):
+    answers, folder = make_dataset(tmp_path)
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    for r in rows:
+        r["answers"].append(r["answers"][0].replace("answer A", "answer C"))
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain, swapped = tmp_path / "plain.jsonl", tmp_path / "swap.jsonl"
+    with ChatCompletionServer(Fair()) as server:
+        assert judge.main(argv(answers, folder, plain, server)) == 0
+        assert judge.main(argv(answers, folder, swapped, server, "--swap-check")) == 0
+    p = [json.loads(x)["judge"] for x in plain.read_text().splitlines()]
+    s = [json.loads(x)["judge"] for x in swapped.read_text().splitlines()]
+    assert [(j["status"], j["chosen"], j["rejected"]) for j in s] == [(j["status"], j["chosen"], j["rejected"]) for j in p]
+    assert s[0]["status"] == "ok" and s[0]["swap"]["position_consistent"] is True
+    pairs = [m["pair"] for m in s[0]["matches"]]
+    assert pairs == [[0, 1], [2, 0], [1, 0], [0, 2]]   # the published matches, then each exchanged
+
+
 def test_swap_check_reuses_the_published_orders_cache_and_pays_only_the_swapped_order(tmp_path, key_env):
     answers, folder = make_dataset(tmp_path)
     out, cache = tmp_path / "j.jsonl", tmp_path / "shared.cache.jsonl"
