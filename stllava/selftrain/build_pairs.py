@@ -13,11 +13,13 @@ released ``ZachSun/STLLaVA-Med-DPO`` data plus provenance::
      "judge": model, "rule_version": ..., "rationale": the judge's explanation (reply minus score line),
      "provenance": {every other field of the answers record: model, seeds, ...}}
 
-Ties, unparsable replies, identical answers and pairs below the margin are never turned into
-pairs; they are counted. A question or answer that itself contains the ``<image>`` token would give
-the sample two image tokens and break training, so it is skipped and counted too, as is a pair with
-an empty answer (a sample that ended at once), which no training turn may be. The counts and a
-margin histogram are printed and written to ``<out>.stats.json`` (``dpo.json`` -> ``dpo.stats.json``).
+Ties, unparsable replies, identical answers, the judge's "no verdict" records (``inconsistent``:
+the two answer orders of ``--swap-check`` disagreed; ``no_majority``: the ``--judges`` did not
+agree) and pairs below the margin are never turned into pairs; they are counted. A question or
+answer that itself contains the ``<image>`` token would give the sample two image tokens and break
+training, so it is skipped and counted too, as is a pair with an empty answer (a sample that ended
+at once), which no training turn may be. The counts and a margin histogram are printed and written
+to ``<out>.stats.json`` (``dpo.json`` -> ``dpo.stats.json``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from stllava.jsonl import iter_jsonl, write_json_atomic
 logger = logging.getLogger("stllava.selftrain.build_pairs")
 
 CORE_FIELDS = ("question_id", "image", "question", "answers", "judge")
-NOT_PAIRS = ("tie", "unparsable", "identical")
+# "inconsistent": --swap-check's two orders disagreed; "no_majority": --judges found no majority
+NOT_PAIRS = ("tie", "unparsable", "identical", "inconsistent", "no_majority")
 
 
 class PairsError(StllavaError, ValueError):
@@ -92,7 +95,7 @@ def _check(record: dict) -> str | None:
         return f"missing field(s) {missing} (is this the judge's output?)"
     judge = record["judge"]
     if not isinstance(judge, dict) or judge.get("status") not in ("ok", *NOT_PAIRS):
-        return "field 'judge' has no known 'status' (ok, tie, unparsable, identical)"
+        return f"field 'judge' has no known 'status' ({', '.join(('ok', *NOT_PAIRS))})"
     answers = record["answers"]
     if not (isinstance(answers, list) and len(answers) >= 2):
         return "field 'answers' must hold at least two answers"
@@ -125,7 +128,8 @@ def build_pairs(lines: Iterable[tuple[int, dict]], *, source: str = "<judged>",
     """
     pairs: list[dict] = []
     seen: dict[str, int] = {}
-    stats = {"judged": 0, "pairs": 0, "tie": 0, "unparsable": 0, "identical": 0, "below_margin": 0,
+    stats = {"judged": 0, "pairs": 0, "tie": 0, "unparsable": 0, "identical": 0, "inconsistent": 0,
+             "no_majority": 0, "below_margin": 0,
              "image_token_in_text": 0, "empty_answer": 0, "over_question_cap": 0, "min_margin": min_margin,
              "max_per_question": max_per_question,
              "chosen_position": {"answer1": 0, "answer2": 0}, "margin_histogram": {}, "judges": {}}

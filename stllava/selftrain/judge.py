@@ -35,6 +35,15 @@ temperature, ask number). Re-running the same command after a crash, a kill or
 ``--max-requests`` asks nothing twice. ``<out>.summary.json`` holds counts, retries, tokens and
 estimated cost.
 
+**De-biasing** (docs/SelfTraining.md#de-biased-judging; both off by default, and the output is then
+exactly the above): ``--swap-check`` asks every pair a second time with Answer 1 and Answer 2
+exchanged and keeps a verdict only when both orders prefer the same answer (status
+"inconsistent" otherwise; each record gets a ``swap`` object with both orders' verdicts and
+``position_consistent``, the summary counts them). ``--judges FILE`` (a JSON, or with PyYAML a
+YAML, list of ``{"model", "base_url", "api_key_env"}``) asks several judges and keeps a pair when
+a strict majority prefers the same answer -- with two judges, only when both agree -- (status
+"no_majority" otherwise; per-judge blocks in ``judges``).
+
 Nothing is decided or dropped silently (docs/Differences.md#stage-2): a tie is recorded "tie" and
 makes no pair; an unparsable reply is re-asked once, then recorded; every item is judged; resume
 goes by content key; retries are bounded and logged; the client is openai>=1.
@@ -48,6 +57,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,7 +66,7 @@ from stllava import logs
 from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import EXIT_FAILED, run_cli
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
-from stllava.selftrain.judge_client import Item, Judge, JudgeError, JudgeInputError, _Stopped
+from stllava.selftrain.judge_client import Item, Judge, JudgeError, JudgeInputError, Panel, Stats, _Stopped
 from stllava.selftrain.judge_prompt import DEFAULT_RULE, encode_image, load_rule
 
 logger = logging.getLogger("stllava.selftrain.judge")
@@ -153,6 +163,69 @@ def load_items(answers_path: str | os.PathLike, image_folder: str | os.PathLike,
     return items, skipped
 
 
+JUDGE_FIELDS = {"model": str, "base_url": (str, type(None)), "api_key_env": str,
+                "price_in": (int, float), "price_out": (int, float)}
+
+
+def load_judges(path: str | os.PathLike, *, base_url: str | None = None,
+                api_key_env: str = "OPENAI_API_KEY") -> list[dict]:
+    """The judges of a ``--judges`` file: a JSON list (YAML too, for a .yaml/.yml file when PyYAML is
+    installed) of objects with ``model`` (required), ``base_url`` and ``api_key_env`` (default: the
+    ``base_url`` and ``api_key_env`` given here, i.e. the command's flags), optional ``price_in`` /
+    ``price_out`` (USD per 1M tokens). Returns one dict per judge with all five keys.
+
+    Refuses (JudgeInputError naming the file and the entry) a missing or unreadable file, a file that
+    is not a non-empty list of objects, an unknown key or a wrong type, and two entries of one model
+    (their requests would share cache entries, which are keyed by model).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JudgeInputError(f"{path}: cannot read the judges file ({getattr(e, 'strerror', None) or e}); "
+                              "fix: --judges") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise JudgeInputError(f"{path}: a YAML judges file needs PyYAML (pip install pyyaml); "
+                                      "fix: install it, or write the list as JSON") from None
+            entries = yaml.safe_load(text)
+        else:
+            entries = json.loads(text)
+    except JudgeInputError:
+        raise
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: the message names line and column
+        raise JudgeInputError(f"{path}: not a valid judges file ({str(e).splitlines()[0]}); fix: write a list of "
+                              '{"model": ..., "base_url": ..., "api_key_env": ...} objects') from None
+    if not isinstance(entries, list) or not entries:
+        raise JudgeInputError(f"{path}: the judges file must hold a non-empty list of judges; fix: write a list of "
+                              '{"model": ..., "base_url": ..., "api_key_env": ...} objects')
+    judges: list[dict] = []
+    for n, entry in enumerate(entries, 1):
+        where = f"{path}, entry {n}"
+        if not isinstance(entry, dict):
+            raise JudgeInputError(f"{where}: a judge must be an object with model, base_url, api_key_env")
+        unknown = sorted(set(entry) - set(JUDGE_FIELDS))
+        if unknown:
+            raise JudgeInputError(f"{where}: unknown key(s) {unknown}; fix: use only {sorted(JUDGE_FIELDS)}")
+        for key, kind in JUDGE_FIELDS.items():
+            value = entry.get(key)
+            if key in entry and (not isinstance(value, kind) or isinstance(value, bool) or value == ""):
+                raise JudgeInputError(f"{where}: {key!r} has the wrong type or is empty ({value!r})")
+        if "model" not in entry:
+            raise JudgeInputError(f"{where}: 'model' is missing; fix: name the judge model")
+        earlier = [k for k, j in enumerate(judges, 1) if j["model"] == entry["model"]]
+        if earlier:
+            raise JudgeInputError(f"{where}: model {entry['model']!r} is already entry {earlier[0]}; fix: give "
+                                  "each judge a different model (cached replies are keyed by model)")
+        judges.append({"model": entry["model"], "base_url": entry.get("base_url", base_url),
+                       "api_key_env": entry.get("api_key_env", api_key_env),
+                       "price_in": entry.get("price_in"), "price_out": entry.get("price_out")})
+    return judges
+
+
 # ---------------------------------------------------------------------------- the server
 def _is_loopback(host: str | None) -> bool:
     if not host:
@@ -224,8 +297,10 @@ def side_path(out: Path, suffix: str) -> Path:
     return out.with_suffix(suffix)
 
 
-def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
-    """Judge every item of ``args.answers``; write ``args.out`` when all are done. (exit code, summary)."""
+def run(args: argparse.Namespace, secret: str, judges: list[dict] | None = None) -> tuple[int, dict]:
+    """Judge every item of ``args.answers``; write ``args.out`` when all are done. (exit code, summary).
+    ``judges``: the panel of ``--judges`` (:func:`load_judges` entries plus each one's ``secret``);
+    None: the one judge of ``--model``/``--base-url`` with ``secret``."""
     out = Path(args.out)
     cache_path = Path(args.cache) if args.cache else side_path(out, ".cache.jsonl")
     summary_path = side_path(out, ".summary.json")
@@ -237,11 +312,22 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
     cache = load_cache(cache_path)
     logger.info("%d items to judge (%d bad input skipped); %d finished requests in %s",
                 len(items), len(skipped), len(cache), cache_path)
+    swap_check = getattr(args, "swap_check", False)
     with JsonlWriter(cache_path) as writer:
-        judge = Judge(rule, base_url=args.base_url, api_key=secret, timeout=args.timeout,
-                      max_retries=args.max_retries, model=args.model, temperature=args.temperature,
-                      max_tokens=args.max_tokens, cache=cache, cache_writer=writer,
-                      max_requests=args.max_requests, reask_ties=args.reask_ties)
+        if judges is None:
+            judge: Judge | Panel = Judge(
+                rule, base_url=args.base_url, api_key=secret, timeout=args.timeout,
+                max_retries=args.max_retries, model=args.model, temperature=args.temperature,
+                max_tokens=args.max_tokens, cache=cache, cache_writer=writer,
+                max_requests=args.max_requests, reask_ties=args.reask_ties, swap_check=swap_check)
+        else:  # one cache, one request cap, one stop for all of them
+            stats, stop = Stats(), threading.Event()
+            judge = Panel([Judge(rule, base_url=j["base_url"], api_key=j["secret"], timeout=args.timeout,
+                                 max_retries=args.max_retries, model=j["model"], temperature=args.temperature,
+                                 max_tokens=args.max_tokens, cache=cache, cache_writer=writer,
+                                 max_requests=args.max_requests, reask_ties=args.reask_ties,
+                                 swap_check=swap_check, stats=stats, stop=stop) for j in judges],
+                          [j["base_url"] for j in judges])
         try:
             results, error = _judge_all(judge, items, args.concurrency)
         finally:
@@ -252,13 +338,22 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
         statuses[block["status"]] = statuses.get(block["status"], 0) + 1
         all_tokens[0] += block["usage"]["prompt_tokens"]
         all_tokens[1] += block["usage"]["completion_tokens"]
-    price = price_for(args.model, args.price_in, args.price_out)
-    if price is None:
-        logger.warning("no price known for model %r: pass --price-in/--price-out to get a cost", args.model)
+    if judges is None:
+        price = price_for(args.model, args.price_in, args.price_out)
+        if price is None:
+            logger.warning("no price known for model %r: pass --price-in/--price-out to get a cost", args.model)
+        cost_this_run, cost_all = _cost(judge.stats.fresh_tokens, price), _cost(all_tokens, price)
+    else:
+        panel = _panel_summary(judges, results, judge.stats, args)
+        price = None
+        costs = [(j["cost_usd_this_run"], j["cost_usd_all_items"]) for j in panel]
+        cost_this_run = None if any(c[0] is None for c in costs) else round(sum(c[0] for c in costs), 6)
+        cost_all = None if any(c[1] is None for c in costs) else round(sum(c[1] for c in costs), 6)
     pending = len(items) - len(results)
     summary = {
         "answers": str(args.answers), "out": str(out), "cache": str(cache_path),
-        "model": args.model, "rule_version": rule.version, "rule_sha256": rule.sha256,
+        "model": args.model if judges is None else judge.model, "rule_version": rule.version,
+        "rule_sha256": rule.sha256,
         "items": len(items), "judged": len(results), "pending": pending, "complete": pending == 0 and not error,
         "status": dict(sorted(statuses.items())),
         "skipped_bad_input": len(skipped), "skipped": skipped,
@@ -267,10 +362,19 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
         "tokens_this_run": {"prompt": judge.stats.fresh_tokens[0], "completion": judge.stats.fresh_tokens[1]},
         "tokens_all_items": {"prompt": all_tokens[0], "completion": all_tokens[1]},
         "price_usd_per_mtok": list(price) if price else None,
-        "cost_usd_this_run": _cost(judge.stats.fresh_tokens, price),
-        "cost_usd_all_items": _cost(all_tokens, price),
+        "cost_usd_this_run": cost_this_run,
+        "cost_usd_all_items": cost_all,
         "error": error,
     }
+    if swap_check:  # with several judges: the sum of the judges' own counts (each in the judges list)
+        counts = (_swap_counts(results.values()) if judges is None else
+                  {k: sum(j[k] for j in panel) for k in ("position_consistent", "position_inconsistent")})
+        summary.update(swap_check=True, **counts)
+        logger.info("swap check: %d of %d pairs scored in both orders position-inconsistent",
+                    summary["position_inconsistent"],
+                    summary["position_inconsistent"] + summary["position_consistent"])
+    if judges is not None:
+        summary["judges"] = panel
     write_json_atomic(summary_path, summary)
     logger.info("%d paid requests this run (%d HTTP requests, %d cache hits): %d prompt + %d completion "
                 "tokens, estimated cost $%s; summary in %s", judge.stats.paid, judge.stats.http_requests,
@@ -288,7 +392,38 @@ def run(args: argparse.Namespace, secret: str) -> tuple[int, dict]:
     return 0, summary
 
 
-def _judge_all(judge: Judge, items: list[Item], concurrency: int) -> tuple[dict[int, dict], str | None]:
+def _swap_counts(blocks) -> dict:
+    """Of swap-checked judge blocks: how many were position-consistent and -inconsistent (blocks
+    without scores in both orders count in neither)."""
+    flags = [b["swap"]["position_consistent"] for b in blocks]
+    return {"position_consistent": flags.count(True), "position_inconsistent": flags.count(False)}
+
+
+def _panel_summary(judges: list[dict], results: dict[int, dict], stats: Stats, args) -> list[dict]:
+    """Per judge of a panel: model, base URL, its own status counts (and swap counts), tokens, cost."""
+    out = []
+    for k, j in enumerate(judges):
+        blocks = [r["judges"][k] for r in results.values()]
+        statuses: dict[str, int] = {}
+        for b in blocks:
+            statuses[b["status"]] = statuses.get(b["status"], 0) + 1
+        tokens = [sum(b["usage"][kind] for b in blocks) for kind in ("prompt_tokens", "completion_tokens")]
+        fresh = stats.fresh_by_model.get(j["model"], [0, 0])
+        price = price_for(j["model"], j["price_in"] if j["price_in"] is not None else args.price_in,
+                          j["price_out"] if j["price_out"] is not None else args.price_out)
+        if price is None:
+            logger.warning("no price known for judge model %r: give price_in/price_out in the judges file", j["model"])
+        entry = {"model": j["model"], "base_url": j["base_url"], "status": dict(sorted(statuses.items())),
+                 "tokens_this_run": {"prompt": fresh[0], "completion": fresh[1]},
+                 "price_usd_per_mtok": list(price) if price else None,
+                 "cost_usd_this_run": _cost(fresh, price), "cost_usd_all_items": _cost(tokens, price)}
+        if getattr(args, "swap_check", False):
+            entry.update(_swap_counts(blocks))
+        out.append(entry)
+    return out
+
+
+def _judge_all(judge: Judge | Panel, items: list[Item], concurrency: int) -> tuple[dict[int, dict], str | None]:
     """Judge ``items`` on a thread pool; ({item index: judge block}, first fatal error or None).
 
     The first JudgeError stops the run: no new request starts, requests in flight finish (and are
@@ -372,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept an answers file with no records (by default an error: a wrong or unfinished file)")
     p.add_argument("--reask-ties", action="store_true",
                    help="ask once more on a tie (still recorded 'tie' if it repeats)")
+    p.add_argument("--swap-check", action="store_true",
+                   help="ask every pair in both orders (Answer 1 and 2 exchanged) and keep a verdict only when both "
+                        "prefer the same answer; twice the requests (docs/SelfTraining.md#de-biased-judging)")
+    p.add_argument("--judges", default=None,
+                   help="JSON (or YAML) list of judges, each {model, base_url, api_key_env}; a pair is kept when a "
+                        "strict majority prefers the same answer (with two judges: both agree). Replaces --model, "
+                        "--base-url and --api-key-env, which become the entries' defaults")
     logs.add_log_level_arg(p)
     return p
 
@@ -383,19 +525,37 @@ def _main(argv: list[str] | None) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for name in ("httpx", "httpx2"):  # one INFO line per HTTP request is noise at 50k requests
             logging.getLogger(name).setLevel(logging.WARNING)
-    if args.base_url:
-        check_base_url(args.base_url, args.allow_insecure_http)
-    else:  # the openai client's own fallback
-        check_base_url(os.environ.get("OPENAI_BASE_URL"), args.allow_insecure_http, "$OPENAI_BASE_URL")
-    if not secret:
-        raise JudgeError(f"no API key: set ${args.api_key_env} (for a local server without auth any value works, "
-                         "e.g. EMPTY)")
+    judges = None
+    if args.judges:
+        judges = load_judges(args.judges, base_url=args.base_url, api_key_env=args.api_key_env)
+        for n, j in enumerate(judges, 1):
+            where = f"{args.judges}, entry {n} ({j['model']})"
+            check_base_url(j["base_url"] or os.environ.get("OPENAI_BASE_URL"), args.allow_insecure_http,
+                           f"{where}: base_url")
+            j["secret"] = os.environ.get(j["api_key_env"], "")
+            if not j["secret"]:
+                raise JudgeError(f"{where}: no API key: set ${j['api_key_env']} (for a local server without auth any "
+                                 "value works, e.g. EMPTY)")
+        secrets = [j["secret"] for j in judges]
+    else:
+        if args.base_url:
+            check_base_url(args.base_url, args.allow_insecure_http)
+        else:  # the openai client's own fallback
+            check_base_url(os.environ.get("OPENAI_BASE_URL"), args.allow_insecure_http, "$OPENAI_BASE_URL")
+        if not secret:
+            raise JudgeError(f"no API key: set ${args.api_key_env} (for a local server without auth any value works, "
+                             "e.g. EMPTY)")
+        secrets = [secret]
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactFilter(secret))
+        for key in secrets:
+            handler.addFilter(_RedactFilter(key))
     try:
-        code, summary = run(args, secret)
+        code, summary = run(args, secret, judges)
     except JudgeError as e:  # printed by run_cli: never with the key in it
-        raise type(e)(str(e).replace(secret, "***")) from None
+        message = str(e)
+        for key in secrets:
+            message = message.replace(key, "***")
+        raise type(e)(message) from None
     printable = {k: v for k, v in summary.items() if k != "skipped"}
     print(json.dumps(printable, indent=2))
     return code

@@ -40,6 +40,7 @@ from stllava.selftrain.judge_prompt import (
     parse_scores,
 )
 from stllava.selftrain.judge_prompt import verdict as score_verdict
+from stllava.selftrain.judge_votes import majority, position_consistent, swap_checked
 
 logger = logging.getLogger("stllava.selftrain.judge")
 
@@ -88,6 +89,7 @@ class Stats:
     cache_hits: int = 0
     retries: dict[str, int] = field(default_factory=dict)
     fresh_tokens: list[int] = field(default_factory=lambda: [0, 0])
+    fresh_by_model: dict[str, list[int]] = field(default_factory=dict)  # several judges: cost per model
 
     def count_retry(self, kind: str) -> None:
         with self.lock:
@@ -162,21 +164,25 @@ class Judge:
     completion is added to it and appended to ``cache_writer`` before it is used.
     ``max_requests`` caps HTTP requests (retries included) for this run; reaching it, or ``stop``
     being set, makes :meth:`judge_item` raise ``_Stopped`` (the item stays pending).
+    ``swap_check`` asks every pair in both orders (:func:`stllava.selftrain.judge_votes.swap_checked`).
+    ``stats`` and ``stop``, when given, are shared with the other judges of a :class:`Panel`: one
+    request cap, one stop, one set of counters for the run.
     """
 
     def __init__(self, rule: Rule, *, base_url: str | None, api_key: str, timeout: float = 120.0,
                  max_retries: int = 6, model: str = "gpt-4o", temperature: float = 0.2, max_tokens: int = 1024,
                  cache: dict[str, dict] | None = None, cache_writer: JsonlWriter | None = None,
-                 max_requests: int | None = None, reask_ties: bool = False):
+                 max_requests: int | None = None, reask_ties: bool = False, swap_check: bool = False,
+                 stats: Stats | None = None, stop: threading.Event | None = None):
         self.rule, self.model = rule, model
         self.temperature, self.max_tokens, self.max_retries = temperature, max_tokens, max_retries
         self.cache = cache if cache is not None else {}
         self.cache_writer = cache_writer
         self.max_requests = max_requests
-        self.reask_ties = reask_ties
+        self.reask_ties, self.swap_check = reask_ties, swap_check
         self.secret = api_key
-        self.stop = threading.Event()
-        self.stats = Stats()
+        self.stop = stop if stop is not None else threading.Event()
+        self.stats = stats if stats is not None else Stats()
         self._ctx = threading.local()
         self._key_locks: dict[str, threading.Lock] = {}
         self._key_locks_lock = threading.Lock()
@@ -281,6 +287,9 @@ class Judge:
                 self.stats.paid += 1
                 self.stats.fresh_tokens[0] += tokens[0]
                 self.stats.fresh_tokens[1] += tokens[1]
+                by_model = self.stats.fresh_by_model.setdefault(self.model, [0, 0])
+                by_model[0] += tokens[0]
+                by_model[1] += tokens[1]
             logger.debug("%s: ask %d answered: %r", item.name, ask, (content or "")[:80])
             return entry
 
@@ -309,6 +318,24 @@ class Judge:
                 scores, used = rescored, entries[1]
         return scores, entries, used
 
+    def _judge_order(self, item: Item, matches: list[tuple[int, int]]) -> tuple[dict, list[dict], list[dict]]:
+        """(verdict, match results, entries asked) of the answer pairs ``matches``, each asked in
+        its own order; the verdict's scores and indices are in the record's answer order."""
+        answers = item.record["answers"]
+        entries, results = [], []
+        for pair in matches:
+            scores, asked, used = self._judge_pair(item, pair)
+            entries += asked
+            results.append({"pair": list(pair), "scores": list(scores) if scores else None, "reply": used["reply"],
+                            "served_model": used["served_model"]})
+        if len(answers) == 2:
+            got = results[0]
+            scores = None if got["scores"] is None else dict(zip(got["pair"], got["scores"]))
+            found = score_verdict(None if scores is None else (scores[0], scores[1]))
+        else:
+            found = best_worst(answers, distinct_answers(answers), results)
+        return found, results, entries
+
     def _judge_item(self, item: Item) -> dict:
         answers = item.record["answers"]
         block: dict[str, Any] = {"status": None, "scores": None, "chosen": None, "margin": None,
@@ -319,20 +346,61 @@ class Judge:
         distinct = distinct_answers(answers)
         if len(distinct) == 1:
             block.update(status="identical", usage={"prompt_tokens": 0, "completion_tokens": 0})
+            if self.swap_check:
+                block["swap"] = {"orders": [], "position_consistent": None}
             return block
         matches = [(0, 1)] if len(answers) == 2 else pair_up(distinct)
-        entries, results = [], []
-        for pair in matches:
-            scores, asked, used = self._judge_pair(item, pair)
+        found, results, entries = self._judge_order(item, matches)
+        orders = [(found, results)]
+        if self.swap_check:  # the same pairs, Answer 1 and Answer 2 exchanged: other cache keys
+            swapped, swapped_results, asked = self._judge_order(item, [(j, i) for i, j in matches])
+            orders.append((swapped, swapped_results))
             entries += asked
-            results.append({"pair": list(pair), "scores": list(scores) if scores else None, "reply": used["reply"],
-                            "served_model": used["served_model"]})
-        block.update(reply=results[-1]["reply"], replies=[e["reply"] for e in entries],
-                     served_model=results[-1]["served_model"],
+            results = results + swapped_results
+        first_results = orders[0][1]
+        block.update(reply=first_results[-1]["reply"], replies=[e["reply"] for e in entries],
+                     served_model=first_results[-1]["served_model"],
                      usage={"prompt_tokens": sum(e["usage"]["prompt_tokens"] for e in entries),
                             "completion_tokens": sum(e["usage"]["completion_tokens"] for e in entries)})
-        if len(answers) == 2:
-            block.update(score_verdict(None if results[0]["scores"] is None else tuple(results[0]["scores"])))
-        else:
-            block.update(best_worst(answers, distinct, results), matches=results)
+        block.update(swap_checked(found, orders[1][0]) if self.swap_check else found)
+        if len(answers) > 2:
+            block["matches"] = results
+        if self.swap_check:
+            block["swap"] = {"orders": [{**v, "swapped": k == 1, "reply": r[-1]["reply"]}
+                                        for k, (v, r) in enumerate(orders)],
+                             "position_consistent": position_consistent(found, orders[1][0])}
         return block
+
+
+class Panel:
+    """Several judges (``--judges``): every item is judged by each, the verdict is their strict
+    majority (:func:`stllava.selftrain.judge_votes.majority`). The judges share one ``stats`` and
+    one ``stop``; ``base_urls`` (one per judge) are recorded in the per-judge results."""
+
+    def __init__(self, judges: list[Judge], base_urls: list[str | None]):
+        self.judges, self.base_urls = judges, base_urls
+        self.stats, self.stop = judges[0].stats, judges[0].stop
+        self.model = " + ".join(j.model for j in judges)
+
+    def close(self) -> None:
+        """Close every judge's HTTP connections."""
+        for j in self.judges:
+            j.close()
+
+    def judge_item(self, item: Item) -> dict:
+        """The ``judge`` block of ``item``: the majority verdict, with ``judges`` (each judge's own
+        block and base URL) and ``agree`` (how many judges prefer the kept answer; 0 when none is kept).
+        Raises as :meth:`Judge.judge_item`."""
+        blocks = [{**j.judge_item(item), "base_url": url} for j, url in zip(self.judges, self.base_urls)]
+        keys = ("status", "scores", "chosen", "margin") + (("rejected",) if len(item.record["answers"]) > 2 else ())
+        verdicts = [{k: b.get(k) for k in keys} for b in blocks]
+        found = majority(verdicts)
+        agreeing = [b for b, v in zip(blocks, verdicts) if found["status"] == "ok" and v["status"] == "ok"
+                    and (v["chosen"], v.get("rejected")) == (found["chosen"], found.get("rejected"))]
+        speaker = (agreeing or blocks)[0]  # the reply a pair's rationale is taken from
+        first = blocks[0]
+        return {**found, "reply": speaker["reply"], "replies": [r for b in blocks for r in b["replies"]],
+                "usage": {k: sum(b["usage"][k] for b in blocks) for k in ("prompt_tokens", "completion_tokens")},
+                "model": self.model, "served_model": speaker["served_model"], "rule_version": first["rule_version"],
+                "rule_sha256": first["rule_sha256"], "temperature": first["temperature"],
+                "image_sha256": item.image_sha256, "agree": len(agreeing), "judges": blocks}
