@@ -220,9 +220,10 @@ class RemoteGenerator(ChatClient):
 
     def log_summary(self) -> None:
         s = self.summary()
-        logger.info("%s: %d HTTP requests, %d completions, retries %s, %d failed, %d prompt + %d completion tokens",
-                    self.client.base_url, s["http_requests"], s["completions"], s["retries"] or "none", s["failed"],
-                    s["tokens"]["prompt"], s["tokens"]["completion"])
+        logger.log(logging.WARNING if s["failed"] else logging.INFO,
+                   "%s: %d HTTP requests, %d completions, retries %s, %d failed, %d prompt + %d completion tokens",
+                   self.client.base_url, s["http_requests"], s["completions"], s["retries"] or "none", s["failed"],
+                   s["tokens"]["prompt"], s["tokens"]["completion"])
 
 
 def run_remote(args: argparse.Namespace, pending: list, *, settings: GenerationSettings, load: Callable,

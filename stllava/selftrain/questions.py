@@ -132,8 +132,9 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     ToolError for bad flags or (without ``--skip-bad``) a bad image, ArtifactError for a resume conflict."""
     if getattr(args, "backend", "local") != "local":  # the flag exists so that the refusal is one line, not argparse's
         raise ToolError("--backend openai cannot ask the self-questioning turn: chat completions always open an "
-                        "assistant turn, the questions are the VUSER role's (docs/SelfTraining.md#questions-through-"
-                        "a-serving-engine); fix: run this stage with --backend local")
+                        "assistant turn, the questions are the VUSER role's "
+                        "(docs/SelfTraining.md#questions-through-a-serving-engine); fix: run this stage with "
+                        "--backend local")
     check_batch_size(args)
     if args.n_questions < 1:
         raise ToolError(f"--n-questions must be ≥ 1, got {args.n_questions}")
