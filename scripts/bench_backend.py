@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from importlib import resources
 
 from stllava import logs
@@ -85,6 +86,8 @@ def main(argv=None) -> dict:
         remote = model_vqa.run(model_vqa.build_parser().parse_args(
             [*common, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "bench",
              "--answers-file", remote_out, "--concurrency", str(args.concurrency)]))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+            calls = json.load(r)["recent_batch_sizes"]
     finally:
         server.terminate()
         server.wait(60)
@@ -98,14 +101,15 @@ def main(argv=None) -> dict:
            "new_tokens": args.new_tokens, "batch_size": args.batch_size, "concurrency": args.concurrency,
            "in_process": {"seconds": local["seconds"], "answers_per_s": n / local["seconds"]},
            "server": {"seconds": remote["seconds"], "answers_per_s": n / remote["seconds"],
-                      "http_requests": remote["remote"]["http_requests"], "retries": remote["remote"]["retries"]},
+                      "http_requests": remote["remote"]["http_requests"], "retries": remote["remote"]["retries"],
+                      "generate_calls": calls},
            "answers_equal": texts(local_out) == texts(remote_out)}
     res["ratio"] = res["server"]["answers_per_s"] / res["in_process"]["answers_per_s"]
     print(f"{n} questions, {args.new_tokens} new tokens each, device {args.device}, "
           f"OMP_NUM_THREADS={res['threads']} on {res['cpus']} CPUs")
     print(f"  in-process model_vqa --batch-size {args.batch_size}: {res['in_process']['answers_per_s']:.2f} answers/s")
     print(f"  --backend openai, {args.concurrency} concurrent requests to stllava.serve.api: "
-          f"{res['server']['answers_per_s']:.2f} answers/s")
+          f"{res['server']['answers_per_s']:.2f} answers/s (the server's generate calls: {calls})")
     print(f"  ratio server / in-process {res['ratio']:.2f}x; greedy answers equal, record for record: "
           f"{res['answers_equal']}")
     if args.json:

@@ -171,6 +171,7 @@ class RemoteGenerator(ChatClient):
         self.stop.set()  # a run that ends early starts nothing new
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.close()
+        self.log_summary()  # after the requests in flight ended: the counts are final
 
     def _ask(self, name: str, image_file: str, text: str, settings: GenerationSettings, seed: int | None) -> str:
         try:
@@ -237,8 +238,8 @@ def run_remote(args: argparse.Namespace, pending: list, *, settings: GenerationS
     makes its record. ``load(items)`` is the tool's image check (``ImageSource.load``: a bad image
     is refused or, with ``--skip-bad``, skipped and counted). Items go in blocks of ``block``; the
     next blocks' requests are queued while a block finishes. Returns (seconds, the client's
-    counters); raises the first request that failed for good (:class:`RemoteGenerationError`)
-    after logging the counters, the records before it written."""
+    counters, also logged); raises the first request that failed for good
+    (:class:`RemoteGenerationError`) after logging the counters, the records before it written."""
     from stllava.tooling import run_batches
 
     with RemoteGenerator(args) as remote:
@@ -251,9 +252,6 @@ def run_remote(args: argparse.Namespace, pending: list, *, settings: GenerationS
             for it, seeds, futures in submitted:
                 yield record_of(it, [remote.result(f) for f in futures], seeds)
 
-        try:
-            seconds = run_batches(pending, block, prepare, process, out, desc=desc, unit=unit,
-                                  progress=not args.no_progress)
-        finally:
-            remote.log_summary()
+        seconds = run_batches(pending, block, prepare, process, out, desc=desc, unit=unit,
+                              progress=not args.no_progress)
     return seconds, remote.summary()

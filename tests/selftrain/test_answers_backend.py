@@ -1,7 +1,9 @@
 """answers --backend openai against stllava.serve.api serving the same checkpoint: the sampled
 answers (each request carries its answer's derived seed) equal the in-process path's, record for
-record; resume; questions refuse the backend in one line."""
+record; resume; retries counted and a failure stopping the run in one line (against the
+scripted stub server); questions refuse the backend in one line."""
 import json
+import re
 
 import pytest
 from helpers.serving import model_server
@@ -66,3 +68,46 @@ def test_questions_refuse_the_openai_backend_in_one_line(qa, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: --backend openai cannot ask the "
                                                                "self-questioning turn")
+
+
+def test_retries_are_counted_a_failure_stops_the_run_in_one_line_and_a_rerun_resumes(qa, tmp_path, capsys, caplog):
+    from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_text
+
+    folder, _ = qa
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"image": f"im{i}.png", "questions": [f"Q{i}{k}" for k in range(3)]}) + "\n"
+                             for i in range(2)))
+    state = {"broken": True, "seen": 0}
+
+    def scorer(body):
+        state["seen"] += 1
+        text = request_text(body)
+        if state["seen"] == 1:
+            return Reply(status=429, headers={"Retry-After": "0"})
+        if state["broken"] and text == "Q10":
+            return Reply(status=500)
+        return f"answer to {text} with seed {body['seed']} at T={body['temperature']} top_k={body['top_k']}"
+
+    caplog.set_level("INFO")
+    with ChatCompletionServer(scorer, model="stub") as server:
+        argv = ["--image-folder", str(folder), "--questions", str(qfile), "--out", str(tmp_path / "a.jsonl"),
+                "--backend", "openai", "--base-url", server.base_url, "--model", "stub", "--concurrency", "1",
+                "--max-retries", "2", "--no-progress"]
+        rc = answers.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("error: giving up on question 'im1.png#q0' after 3 "
+                                                                   "attempts; last error: 500")
+        counts = re.search(r"(\d+) HTTP requests, (\d+) completions, retries (.*), (\d+) failed", caplog.text)
+        assert counts[2] == "6" and counts[3] == "{'429': 1, '5xx': 2}" and counts[4] == "1"
+        assert counts[1] == "10"  # 6 answers + the 429 retry + the failing question's 3 attempts
+        done = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+        assert [r["question_id"] for r in done] == ["im0.png#q0", "im0.png#q1", "im0.png#q2"]
+        assert done[0]["answers"][0] == f"answer to Q00 with seed {done[0]['answer_seeds'][0]} at T=1.2 top_k=100"
+
+        state["broken"] = False
+        caplog.clear()
+        assert answers.main(argv) == 0
+        s = re.search(r"(\d+) HTTP requests, (\d+) completions, retries none, 0 failed", caplog.text)
+        assert s[1] == s[2] == "6"  # only the three missing questions were asked
+    done = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in done] == [f"im{i}.png#q{k}" for i in range(2) for k in range(3)]
