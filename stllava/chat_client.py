@@ -68,6 +68,7 @@ class Stats:
     cache_hits: int = 0
     retries: dict[str, int] = field(default_factory=dict)
     fresh_tokens: list[int] = field(default_factory=lambda: [0, 0])
+    fresh_by_model: dict[str, list[int]] = field(default_factory=dict)  # several judges: tokens per model
 
     def count_retry(self, kind: str) -> None:
         with self.lock:
@@ -161,18 +162,18 @@ class ChatClient:
 
     ``max_requests`` caps HTTP requests (retries included) for this run; reaching it, or ``stop``
     being set, makes :meth:`complete` raise ``_Stopped``. ``stats`` counts requests and retries by
-    kind. Subclasses set ``api_error`` (the exception raised when a request fails for good) and
+    kind; ``stats`` and ``stop`` may be given to share them between clients (one cap, one stop). Subclasses set ``api_error`` (the exception raised when a request fails for good) and
     ``resume_hint`` (how the user goes on after it)."""
 
     api_error: type[ClientError] = ClientAPIError
     resume_hint = ("finished items are reused from the cache", "finished items are reused")
 
     def __init__(self, *, base_url: str | None, api_key: str, timeout: float = 120.0, max_retries: int = 6,
-                 max_requests: int | None = None):
+                 max_requests: int | None = None, stats: Stats | None = None, stop: threading.Event | None = None):
         self.max_retries, self.max_requests = max_retries, max_requests
         self.secret = api_key
-        self.stop = threading.Event()
-        self.stats = Stats()
+        self.stop = stop if stop is not None else threading.Event()  # given: shared by several clients
+        self.stats = stats if stats is not None else Stats()
         self._ctx = threading.local()
         http = openai.DefaultHttpxClient(transport=_AttemptTransport(self, httpx2.HTTPTransport()))
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stllava.chat_client import ChatClient, ClientError, _Stopped  # noqa: F401 (_Stopped: judge.py's import)
+from stllava.chat_client import ChatClient, ClientError, Stats, _Stopped  # noqa: F401 (Stats, _Stopped: judge.py's)
 from stllava.errors import EXIT_FAILED
 from stllava.jsonl import JsonlWriter
 from stllava.selftrain.judge_prompt import (
