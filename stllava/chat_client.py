@@ -162,7 +162,8 @@ class ChatClient:
 
     ``max_requests`` caps HTTP requests (retries included) for this run; reaching it, or ``stop``
     being set, makes :meth:`complete` raise ``_Stopped``. ``stats`` counts requests and retries by
-    kind; ``stats`` and ``stop`` may be given to share them between clients (one cap, one stop). Subclasses set ``api_error`` (the exception raised when a request fails for good) and
+    kind; ``stats`` and ``stop`` may be given to share them between clients (one cap, one stop).
+    Subclasses set ``api_error`` (the exception raised when a request fails for good) and
     ``resume_hint`` (how the user goes on after it)."""
 
     api_error: type[ClientError] = ClientAPIError
