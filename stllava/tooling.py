@@ -64,7 +64,9 @@ def add_tool_args(parser: argparse.ArgumentParser, *, model_help: str, conv_help
     def names(flag: str) -> tuple[str, ...]:
         return (flag, "--" + flag[2:].replace("-", "_")) if underscore_aliases else (flag,)
 
-    parser.add_argument(*names("--model-path"), dest="model_path", required=True, help=model_help)
+    # Required with the local backend (checked by plan_work): --backend openai needs no checkpoint here.
+    parser.add_argument(*names("--model-path"), dest="model_path", default=None,
+                        help=model_help + " (required unless --backend openai)")
     parser.add_argument(*names("--model-base"), dest="model_base", default=None,
                         help="base LLM when --model-path is a LoRA adapter")
     parser.add_argument(*names("--conv-mode"), dest="conv_mode", default=None, help=conv_help)
@@ -335,7 +337,7 @@ class Work:
     """One process's share of a generating tool's work, settled before any model is loaded
     (:func:`plan_work`)."""
 
-    conv_mode: str  # the template used (see :func:`settle_conv_mode`)
+    conv_mode: str | None  # the template used (see :func:`settle_conv_mode`); None: the server's
     settings: dict  # what decides the output: stored in every record, compared on resume
     items: list  # every input item
     chunk: list  # this process's chunk of them (--num-chunks / --chunk-idx)
@@ -349,7 +351,8 @@ def plan_work(args: argparse.Namespace, *, default_conv_mode: str, settings_of: 
               check_template: Callable[[str], Any] | None = None) -> Work:
     """The opening every generating tool shares, in this order: the template (``--conv-mode``, the
     checkpoint's, else ``default_conv_mode``; then ``check_template(template)``, which refuses one
-    the tool cannot use), the settings (``settings_of(args)``, with ``args.conv_mode`` settled), the
+    the tool cannot use; None with ``--backend openai``, whose server has its own; a local run
+    without ``--model-path`` is refused), the settings (``settings_of(args)``, with ``args.conv_mode`` settled), the
     input (``read_items()``; ``source`` holding no ``what`` is refused unless ``--allow-empty``), this
     process's chunk, what ``out`` already holds (field ``key`` of its records: resumed, or refused
     when written with other settings; ``--overwrite`` starts it over), the pending items (named by
@@ -357,9 +360,15 @@ def plan_work(args: argparse.Namespace, *, default_conv_mode: str, settings_of: 
     file is missing (refused, or with ``--skip-bad`` listed in ``images.skipped`` and left out).
 
     Returns the :class:`Work`; the refusals are :class:`ToolError`s."""
-    conv_mode = settle_conv_mode(args, default_conv_mode)
-    if check_template is not None:
-        check_template(conv_mode)
+    if getattr(args, "backend", "local") == "local":
+        if not args.model_path:
+            raise ToolError("--model-path is required (the checkpoint to generate with), unless --backend openai "
+                            "sends the requests to a server")
+        conv_mode = settle_conv_mode(args, default_conv_mode)
+        if check_template is not None:
+            check_template(conv_mode)
+    else:  # the server applies its own template (stllava.remote_generation)
+        conv_mode = None
     settings = settings_of(args)
     items = list(read_items())
     refuse_empty(items, args, source, what)

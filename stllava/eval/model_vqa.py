@@ -19,6 +19,11 @@ preprocessed as in training (pad to square). Decoding is greedy by default (``--
 the evaluation protocol); ``--temperature > 0`` samples with a per-question seed derived from
 ``--seed`` and the question id (same answers at any batch size or chunking).
 
+``--backend openai --base-url URL --model NAME`` sends each question to an OpenAI-compatible
+server instead (vLLM, SGLang, ``stllava.serve.api``; ``--concurrency`` requests at once; the
+server's template; :mod:`stllava.remote_generation`): no ``--model-path``, same records, ``model_id``
+the served name.
+
 Sharding, resume and bad images work as in every generating tool (:mod:`stllava.tooling`):
 ``--num-chunks N --chunk-idx K`` answers chunk K (``scripts/run_sharded.sh`` runs one process per
 GPU and merges); question ids already in ``--answers-file`` are skipped when its settings match
@@ -45,6 +50,7 @@ from stllava.generation import (
     render_prompt,
 )
 from stllava.jsonl import JsonlError, iter_jsonl
+from stllava.remote_generation import add_backend_args, check_remote_args, is_remote, remote_settings, run_remote
 from stllava.tooling import (
     ImageSource,
     ToolError,
@@ -123,12 +129,16 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     notebooks). Raises ToolError for bad input, before any model is loaded where possible."""
     gen = settings_from_args(args)
     check_batch_size(args)
+    if is_remote(args):
+        check_remote_args(args)
     images = ImageSource(args.image_folder, lambda q: q.image,
                          lambda q: f"{args.question_file}, line {q.line} (question_id {q.question_id!r})",
                          lambda q: {"question_id": q.question_id, "image": q.image}, args.skip_bad)
     work = plan_work(args, default_conv_mode=DEFAULT_CONV_MODE, settings_of=lambda a: {
-                         "model_path": model_path_setting(a.model_path), "model_base": model_path_setting(a.model_base),
-                         "conv_mode": a.conv_mode, **gen.to_dict(), "seed": a.seed},
+                         **(remote_settings(a) if is_remote(a) else {
+                             "model_path": model_path_setting(a.model_path),
+                             "model_base": model_path_setting(a.model_base), "conv_mode": a.conv_mode}),
+                         **gen.to_dict(), "seed": a.seed},
                      read_items=lambda: load_questions(args.question_file), source=args.question_file,
                      what="questions", out=args.answers_file, key="question_id", key_of=lambda q: q.key,
                      done_what="answers", images=images)
@@ -138,7 +148,18 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     logger.info("%d questions, chunk %d/%d holds %d: %d already answered, %d to answer, %d skipped (missing image)",
                 len(work.items), args.chunk_idx, args.num_chunks, len(work.chunk), summary["already_answered"],
                 len(pending), len(images.skipped))
-    if pending:
+    if pending and is_remote(args):
+        def record(q: Question, texts: list[str], _seeds) -> dict:
+            summary["answered"] += 1
+            return {"question_id": q.question_id, "prompt": q.text, "text": texts[0], "answer_id": uuid.uuid4().hex,
+                    "model_id": args.served_model, "metadata": {}, "settings": settings}
+
+        summary["seconds"], summary["remote"] = run_remote(
+            args, pending, settings=gen, load=images.load, image_file=images.path,
+            name_of=lambda q: f"question_id {q.question_id!r}", text_of=lambda q: q.text,
+            seeds_of=lambda q: [derive_seed(args.seed, q.key) if gen.do_sample else None], record_of=record,
+            block=args.concurrency, out=args.answers_file, desc="answering", unit="q")
+    elif pending:
         tokenizer, model, processor = loaded if loaded is not None else load_model(args)
         model_id = model_name(args.model_path)
 
@@ -189,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer length limit, in tokens")
     p.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0,
                    help="forbid </s> before this many tokens (smoke tests of random-init models)")
+    add_backend_args(p)
     return p
 
 

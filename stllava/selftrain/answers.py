@@ -24,6 +24,9 @@ resume point.
      "answers": ["...", "..."],                        # --n-answers of them (2)
      "answer_seeds": [s1, s2], "seed": 0, "model": "ckpt-name", "settings": {...}}
 
+``--backend openai --base-url URL --model NAME`` asks an OpenAI-compatible server instead (one
+request per answer, with that answer's seed; the server's template; :mod:`stllava.remote_generation`).
+
 Resume, sharding (over questions) and bad images work as in every generating tool
 (:mod:`stllava.tooling`): question ids already in ``--out`` are skipped when its settings match
 (else refused; ``--overwrite`` starts over); a missing or unreadable image stops the run naming it
@@ -40,6 +43,7 @@ from stllava import logs
 from stllava.errors import run_cli
 from stllava.generation import GenerationSettings, derive_seed, generate, image_prompt_text, render_prompt
 from stllava.jsonl import JsonlError, iter_jsonl
+from stllava.remote_generation import add_backend_args, check_remote_args, is_remote, remote_settings, run_remote
 from stllava.tooling import (
     ImageSource,
     ToolError,
@@ -109,8 +113,10 @@ def answer_prompt(conv_mode: str, question: str) -> str:
 
 def settings_of(args) -> dict:
     """What determines the output: stored in every record and compared on resume."""
-    return {"model_path": model_path_setting(args.model_path), "model_base": model_path_setting(args.model_base),
-            "conv_mode": args.conv_mode, "temperature": args.temperature, "top_k": args.top_k,
+    source = remote_settings(args) if is_remote(args) else {
+        "model_path": model_path_setting(args.model_path), "model_base": model_path_setting(args.model_base),
+        "conv_mode": args.conv_mode}
+    return {**source, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens, "seed": args.seed, "n_answers": args.n_answers}
 
@@ -132,6 +138,8 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     if args.n_answers < 2:
         raise ToolError(f"--n-answers must be ≥ 2 (a pair needs two answers), got {args.n_answers}")
     k = args.n_answers
+    if is_remote(args):
+        check_remote_args(args)
     images = ImageSource(args.image_folder, lambda q: q.image,
                          lambda q: f"{args.questions}, line {q.line} (question {q.question_id!r})",
                          lambda q: {"question_id": q.question_id, "image": q.image}, args.skip_bad)
@@ -140,13 +148,25 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
                      out=args.out, key="question_id", key_of=lambda q: q.question_id, done_what="answers",
                      images=images)
     conv_mode, settings, pending = work.conv_mode, work.settings, work.pending
-    model_id = model_name(args.model_path)
+    model_id = args.served_model if is_remote(args) else model_name(args.model_path)
     summary = {"questions": len(work.items), "chunk": len(work.chunk), "already_done": work.already_done,
                "written": 0, "skipped": images.skipped, "seconds": 0.0}
     logger.info("%d questions in %s, chunk %d/%d holds %d: %d already in %s, %d to answer, %d skipped "
                 "(missing image)", len(work.items), args.questions, args.chunk_idx, args.num_chunks,
                 len(work.chunk), summary["already_done"], args.out, len(pending), len(images.skipped))
     if not pending:
+        return summary
+    if is_remote(args):
+        def record(q: Question, texts: list[str], seeds: list[int]) -> dict:
+            summary["written"] += 1
+            return {"question_id": q.question_id, "image": q.image, "question": q.text, "answers": texts,
+                    "answer_seeds": seeds, "seed": args.seed, "model": model_id, "settings": settings}
+
+        summary["seconds"], summary["remote"] = run_remote(
+            args, pending, settings=gen, load=images.load, image_file=images.path,
+            name_of=lambda q: f"question {q.question_id!r}", text_of=lambda q: q.text,
+            seeds_of=lambda q: [derive_seed(args.seed, q.question_id, j) for j in range(k)], record_of=record,
+            block=max(1, args.concurrency // k), out=args.out, desc="answers", unit="q")
         return summary
     tokenizer, model, processor = loaded if loaded is not None else load_model(args)
 
@@ -190,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampled answers per question (the paper: 2; more gives the judge best-vs-worst pairs)")
     p.add_argument("--min-new-tokens", type=int, default=0,
                    help="forbid </s> before this many tokens (smoke tests of random-init models)")
+    add_backend_args(p)
     return p
 
 

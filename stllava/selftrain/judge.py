@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -60,9 +59,8 @@ import sys
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from stllava import logs
+from stllava import chat_client, logs
 from stllava.data.images import ImageLoadError, image_path
 from stllava.errors import EXIT_FAILED, run_cli
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl, write_json_atomic, write_jsonl_atomic
@@ -227,33 +225,9 @@ def load_judges(path: str | os.PathLike, *, base_url: str | None = None,
 
 
 # ---------------------------------------------------------------------------- the server
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_base_url(url: str | None, allow_insecure_http: bool, source: str = "--base-url") -> None:
-    """Refuse (:class:`JudgeError`) a plain ``http://`` ``url`` to a host that is not this machine:
-    the API key (a bearer header) and every image would cross the network unencrypted. With
-    ``allow_insecure_http`` it is logged as a warning instead. Loopback hosts (``localhost``,
-    127.0.0.0/8, ``::1``: the tests' and the demo's local judges) and https pass silently; so does
-    None (the openai client's default, https). ``source`` names where the URL came from."""
-    if not url:
-        return
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() != "http" or _is_loopback(parts.hostname):
-        return
-    what = (f"{source} {url} is plain http to a host that is not this machine: the API key and every image "
-            "would cross the network unencrypted")
-    if not allow_insecure_http:
-        raise JudgeError(f"{what}; fix: use https, or pass --allow-insecure-http for a server on a network you trust")
-    logger.warning("%s (--allow-insecure-http given)", what)
+    """:func:`stllava.chat_client.check_base_url`, refusing with :class:`JudgeError`."""
+    chat_client.check_base_url(url, allow_insecure_http, source, error=JudgeError)
 
 
 # ---------------------------------------------------------------------------- the run

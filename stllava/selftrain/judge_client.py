@@ -1,31 +1,21 @@
-"""The judge client: one judged item = at most two chat completions, cached by content, retried
-by the ``openai`` client itself.
-
-Retries are the client's own (``max_retries``: 408/409/429/5xx, timeouts and connection errors,
-exponential backoff with jitter, a ``Retry-After`` of up to two minutes honoured). What it has no
-setting for is written here, in :class:`_AttemptTransport`, the HTTP transport every attempt of
-the client's retry loop passes through: a cap on HTTP requests per run (``--max-requests``,
-retries included), stopping at once when another item has failed, and retry counts by kind for
-the run's summary, and failing fast when the server refuses the connection (nothing listens at
-``--base-url``: retrying for a minute would only hide a wrong URL). A 200 whose body does not
-parse -- cut short, or not JSON at all, like a proxy's HTML error page -- is not retried by the
-client; :meth:`Judge._complete` counts it as a failed attempt and asks again, within the same bound.
+"""The judge client: one judged item = at most two chat completions, cached by content, asked
+through :class:`stllava.chat_client.ChatClient` (the one client of OpenAI-compatible servers: the
+``openai`` client's own retries, a cap on HTTP requests per run (``--max-requests``, retries
+included), stopping at once when another item has failed, retry counts by kind for the run's
+summary, failing fast on a refused connection, and a 200 whose body does not parse asked again
+within the same bound).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
-import openai
-from openai.types.chat import ChatCompletion
-
-from stllava.errors import EXIT_FAILED, StllavaError
+from stllava.chat_client import ChatClient, ClientError, Stats, _Stopped  # noqa: F401 (Stats, _Stopped: judge.py's)
+from stllava.errors import EXIT_FAILED
 from stllava.jsonl import JsonlWriter
 from stllava.selftrain.judge_prompt import (
     Rule,
@@ -45,7 +35,7 @@ from stllava.selftrain.judge_votes import majority, position_consistent, swap_ch
 logger = logging.getLogger("stllava.selftrain.judge")
 
 
-class JudgeError(StllavaError, RuntimeError):
+class JudgeError(ClientError):
     """A run cannot go on: bad input, a refused request, or retries used up. The message says why."""
 
 
@@ -57,11 +47,6 @@ class JudgeAPIError(JudgeError):
     """The server refused a request (4xx other than 408/409/429) or kept failing past --max-retries."""
 
     exit_code = EXIT_FAILED
-
-
-class _Stopped(openai.OpenAIError):
-    """Internal: the run is stopping (another item failed, or --max-requests was reached). An
-    ``OpenAIError`` because the client re-raises those untouched instead of retrying them."""
 
 
 @dataclass
@@ -79,86 +64,9 @@ class Item:
         return f"{self.record['question_id']} (line {self.line})"
 
 
-@dataclass
-class Stats:
-    """Counters of one run (thread-safe through ``lock``)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    http_requests: int = 0
-    paid: int = 0
-    cache_hits: int = 0
-    retries: dict[str, int] = field(default_factory=dict)
-    fresh_tokens: list[int] = field(default_factory=lambda: [0, 0])
-    fresh_by_model: dict[str, list[int]] = field(default_factory=dict)  # several judges: cost per model
-
-    def count_retry(self, kind: str) -> None:
-        with self.lock:
-            self.retries[kind] = self.retries.get(kind, 0) + 1
-
-
-class _Refused(openai.OpenAIError):
-    """Internal: the server refused the connection. An ``OpenAIError``, so the client re-raises it
-    without retrying; :meth:`Judge._complete` turns it into a :class:`JudgeAPIError`."""
-
-
-class _NotJson(ValueError):
-    """Internal: a 200 whose body is not JSON; the client then returns the body as a string."""
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether ``exc`` or an exception it was raised from is a ``ConnectionRefusedError``."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ConnectionRefusedError):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _failure_kind(status: int) -> str:
-    return "429" if status == 429 else "5xx" if status >= 500 else str(status)
-
-
-class _AttemptTransport(httpx2.BaseTransport):
-    """Every HTTP attempt of the ``openai`` client passes here (its retry loop has no hooks):
-    takes a request slot (raising :class:`_Stopped` past ``--max-requests`` or once the run is
-    stopping), and records why an attempt failed, so the retry that follows — sent by the same
-    worker thread, the client being synchronous — is counted and logged by kind."""
-
-    def __init__(self, judge: "Judge", inner: httpx2.BaseTransport):
-        self.judge, self.inner = judge, inner
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        judge, ctx = self.judge, self.judge._ctx
-        retry = int(request.headers.get("x-stainless-retry-count") or 0)
-        if retry:
-            kind = getattr(ctx, "failure", None) or "connection"
-            judge.stats.count_retry(kind)
-            logger.warning("%s: %s; retry %d/%d", getattr(ctx, "what", "request"), kind, retry, judge.max_retries)
-        judge._take_request_slot()
-        ctx.attempts = getattr(ctx, "attempts", 0) + 1
-        ctx.failure = ctx.cause = None
-        try:
-            response = self.inner.handle_request(request)
-        except httpx2.TimeoutException:
-            ctx.failure = "timeout"
-            raise
-        except httpx2.TransportError as exc:
-            ctx.failure, ctx.cause = "connection", str(exc) or type(exc).__name__
-            if _refused(exc):
-                raise _Refused(str(exc)) from exc
-            raise
-        if response.status_code >= 400:
-            ctx.failure = _failure_kind(response.status_code)
-        return response
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class Judge:
-    """Judges items with an ``openai.OpenAI`` client: cache first, then the client's bounded retries.
+class Judge(ChatClient):
+    """Judges items through a :class:`~stllava.chat_client.ChatClient`: cache first, then the
+    client's bounded retries.
 
     ``cache`` maps cache keys to finished-request entries (loaded from the cache file); every new
     completion is added to it and appended to ``cache_writer`` before it is used.
@@ -169,88 +77,32 @@ class Judge:
     request cap, one stop, one set of counters for the run.
     """
 
+    api_error = JudgeAPIError
+
     def __init__(self, rule: Rule, *, base_url: str | None, api_key: str, timeout: float = 120.0,
                  max_retries: int = 6, model: str = "gpt-4o", temperature: float = 0.2, max_tokens: int = 1024,
                  cache: dict[str, dict] | None = None, cache_writer: JsonlWriter | None = None,
                  max_requests: int | None = None, reask_ties: bool = False, swap_check: bool = False,
                  stats: Stats | None = None, stop: threading.Event | None = None):
+        super().__init__(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                         max_requests=max_requests, stats=stats, stop=stop)
         self.rule, self.model = rule, model
-        self.temperature, self.max_tokens, self.max_retries = temperature, max_tokens, max_retries
+        self.temperature, self.max_tokens = temperature, max_tokens
         self.cache = cache if cache is not None else {}
         self.cache_writer = cache_writer
-        self.max_requests = max_requests
         self.reask_ties, self.swap_check = reask_ties, swap_check
-        self.secret = api_key
-        self.stop = stop if stop is not None else threading.Event()
-        self.stats = stats if stats is not None else Stats()
-        self._ctx = threading.local()
         self._key_locks: dict[str, threading.Lock] = {}
         self._key_locks_lock = threading.Lock()
-        http = openai.DefaultHttpxClient(transport=_AttemptTransport(self, httpx2.HTTPTransport()))
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries,
-                                    timeout=timeout, http_client=http)
-
-    def close(self) -> None:
-        """Close the HTTP connections."""
-        self.client.close()
-
-    def redact(self, text: str) -> str:
-        return text.replace(self.secret, "***") if self.secret else text
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._key_locks_lock:
             return self._key_locks.setdefault(key, threading.Lock())
 
-    def _take_request_slot(self) -> None:
-        with self.stats.lock:
-            if self.stop.is_set():
-                raise _Stopped("stopping")
-            if self.max_requests is not None and self.stats.http_requests >= self.max_requests:
-                raise _Stopped(f"--max-requests {self.max_requests} reached")
-            self.stats.http_requests += 1
-
     def _complete(self, item: Item, ask: int, messages: list[dict]) -> Any:
         """One ChatCompletion for ``item``; raises JudgeAPIError when the server refuses or the
         retries are used up, _Stopped when the run stops."""
-        self._ctx.what, self._ctx.attempts, self._ctx.failure = f"{item.name}, ask {ask}", 0, None
-        self._ctx.cause = None
-        for again in range(self.max_retries + 1):
-            try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
-                if not isinstance(response, ChatCompletion):  # the client hands back a non-JSON body as text
-                    raise _NotJson(f"HTTP 200 with a body that is not JSON, starting {str(response)[:60]!r}")
-                return response
-            except (json.JSONDecodeError, openai.APIResponseValidationError, _NotJson) as exc:
-                # A 200 whose body does not parse (a proxy cut it short, or sent an HTML page) is not
-                # retried by the client.
-                if again == self.max_retries:
-                    raise JudgeAPIError(self.redact(f"giving up on {item.name} after {self._ctx.attempts} attempts; "
-                                                    f"last error: malformed response ({exc})")) from None
-                self.stats.count_retry("malformed response")
-                logger.warning("%s, ask %d: malformed response; asking again", item.name, ask)
-            except openai.APIStatusError as exc:
-                if self._ctx.failure in ("429", "5xx", "408", "409"):
-                    raise self._gave_up(item, f"{exc.status_code} ({exc})") from None
-                raise JudgeAPIError(self.redact(
-                    f"the server refused the request for {item.name} with HTTP {exc.status_code}: {exc}. Nothing "
-                    "was retried; fix the cause (model name, key, request size) and rerun -- finished items "
-                    "are reused from the cache.")) from None
-            except _Refused as exc:
-                raise JudgeAPIError(self.redact(
-                    f"cannot connect to {self.client.base_url} for {item.name}: connection refused ({exc}); "
-                    "nothing is listening there. Fix: check --base-url (scheme, host, port, /v1) and that the "
-                    "server is running; finished items are reused from the cache.")) from None
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                cause = getattr(self._ctx, "cause", None)
-                why = f"{self._ctx.failure or 'connection'} to {self.client.base_url} ({cause or exc})"
-                raise self._gave_up(item, why) from None
-        raise AssertionError("unreachable")
-
-    def _gave_up(self, item: Item, why: str) -> JudgeAPIError:
-        return JudgeAPIError(self.redact(
-            f"giving up on {item.name} after {self._ctx.attempts} attempts; last error: {why}. Rerun later "
-            "(finished items are reused) or raise --max-retries."))
+        return self.complete(item.name, f"{item.name}, ask {ask}", model=self.model, messages=messages,
+                             temperature=self.temperature, max_tokens=self.max_tokens)
 
     def ask(self, item: Item, ask: int, pair: tuple[int, int] = (0, 1)) -> dict:
         """The cache entry of ask number ``ask`` for the answers ``pair`` of ``item``: from the cache,

@@ -130,6 +130,11 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
 
     ``loaded`` = (tokenizer, model, image_processor) skips loading ``--model-path``. Raises
     ToolError for bad flags or (without ``--skip-bad``) a bad image, ArtifactError for a resume conflict."""
+    if getattr(args, "backend", "local") != "local":  # the flag exists so that the refusal is one line, not argparse's
+        raise ToolError("--backend openai cannot ask the self-questioning turn: chat completions always open an "
+                        "assistant turn, the questions are the VUSER role's "
+                        "(docs/SelfTraining.md#questions-through-a-serving-engine); fix: run this stage with "
+                        "--backend local")
     check_batch_size(args)
     if args.n_questions < 1:
         raise ToolError(f"--n-questions must be ≥ 1, got {args.n_questions}")
@@ -215,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new-tokens", type=int, default=0,
                    help="forbid </s> before this many question tokens (smoke tests of random-init models)")
     p.add_argument("--dedup", action="store_true", help="drop repeats of an identical question (counted)")
+    p.add_argument("--backend", choices=("local", "openai"), default="local",
+                   help="local only (openai is refused): the self-questioning turn cannot be asked through chat "
+                        "completions (docs/SelfTraining.md#questions-through-a-serving-engine)")
     return p
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from bad_files import write_thin_png
 from PIL import Image
-from test_model_vqa import _args, loaded, vqa  # noqa: F401 (fixtures)
+from test_model_vqa import _args, vqa  # noqa: F401 (fixtures)
 
 from stllava.eval.model_vqa import run
 from stllava.tooling import ToolError

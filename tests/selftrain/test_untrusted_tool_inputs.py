@@ -6,7 +6,7 @@ import os
 import pytest
 from bad_files import write_thin_png
 from PIL import Image
-from test_selftrain_qa import _a_args, _q_args, _read, images, loaded  # noqa: F401 (fixtures)
+from test_selftrain_qa import _a_args, _q_args, _read, images  # noqa: F401 (fixtures)
 
 from stllava.selftrain import answers as answers_mod
 from stllava.selftrain import questions as questions_mod
