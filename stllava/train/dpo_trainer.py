@@ -64,7 +64,12 @@ class DPOTrainingArguments(TrainingArguments):
     lora_dropout_vit: float = field(default=0.1, metadata={"help": "ViT-LoRA dropout (0.1 in DPO, 0.2 in SFT)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})
     dpo_loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge.", "choices": list(LOSS_TYPES)})
+        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL), hinge, or robust (robust DPO, "
+                "Chowdhury et al. 2024: unbiased under labels flipped with probability --label_smoothing).",
+        "choices": list(LOSS_TYPES)})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε, the believed share of wrong preference labels: with sigmoid, conservative DPO (Mitchell 2023; "
+                "0 ≤ ε ≤ 0.5); with robust, its flip rate (0 ≤ ε < 0.5). 0 = the plain loss."})
     rpo_alpha: float = field(default=0.0, metadata={
         "help": "Weight of a negative log-likelihood term on the chosen answers (mean per answer token) added "
                 "to the DPO loss, as TRL's rpo_alpha (RPO, Pang et al. 2024): it keeps the chosen answers likely "
@@ -231,7 +236,8 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         a = self.args
         self.beta = float(getattr(a, "dpo_beta", 0.1))
         self.loss_type = getattr(a, "dpo_loss_type", "sigmoid")
-        check_loss_settings(self.beta, self.loss_type)
+        self.label_smoothing = float(getattr(a, "label_smoothing", 0.0))
+        check_loss_settings(self.beta, self.loss_type, self.label_smoothing)
         self.rpo_alpha = float(getattr(a, "rpo_alpha", 0.0))
         if self.rpo_alpha < 0:
             raise ValueError(f"--rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
@@ -312,7 +318,7 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         if loss_uses_mean_logps(self.loss_type):  # per-token means (TRL's IPO)
             denom = count.clamp(min=1).to(policy.dtype)
             policy, ref = policy / denom, ref / denom
-        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type)
+        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type, self.label_smoothing)
         pd = policy.detach()
         values = torch.stack([out.chosen_rewards.mean(), out.rejected_rewards.mean(),
                               (out.chosen_rewards > out.rejected_rewards).float().mean(),
