@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stllava.constants import IGNORE_INDEX as I
 from stllava.constants import IMAGE_TOKEN_INDEX as IMG
-import torch.nn.functional as F
-
 from stllava.train.dpo_loss import LossSettingsError, answer_logps, dpo_loss, loss_uses_mean_logps
 
 # Two pairs. Pair 1: z = (−1 − −3) − (−2 − −2) = 2; pair 2: z = (−4 − −1) − (−3 − −1) = −1.
@@ -96,8 +95,9 @@ def test_robust_loss_is_unbiased_under_flipped_labels():
     zero = torch.zeros_like(z)
     clean = dpo_loss(z, zero, zero, zero, beta=0.1).losses
     for eps in (0.05, 0.2, 0.4):
-        rob = lambda x: dpo_loss(x, zero, zero, zero, beta=0.1, loss_type="robust", label_smoothing=eps).losses  # noqa: E731
-        assert torch.allclose((1 - eps) * rob(z) + eps * rob(-z), clean, atol=1e-12)
+        rob, rob_flipped = (dpo_loss(x, zero, zero, zero, beta=0.1, loss_type="robust", label_smoothing=eps).losses
+                            for x in (z, -z))
+        assert torch.allclose((1 - eps) * rob + eps * rob_flipped, clean, atol=1e-12)
 
 
 def test_conservative_loss_is_smallest_where_the_model_trusts_the_label_1_minus_eps():
