@@ -100,7 +100,7 @@ class Demo:
 
     def judge(self) -> str:
         return steps.judge(self.r, self.path("selftrain", "judged"), self.answers(), self.unlabelled(),
-                           self.path("data", "phantoms", "unlabelled", "facts.json"))
+                           self.path("data", "phantoms", "unlabelled", "facts.json"), self.cfg.loop, self.cfg.seed)
 
     def pairs(self) -> tuple[str, str]:
         return steps.pairs(self.r, self.path("selftrain", "pairs"), self.judge(), self.cfg.loop, self.cfg.seed)

@@ -166,7 +166,7 @@ class Study:
                                                                                      "unlabelled", "facts.json")
         q = steps.questions(self.r, self.path(cell, "questions-{key}"), sft_model, unl, s, seed, log=f"{log}_q")
         a = steps.answers(self.r, self.path(cell, "answers-{key}"), sft_model, q, unl, s, seed, log=f"{log}_a")
-        j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, log=f"{log}_judge")
+        j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, s, seed, log=f"{log}_judge")
         train, held = steps.pairs(self.r, self.path(cell, "pairs-{key}"), j, s, seed, log=f"{log}_pairs")
         return {"pairs": (train, held), "questions": question_stats(q, facts, self.training_questions[(seed, n)]),
                 "pair_quality": pair_stats(j, [train, held], facts)}
