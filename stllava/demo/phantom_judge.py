@@ -6,6 +6,18 @@ exactly as it would drive GPT-4o. It identifies the image by the SHA-256 of the 
 request's data URL, works out what the question asks (presence, side, count, size, modality) and
 scores each answer 9 (right) or 2 (wrong). A question it cannot map to a fact gets "5 5" — a tie,
 which the pipeline records and skips. Every reply names itself "phantom judge".
+
+It can also be made a *noisy* judge, to study what wrong preference labels do:
+
+* ``position_bias`` p — with probability p it prefers Answer 1 ("9 2") whatever the answers say;
+* ``flip_rate`` f — otherwise, with probability f its verdict is reversed (the two scores swap;
+  a tie stays a tie).
+
+Both are decided per judged record by a hash of the record — the image's SHA-256, the question
+and both answers in their order, which is all a request carries — and ``noise_seed``, never by a
+random stream: the same records get the same verdicts whatever the request order or concurrency.
+A question or image the judge cannot map stays a tie. A noisy verdict says so in its reply.
+Defaults 0: the perfect judge.
 """
 from __future__ import annotations
 
@@ -15,7 +27,9 @@ import json
 import logging
 import os
 import re
+import sys
 
+from stllava.errors import StllavaError, run_cli
 from stllava.selftrain.judge_prompt import split_prompt
 from stllava.selftrain.openai_server import ChatCompletionServer, Reply, request_images, request_text
 
@@ -99,11 +113,30 @@ def is_right(answer: str, kind: str, expected: str) -> bool:
     return expected in a[:4]
 
 
+def check_noise(flip_rate: float, position_bias: float) -> None:
+    """Refuse (StllavaError) a flip rate or position bias outside [0, 1]; returns None."""
+    for name, value in (("flip rate", flip_rate), ("position bias", position_bias)):
+        if not 0 <= value <= 1:
+            raise StllavaError(f"phantom judge {name} {value} is not a probability", fix="pass a value in [0, 1]")
+
+
+def record_draw(what: str, noise_seed: int | str, image_sha256: str, question: str, a1: str, a2: str) -> float:
+    """A number in [0, 1) fixed by the judged record (image, question, Answer 1, Answer 2), the
+    seed and ``what`` ("flip" or "position"): the noisy judge's coin, the same in any request order."""
+    blob = json.dumps([what, noise_seed, image_sha256, question, a1, a2]).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") / 2.0**64
+
+
 class PhantomJudge:
     """Scorer for :class:`ChatCompletionServer`. ``facts``: image file name → phantom facts;
-    ``image_folder``: where those images are (hashed once to recognise request images)."""
+    ``image_folder``: where those images are (hashed once to recognise request images);
+    ``flip_rate``, ``position_bias``, ``noise_seed``: the noise of the module docstring (0, 0: none).
+    Refuses (StllavaError) a rate outside [0, 1]."""
 
-    def __init__(self, facts: dict[str, dict], image_folder: str):
+    def __init__(self, facts: dict[str, dict], image_folder: str, flip_rate: float = 0.0,
+                 position_bias: float = 0.0, noise_seed: int | str = 0):
+        check_noise(flip_rate, position_bias)
+        self.flip_rate, self.position_bias, self.noise_seed = flip_rate, position_bias, noise_seed
         self.by_hash = {}
         for name, f in facts.items():
             with open(os.path.join(image_folder, name), "rb") as fh:
@@ -114,7 +147,8 @@ class PhantomJudge:
         self.calls += 1
         images = request_images(body)
         question, a1, a2, _ = split_prompt(request_text(body))
-        facts = self.by_hash.get(hashlib.sha256(images[0][1]).hexdigest()) if images else None
+        image_sha = hashlib.sha256(images[0][1]).hexdigest() if images else None
+        facts = self.by_hash.get(image_sha) if images else None
         if facts is None:
             return Reply(f"5 5\nThe {JUDGE_NAME} does not know this image.", model=JUDGE_NAME)
         exp = expected_answer(question, facts)
@@ -122,19 +156,32 @@ class PhantomJudge:
             return Reply(f"5 5\nThe {JUDGE_NAME} cannot map this question to a known fact.", model=JUDGE_NAME)
         kind, truth = exp
         s1, s2 = (9 if is_right(a, kind, truth) else 2 for a in (a1, a2))
-        return Reply(f"{s1} {s2}\nThe {JUDGE_NAME} knows the answer is '{truth}'.", model=JUDGE_NAME)
+        note = ""
+        record = (image_sha, question, a1, a2)
+        if self.position_bias and record_draw("position", self.noise_seed, *record) < self.position_bias:
+            s1, s2, note = 9, 2, " Noise: position bias, Answer 1 preferred."
+        elif self.flip_rate and record_draw("flip", self.noise_seed, *record) < self.flip_rate and s1 != s2:
+            s1, s2, note = s2, s1, " Noise: verdict reversed."
+        return Reply(f"{s1} {s2}\nThe {JUDGE_NAME} knows the answer is '{truth}'.{note}", model=JUDGE_NAME)
 
 
-def build_server(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
-    """The phantom judge on 127.0.0.1:``port`` (0 = a free port), not started yet."""
+def build_server(facts_file: str, image_folder: str, port: int = 0, *, flip_rate: float = 0.0,
+                 position_bias: float = 0.0, noise_seed: int | str = 0) -> ChatCompletionServer:
+    """The phantom judge (noisy with ``flip_rate`` / ``position_bias``, see :class:`PhantomJudge`)
+    on 127.0.0.1:``port`` (0 = a free port), not started yet."""
     with open(facts_file) as f:
         facts = json.load(f)
-    return ChatCompletionServer(PhantomJudge(facts, image_folder), port=port, model=JUDGE_NAME)
+    judge = PhantomJudge(facts, image_folder, flip_rate=flip_rate, position_bias=position_bias,
+                         noise_seed=noise_seed)
+    return ChatCompletionServer(judge, port=port, model=JUDGE_NAME)
 
 
-def serve(facts_file: str, image_folder: str, port: int = 0) -> ChatCompletionServer:
-    """Start the phantom judge in a background thread; returns the server."""
-    return build_server(facts_file, image_folder, port).start()
+def serve(facts_file: str, image_folder: str, port: int = 0, *, flip_rate: float = 0.0,
+          position_bias: float = 0.0, noise_seed: int | str = 0) -> ChatCompletionServer:
+    """Start the phantom judge (noisy as :func:`build_server` says) in a background thread;
+    returns the server."""
+    return build_server(facts_file, image_folder, port, flip_rate=flip_rate, position_bias=position_bias,
+                        noise_seed=noise_seed).start()
 
 
 def main(argv=None) -> None:
@@ -142,12 +189,17 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", required=True, help="facts.json written with the phantom images")
     ap.add_argument("--image-folder", required=True)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--flip-rate", type=float, default=0.0, help="share of verdicts reversed (default 0)")
+    ap.add_argument("--position-bias", type=float, default=0.0,
+                    help="share of records where Answer 1 wins whatever it says (default 0)")
+    ap.add_argument("--noise-seed", type=int, default=0, help="seed of the per-record noise draws")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    server = build_server(args.facts, args.image_folder, args.port)
+    server = build_server(args.facts, args.image_folder, args.port, flip_rate=args.flip_rate,
+                          position_bias=args.position_bias, noise_seed=args.noise_seed)
     print(f"{JUDGE_NAME} serving on {server.base_url}")
     server.serve_forever()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -52,6 +52,12 @@ class LoopSettings:
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     dpo_rpo_alpha: float = 0.0  # train_dpo --rpo_alpha (0 = pure DPO, the paper's)
+    dpo_loss_type: str = "sigmoid"  # train_dpo --dpo_loss_type (robust: robust DPO)
+    dpo_label_smoothing: float = 0.0  # train_dpo --label_smoothing (conservative / robust DPO's ε)
+    # A noisy phantom judge (stllava.demo.phantom_judge): share of verdicts reversed, and share of
+    # records where Answer 1 wins whatever it says; drawn per record with the run's seed. 0 = perfect.
+    judge_flip_rate: float = 0.0
+    judge_position_bias: float = 0.0
     rft_epochs: int = 1
     rft_lr: float = 1e-3
     eval_max_new_tokens: int = 8
@@ -155,16 +161,23 @@ def answers(r: Runner, folder: str, model: str, questions_file: str, images: str
     return out
 
 
-def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, log: str = "judge") -> str:
-    """Stage 2c: the phantom judge scores the answers through the real OpenAI client. Returns the file."""
+def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, s: LoopSettings | None = None,
+          seed: int = 0, log: str = "judge") -> str:
+    """Stage 2c: the phantom judge scores the answers through the real OpenAI client, noisy as
+    ``s.judge_flip_rate`` / ``s.judge_position_bias`` say (per-record draws seeded by ``seed``).
+    Returns the file."""
     from stllava.demo.phantom_judge import JUDGE_NAME, serve
 
+    s = s or LoopSettings()
+    noise = {"flip_rate": s.judge_flip_rate, "position_bias": s.judge_position_bias, "noise_seed": seed}
     settings = {"answers": answers_file, "facts": facts}
+    if s.judge_flip_rate or s.judge_position_bias:  # the perfect judge keeps its settings (and folder names)
+        settings["noise"] = noise
     folder = r.resolve(folder, settings)
     out = os.path.join(folder, "judged.jsonl")
 
     def go():
-        server = serve(facts, images)
+        server = serve(facts, images, **noise)
         try:
             r.run(cmd("stllava.selftrain.judge", answers=answers_file, image_folder=images, out=out,
                       base_url=server.base_url, model=JUDGE_NAME, api_key_env=JUDGE_KEY_ENV,
@@ -208,6 +221,8 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
     settings = {"model": model, "pairs": train_pairs, "heldout": heldout_pairs, "epochs": s.dpo_epochs,
                 "batch": s.dpo_batch, "lr": s.dpo_lr, "beta": s.dpo_beta, "conv": s.conv, "seed": seed,
                 "rpo_alpha": s.dpo_rpo_alpha}
+    if s.dpo_loss_type != "sigmoid" or s.dpo_label_smoothing:  # the plain loss keeps its settings (and folder)
+        settings.update(loss_type=s.dpo_loss_type, label_smoothing=s.dpo_label_smoothing)
     folder = r.resolve(folder, settings)
 
     def go():
@@ -219,8 +234,8 @@ def dpo(r: Runner, folder: str, model: str, train_pairs: str, heldout_pairs: str
             image_folder=images, lr_scheduler_type="cosine", num_train_epochs=s.dpo_epochs,
             per_device_train_batch_size=s.dpo_batch,
             per_device_eval_batch_size=256,  # one batch: accuracy over pairs, not batch means
-            gradient_accumulation_steps=1, dpo_beta=s.dpo_beta, dpo_loss_type="sigmoid",
-            rpo_alpha=s.dpo_rpo_alpha,
+            gradient_accumulation_steps=1, dpo_beta=s.dpo_beta, dpo_loss_type=s.dpo_loss_type,
+            label_smoothing=s.dpo_label_smoothing or None, rpo_alpha=s.dpo_rpo_alpha,
             ref_model="adapter_disabled", logging_steps=2, save_strategy="no",
             seed=seed, output_dir=os.path.join(folder, "train"), **_trainable_args(s.dpo_lr)), log)
         merge(r, os.path.join(folder, "train"), model, os.path.join(folder, "merged"), log + "_merge")

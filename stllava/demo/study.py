@@ -20,6 +20,10 @@ condition, paired differences with 95% intervals, per-kind accuracy and the stag
 ``study.md`` the tables; ``--figures`` writes the figures (also into ``images/``). Finished steps
 are reused (each step folder has a ``.done.json`` with its settings), so an interrupted study
 resumes where it stopped. ``--quick`` is the shortened study the test suite runs.
+
+Before any training the study checks that no two splits (each seed's labelled pool, the unlabelled
+pool, validation, test) share a phantom image, and refuses to run otherwise; ``--splits-only``
+renders and checks just the splits and writes ``splits.json`` (``{split: {seed: [image paths]}}``).
 """
 from __future__ import annotations
 
@@ -81,25 +85,63 @@ class Study:
         return self.r.path(*parts)
 
     # -- shared inputs -----------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """The shared data, then each seed's tiny model and labelled sets (before the parallel runs)."""
-        from stllava.demo.data import build_labelled, build_shared, write_sft_set
+    def prepare(self, models: bool = True) -> None:
+        """The shared data, then each seed's labelled sets and (with ``models``) tiny model, before the
+        parallel runs; refuses (StllavaError) splits that share an image (:meth:`check_splits`)."""
+        from stllava.demo.data import STREAMS, build_labelled, build_shared, write_sft_set
         from stllava.model.tiny import build_tiny_bundle
 
         c = self.cfg
         self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
-                                                "seed": c.data_seed},
+                                                "seed": c.data_seed, "streams": STREAMS},
                     lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed))
         pool = max(c.labelled_pool, *c.sizes)
         for seed in c.seeds:
             lab = self.path(f"seed{seed}", "labelled")
-            self.r.step("bundle", self.path(f"seed{seed}", "tiny"), {"seed": seed},
-                        lambda seed=seed: build_tiny_bundle(self.path(f"seed{seed}", "tiny"), seed=seed))
-            self.r.step("labelled", lab, {"pool": pool, "seed": seed},
+            if models:
+                self.r.step("bundle", self.path(f"seed{seed}", "tiny"), {"seed": seed},
+                            lambda seed=seed: build_tiny_bundle(self.path(f"seed{seed}", "tiny"), seed=seed))
+            self.r.step("labelled", lab, {"pool": pool, "seed": seed, "streams": STREAMS},
                         lambda lab=lab, seed=seed: build_labelled(lab, pool, seed))
             for n in c.sizes:
                 _, questions = write_sft_set(lab, n, seed)
                 self.training_questions[(seed, n)] = questions
+        self.check_splits()
+
+    def split_images(self) -> dict[str, dict[int, list[str]]]:
+        """``{split: {seed: [image paths]}}`` for labelled, unlabelled, val and test; the shared
+        splits (rendered once, from ``data_seed``) list the same images under every seed."""
+        from stllava.demo.data import images_in
+
+        shared = {split: images_in(self.path("data", "phantoms", split, "images"))
+                  for split in ("unlabelled", "val", "test")}
+        out = {"labelled": {seed: images_in(self.path(f"seed{seed}", "labelled", "images", "phantoms"))
+                            for seed in self.cfg.seeds}}
+        out.update({split: {seed: paths for seed in self.cfg.seeds} for split, paths in shared.items()})
+        return out
+
+    def check_splits(self) -> None:
+        """Refuse (StllavaError, one line) to run when any two splits share a phantom image: each
+        seed's labelled pool, the unlabelled pool, validation and test (shared splits once)."""
+        from stllava.demo.data import check_disjoint
+
+        found = self.split_images()
+        splits = {f"labelled, seed {seed}": paths for seed, paths in found.pop("labelled").items()}
+        splits.update({split: next(iter(by_seed.values()), []) for split, by_seed in found.items()})
+        check_disjoint(splits)
+
+    def write_splits(self) -> str:
+        """Render the splits only (no model, no training), check them, and write ``splits.json`` =
+        ``{split: {seed: [image paths relative to the workdir]}}``; returns its path."""
+        from stllava.jsonl import write_json_atomic
+
+        self.prepare(models=False)
+        root = self.cfg.workdir
+        rel = {split: {str(seed): [os.path.relpath(p, root) for p in paths] for seed, paths in by_seed.items()}
+               for split, by_seed in self.split_images().items()}
+        path = self.path("splits.json")
+        write_json_atomic(path, rel, indent=1)
+        return path
 
     def eval_sets(self) -> dict[str, tuple[str, str]]:
         return {split: (self.path("data", f"eval_{split}"), self.path("data", "phantoms", split, "images"))
@@ -124,7 +166,7 @@ class Study:
                                                                                      "unlabelled", "facts.json")
         q = steps.questions(self.r, self.path(cell, "questions-{key}"), sft_model, unl, s, seed, log=f"{log}_q")
         a = steps.answers(self.r, self.path(cell, "answers-{key}"), sft_model, q, unl, s, seed, log=f"{log}_a")
-        j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, log=f"{log}_judge")
+        j = steps.judge(self.r, self.path(cell, "judged-{key}"), a, unl, facts, s, seed, log=f"{log}_judge")
         train, held = steps.pairs(self.r, self.path(cell, "pairs-{key}"), j, s, seed, log=f"{log}_pairs")
         return {"pairs": (train, held), "questions": question_stats(q, facts, self.training_questions[(seed, n)]),
                 "pair_quality": pair_stats(j, [train, held], facts)}
@@ -241,18 +283,39 @@ def config_record(cfg: StudyConfig) -> dict:
     return d
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """Seeds from ``--seeds``: comma-separated integers and ranges ``A-B`` (both ends included),
+    e.g. ``0-4,7``. Refuses (StllavaError) anything else and an empty list."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+        except ValueError:
+            raise StllavaError(f"--seeds {text!r}: {part!r} is neither a seed nor a range A-B",
+                               fix="pass e.g. --seeds 0,1,2 or --seeds 0-9") from None
+    if not seeds:
+        raise StllavaError(f"--seeds {text!r} names no seed", fix="pass e.g. --seeds 0,1,2 or --seeds 0-9")
+    return tuple(seeds)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stllava.demo.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="where every run writes (default playground/study, "
                     "playground/study-quick with --quick)")
     ap.add_argument("--sizes", default=None, help="labelled-set sizes, comma-separated (default 30,100,300,1500)")
-    ap.add_argument("--seeds", default=None, help="seeds, comma-separated (default 0,1,2)")
+    ap.add_argument("--seeds", default=None, help="seeds, comma-separated, or ranges A-B (default 0,1,2)")
     ap.add_argument("--conditions", default=None, help=f"subset of {','.join(CONDITIONS)} (default: all)")
     ap.add_argument("--unlabelled", type=int, default=None, help="size of the unlabelled pool (default 1000)")
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel, one CPU thread each (default 2)")
     ap.add_argument("--quick", action="store_true", help="a shortened study (minutes) for CI and smoke tests")
     ap.add_argument("--figures", action="store_true", help="also copy the figures into images/ (README's)")
+    ap.add_argument("--splits-only", action="store_true",
+                    help="only render the splits (labelled per seed, unlabelled, val, test), check that no two share "
+                    "an image, and write <workdir>/splits.json = {split: {seed: [image paths]}}; no training")
     ap.add_argument("--search", default=None, nargs="?", const="all",
                     help="run the settings search on the validation phantoms instead of the study: all variants, "
                     f"or a comma-separated subset of {','.join(SEARCH)}")
@@ -264,12 +327,16 @@ def main(argv=None) -> int:
     if args.sizes:
         cfg.sizes = tuple(int(x) for x in args.sizes.split(","))
     if args.seeds:
-        cfg.seeds = tuple(int(x) for x in args.seeds.split(","))
+        cfg.seeds = parse_seeds(args.seeds)
     if args.conditions:
         cfg.conditions = tuple(x for x in args.conditions.split(",") if x)
     if args.unlabelled:
         cfg.n_unlabelled = args.unlabelled
     t0 = time.time()
+    if args.splits_only:
+        path = Study(cfg).write_splits()
+        print(f"splits rendered and disjoint in {time.time() - t0:.0f} s: {path}")
+        return 0
     if args.search:
         cfg.splits = ("val",)
         names = list(SEARCH) if args.search == "all" else args.search.split(",")

@@ -75,7 +75,7 @@ def record(name: str, root: str) -> list[tuple[str, list[str], dict]]:
     s, seed = scenarios()[name]
     r = RecordingRunner(root)
     p = r.path
-    with mock.patch("stllava.demo.phantom_judge.serve", lambda facts, images: _Server()):
+    with mock.patch("stllava.demo.phantom_judge.serve", lambda facts, images, **noise: _Server()):
         sft = steps.sft(r, p("sft"), p("tiny"), p("labelled", "sft.json"), p("labelled", "images"), s, seed)
         q = steps.questions(r, p("questions"), sft, p("unlabelled"), s, seed)
         a = steps.answers(r, p("answers"), sft, q, p("unlabelled"), s, seed)
@@ -96,7 +96,8 @@ def _convert(r: RecordingRunner) -> None:
     demo = Demo(DemoConfig(workdir=r.root))
     demo.r = r
     with mock.patch.multiple(data, build_shared=mock.DEFAULT, build_labelled=mock.DEFAULT,
-                             write_sft_set=mock.DEFAULT, vqa_rad_assets=lambda: "/assets"):
+                             write_sft_set=mock.DEFAULT, check_disjoint=mock.DEFAULT, images_in=mock.DEFAULT,
+                             vqa_rad_assets=lambda: "/assets"):
         demo.data()
 
 

@@ -75,3 +75,77 @@ def test_real_judge_client_against_phantom_judge(tmp_path, monkeypatch):
         assert p["chosen_conversations"][1]["value"].lower().startswith(truth[p["id"]])
     stats = json.load(open(tmp_path / "dpo.stats.json"))
     assert stats["tie"] == 1 and stats["pairs"] == 6 and stats["judges"] == {f"{JUDGE_NAME} / medical_v1": 7}
+
+
+# -- the noisy judge ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory):
+    """400 judged pairs (100 phantoms × 4 closed questions), each one right and one wrong answer; the
+    right one is Answer 1 in exactly half of them."""
+    root = tmp_path_factory.mktemp("noisy")
+    phantoms = make_split(str(root), 100, seed="noisy-judge/0", prefix="n")
+    rng = random.Random(2)
+    lines = []
+    for ph in phantoms:
+        for q, a in closed_questions(ph, rng):
+            right, wrong = a.capitalize() + ".", ("No." if a == "yes" else "Yes.")
+            first = len(lines) % 2 == 0
+            lines.append({"question_id": f"{ph.name}_{len(lines)}", "image": ph.name, "question": q,
+                          "answers": [right, wrong] if first else [wrong, right], "right": 0 if first else 1})
+    (root / "answers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root, lines
+
+
+def judged(root, name, concurrency, **noise):
+    """The judge blocks of the real judge client against the (noisy) phantom judge, in input order."""
+    from stllava.selftrain import judge
+
+    server = serve(str(root / "facts.json"), str(root / "images"), **noise)
+    try:
+        rc = judge.main(["--answers", str(root / "answers.jsonl"), "--image-folder", str(root / "images"),
+                         "--out", str(root / f"{name}.jsonl"), "--base-url", server.base_url, "--model", JUDGE_NAME,
+                         "--api-key-env", "PHANTOM_KEY", "--concurrency", str(concurrency)])
+    finally:
+        server.stop()
+    assert rc == 0
+    return [json.loads(x)["judge"] for x in open(root / f"{name}.jsonl")]
+
+
+def test_noisy_judge_flips_the_share_asked_and_the_same_records_at_any_concurrency(balanced, monkeypatch):
+    monkeypatch.setenv("PHANTOM_KEY", "phantom-local")
+    root, lines = balanced
+    perfect = judged(root, "perfect", 8)
+    assert all(j["status"] == "ok" and j["chosen"] == x["right"] and "Noise" not in j["reply"]
+               for j, x in zip(perfect, lines))
+    one = judged(root, "flip_c1", 1, flip_rate=0.2, noise_seed=7)
+    eight = judged(root, "flip_c8", 8, flip_rate=0.2, noise_seed=7)
+    assert [j["scores"] for j in one] == [j["scores"] for j in eight]  # order and concurrency change nothing
+    flipped = [j["chosen"] != x["right"] for j, x in zip(eight, lines)]
+    # 400 independent draws at 0.2: sd 0.02, so 0.2 ± 0.06 is a 3-sd band (the draws are fixed: no flakiness)
+    assert abs(sum(flipped) / len(lines) - 0.2) < 0.06
+    assert all(("verdict reversed" in j["reply"]) == f for j, f in zip(eight, flipped))
+    other_seed = judged(root, "flip_seed8", 8, flip_rate=0.2, noise_seed=8)
+    assert [j["chosen"] for j in other_seed] != [j["chosen"] for j in eight]
+
+
+def test_position_biased_judge_prefers_answer_1(balanced, monkeypatch):
+    monkeypatch.setenv("PHANTOM_KEY", "phantom-local")
+    root, lines = balanced
+    p = 0.4
+    got = judged(root, "bias", 8, position_bias=p, noise_seed=3)
+    first = sum(j["chosen"] == 0 for j in got) / len(lines)
+    # balanced pairs: Answer 1 wins when biased (p), else when it is right (half the rest)
+    assert abs(first - (p + (1 - p) / 2)) < 0.07
+    biased = [j for j in got if "position bias" in j["reply"]]
+    assert all(j["chosen"] == 0 for j in biased) and abs(len(biased) / len(lines) - p) < 0.075
+    assert all(j["chosen"] == x["right"] for j, x in zip(got, lines) if "position bias" not in j["reply"])
+
+
+def test_noise_rates_outside_0_1_are_refused():
+    from stllava.demo.phantom_judge import PhantomJudge
+    from stllava.errors import StllavaError
+
+    with pytest.raises(StllavaError, match="flip rate 1.5 is not a probability"):
+        PhantomJudge({}, ".", flip_rate=1.5)
+    with pytest.raises(StllavaError, match="position bias -0.1 is not a probability"):
+        PhantomJudge({}, ".", position_bias=-0.1)
