@@ -48,7 +48,7 @@ class Demo:
 
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.r = Runner(cfg.workdir, threads=cfg.threads, echo=True)
+        self.r = Runner(cfg.workdir, threads=cfg.threads, echo=True, role="demo")
 
     def path(self, *parts: str) -> str:
         return self.r.path(*parts)
