@@ -95,8 +95,8 @@ def study_block(study: dict) -> str:
     lines += [f"Seeds {', '.join(str(s) for s in cfg['seeds'])} (the settings search's: "
               f"{', '.join(str(s) for s in cfg['search_seeds'])}); test scores ×100, mean over seeds; Δ = paired "
               "difference [95% t interval], bold when it excludes zero; DPO − control on the primary metric.", "",
-              "| labelled | seeds | SFT (primary) | DPO (primary) | Δ DPO − SFT (primary) | Δ closed acc | Δ open recall | "
-              + " | ".join(f"DPO − {name}" for _, name in controls) + (" |" if controls else "|"),
+              "| " + " | ".join(["labelled", "seeds", "SFT (primary)", "DPO (primary)", "Δ DPO − SFT (primary)",
+                                 "Δ closed acc", "Δ open recall", *(f"DPO − {name}" for _, name in controls)]) + " |",
               "|---" * (7 + len(controls)) + "|"]
     for n, conds in study["conditions"].items():
         comps = study["comparisons"].get(n, {})

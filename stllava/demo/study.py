@@ -318,7 +318,8 @@ class Study:
                 done = self._evaluate(model, s, f"{log}_{c}") if model else sft_res
                 res["conditions"][c] = {**done, "trained": model is not None, **counts,
                                         "steps": steps.dpo_steps(n_pairs, s) if model else 0}
-        self.write_results(res)
+        if self.cfg.role == "study":  # the search's cells are recorded in its search.json only
+            self.write_results(res)
         return res
 
     def write_results(self, res: dict) -> list[str]:

@@ -17,7 +17,7 @@ LABELS = {"sft": "SFT only", "st": "SFT + self-training (DPO)",
           "nosq": "SFT, self-questioning off", "nosq_st": "SFT, self-questioning off + self-training",
           "st_cons": "conservative DPO (label smoothing ε = flip rate)", "st_robust": "robust DPO (ε = flip rate)"}
 # (a, b): the paired difference a − b, and what it answers. The first is the pre-registered primary
-# comparison at 100 labelled (docs/Study.md#pre-registration); every other is secondary.
+# comparison at 100 labelled (docs/Study.md#pre-registration-2026-12-06); every other is secondary.
 COMPARISONS = [
     ("st", "sft", "what self-training adds (primary at 100 labelled)"),
     ("cont", "sft", "just more SFT steps on the labelled set"),

@@ -95,6 +95,26 @@ def test_results_survive_as_files_and_aggregate_from_them_alone(tmp_path):
         aggregate_files(str(results))
 
 
+def test_plans_chunks():
+    from stllava.demo.study import plan_configs
+
+    noise = plan_configs("noise", StudyConfig(), seeds=(10, 11))
+    assert [c.variant for c in noise] == ["flip0.0", "flip0.1", "flip0.2", "flip0.3"]
+    assert [c.loop.judge_flip_rate for c in noise] == [0.0, 0.1, 0.2, 0.3]
+    assert all(c.seeds == (10, 11) and c.sizes == (100,) for c in noise)
+    assert noise[0].conditions == ("sft", "st", "rft")  # ε = 0: the robust losses are the plain one
+    assert noise[2].conditions == ("sft", "st", "rft", "st_cons", "st_robust")
+    primary, = plan_configs("primary", StudyConfig())
+    assert primary.sizes == (30, 100) and primary.seeds == tuple(range(10, 18)) and primary.variant == ""
+    assert set(primary.conditions) == {"sft", "st", "cont", "own", "rft", "oracle", "nosq", "nosq_st"}
+    secondary, = plan_configs("secondary", StudyConfig())
+    assert secondary.sizes == (300, 1500) and secondary.seeds == tuple(range(10, 15))
+    assert secondary.conditions == ("sft", "st")
+    assert len(plan_configs("all", StudyConfig())) == 6
+    with pytest.raises(StllavaError, match="unknown --plan"):
+        plan_configs("everything", StudyConfig())
+
+
 def test_a_study_refuses_the_searchs_seeds(tmp_path):
     cfg = StudyConfig(workdir=str(tmp_path), seeds=(1, 10), sizes=(100,))
     with pytest.raises(StllavaError, match=r"seeds \[1\] chose the study's settings"):
