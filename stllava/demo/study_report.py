@@ -112,11 +112,11 @@ def aggregate(results: list[dict], cfg) -> dict:
 
 
 def _untrained_note(v: dict) -> str:
-    """" (k of n runs: no pairs, so no training: equals its SFT model)" when some runs had nothing to train on."""
+    """The row's note when some runs had nothing to train on (no pairs: the condition is its SFT model)."""
     k = v.get("untrained", 0)
     if not k:
         return ""
-    return f" — untrained in {k} of {v['runs']} runs (0 pairs: the model asked nothing answerable; = its SFT)"
+    return f" — untrained in {k} of {v['runs']} runs (0 pairs, nothing to train on: = its SFT model)"
 
 
 def render_markdown(study: dict, title: str = "# Self-training study: results") -> str:
@@ -146,7 +146,8 @@ def render_markdown(study: dict, title: str = "# Self-training study: results") 
             for a, b, why in COMPARISONS:
                 d = comps.get(f"{a} - {b}")
                 if d:
-                    same = conds[a].get("untrained") == conds[a].get("runs") and a.endswith("_st") and b == a[:-3]
+                    base = "nosq" if a == "nosq_st" else "sft"  # the SFT model every other condition starts from
+                    same = conds[a].get("untrained") == conds[a].get("runs") and b == base
                     why += " (identical: no pairs in any run, no training)" if same else ""
                     lines.append(f"| {a} − {b} | {why} | " + " | ".join(fmt_diff(d[x][m]) for x, m in cols) + " |")
         kinds = study["per_kind"].get(n, {})

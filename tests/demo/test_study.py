@@ -95,6 +95,21 @@ def test_results_survive_as_files_and_aggregate_from_them_alone(tmp_path):
         aggregate_files(str(results))
 
 
+def test_a_condition_without_pairs_in_any_run_is_said_identical_in_the_table():
+    """nosq_st = nosq when the model asked nothing answerable (0 pairs): said in the rows, not only in a note."""
+    runs = []
+    for seed, v in ((10, 60.0), (11, 70.0)):
+        run = _run(seed, {"sft": v, "st": v + 2, "nosq": v - 5, "nosq_st": v - 5})
+        run["conditions"]["nosq_st"]["trained"] = False
+        runs.append(run)
+    md = render_markdown(aggregate(runs, StudyConfig(seeds=(10, 11), sizes=(100,), splits=("test",))))
+    assert "| SFT, self-questioning off + self-training — untrained in 2 of 2 runs (0 pairs, nothing to train on: " \
+           "= its SFT model) |" in md
+    assert "| nosq_st − nosq | what self-training adds without self-questioning (identical: no pairs in any run, " \
+           "no training) |" in md
+    assert "| st − sft | what self-training adds (primary at 100 labelled) |" in md  # trained: no note
+
+
 def test_plans_chunks():
     from stllava.demo.study import plan_configs
 
