@@ -5,7 +5,9 @@ conversion) with the settings of scenario ``name`` on a runner that records each
 fakes only the files the steps read back. Used by tests/demo/test_commands.py; it imports nothing
 but the steps' public functions, so it also records an older checkout's commands (the golden file
 tests/demo/golden_commands.json was written from the commit before the commands were built from
-the stages' parsers: ``python tests/demo/command_recorder.py > tests/demo/golden_commands.json``).
+the stages' parsers: ``python tests/demo/command_recorder.py > tests/demo/golden_commands.json``;
+its ``rft`` entries were rewritten when the control became compute-matched to DPO: DPO's steps,
+batch, learning rate, cosine schedule and ``sq_r``, docs/Study.md#controls).
 """
 from __future__ import annotations
 
