@@ -210,8 +210,9 @@ class Study:
                 for split in self.cfg.splits}
 
     # -- one (seed, size) cell ---------------------------------------------------------------------
-    # Step folders are named by a digest of their settings ("sft-3fa2...": Runner.resolve), so the
-    # settings search and the study share every model they have in common.
+    # Step folders are named by a digest of their settings and the run's role ("sft-3fa2...":
+    # Runner.resolve, steps.keyed), so the cells of one role share every model they have in common
+    # (the noise plan's flip-0 cells are the primary plan's) and no study cell reuses a search run.
     def _evaluate(self, model: str, s: LoopSettings, log: str) -> dict:
         out = {}
         for split, (folder, images) in self.eval_sets().items():
