@@ -195,9 +195,11 @@ def test_quick_study_end_to_end(tmp_path):
     # a finished fixed-name step asked for with other settings is refused, naming the folder and
     # the difference; content-named steps (sft-<digest>, ...) get a folder of their own instead
     from stllava.artifacts import ArtifactError
+    from stllava.demo.data import STREAMS
     from stllava.demo.runner import Runner
 
     with pytest.raises(ArtifactError, match=r"data/\.done\.json: made with other settings \(recorded → this run: "
                                             r"unlabelled: 12 → 99\); fix: .*delete .*data"):
-        Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0})
+        Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0,
+                                                                "streams": STREAMS})
     assert Runner.resolve("x/sft-{key}", {"a": 1}) != Runner.resolve("x/sft-{key}", {"a": 2})
