@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
     ap.add_argument("--figures", action="store_true", help="also write README's demo pictures into images/ "
                     "(the report's curves and a row of test phantoms)")
+    ap.add_argument("--publish", default=None, nargs="?", const=os.path.join("docs", "demo", "summary.json"),
+                    help="also copy report/summary.json to this committed file (default docs/demo/summary.json), "
+                    "which README's demo table is generated from (python -m stllava.demo.readme --write)")
     logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
     logs.setup(args.log_level)
@@ -57,6 +60,12 @@ def main(argv=None) -> int:
 
         for path in copy_figures(demo):
             logging.getLogger("stllava.demo").info("figure: %s", path)
+    if args.publish:
+        import shutil
+
+        os.makedirs(os.path.dirname(args.publish) or ".", exist_ok=True)
+        shutil.copy(demo.path("report", "summary.json"), args.publish)
+        logging.getLogger("stllava.demo").info("summary published: %s", args.publish)
     print(f"\ndemo finished in {time.time() - t0:.1f} s; report: {demo.path('report', 'README.md')}")
     return 0
 

@@ -11,21 +11,75 @@ Two builders, because the study shares most of its data between runs:
 
 Every test/validation record carries the question's ``kind`` (presence, modality, side, count,
 size) for the per-kind breakdown; the LLaVA-Med scorer ignores the extra field.
+
+Each split's random stream is keyed by the split's *name* and the seed (:func:`stream_key`,
+``"test/0"``), never by ``seed + offset``: with offsets, seed 2's labelled phantoms were seed 0's
+test phantoms. :func:`check_disjoint` proves it on the rendered images before a study or the demo
+trains on them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 from importlib import resources
 
+from PIL import Image
+
 from stllava.demo.phantom_judge import question_kind
 from stllava.demo.phantoms import make_split, sft_records, test_records
+from stllava.errors import StllavaError
 from stllava.jsonl import write_json_atomic, write_jsonl_atomic
 
-# Seed offsets of the splits, so that no two splits share a phantom stream.
-UNLABELLED, VAL, TEST, LABELLED = 2, 6, 3, 1
+# How the splits' streams are derived, recorded in the data steps' settings: a folder rendered by an
+# earlier derivation (integer seed offsets) is refused by the runner instead of being reused.
+STREAMS = "name/seed"
+
+
+def stream_key(name: str, seed: int) -> str:
+    """``"<name>/<seed>"``: the key of random stream ``name`` (a split, or the questions drawn for
+    one) under ``seed``. Two streams with different names never coincide, whatever their seeds."""
+    return f"{name}/{seed}"
+
+
+def image_digest(path: str) -> str:
+    """SHA-256 of an image's size and RGB pixels: equal for the same picture however it is encoded."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        return hashlib.sha256(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
+
+
+def images_in(folder: str) -> list[str]:
+    """The ``.png`` files directly in ``folder`` (the phantoms), sorted by name."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+
+
+def split_overlaps(splits: dict[str, list[str]]) -> list[tuple[str, str, str, str]]:
+    """The images that appear (same pixels) in two of ``splits`` (split name → image paths):
+    ``(split, image, other split, other image)`` for each, in the order given; empty when the
+    splits are disjoint. Repeats within one split are not overlaps."""
+    first: dict[str, tuple[str, str]] = {}
+    found = []
+    for split, paths in splits.items():
+        for path in paths:
+            digest = image_digest(path)
+            seen = first.setdefault(digest, (split, path))
+            if seen[0] != split:
+                found.append((*seen, split, path))
+    return found
+
+
+def check_disjoint(splits: dict[str, list[str]]) -> None:
+    """Refuse (StllavaError, one line) splits that share a phantom image (:func:`split_overlaps`);
+    returns None when they are disjoint."""
+    found = split_overlaps(splits)
+    if found:
+        split, path, other, other_path = found[0]
+        raise StllavaError(f"{len(found)} phantom image(s) appear in two splits, e.g. {path} ({split}) has the "
+                           f"pixels of {other_path} ({other}): a model would be evaluated on what it trained on",
+                           fix="delete the data and labelled folders (rendered by an older version) and rerun")
 
 
 def vqa_rad_assets() -> str:
@@ -68,11 +122,11 @@ def build_shared(root: str, n_unlabelled: int, n_val: int, n_test: int, seed: in
     """Render the unlabelled, validation and test phantoms under ``root/phantoms/`` and write the
     evaluation sets ``root/eval_val/`` and ``root/eval_test/``; returns a summary."""
     ph = os.path.join(root, "phantoms")
-    make_split(os.path.join(ph, "unlabelled"), n_unlabelled, seed + UNLABELLED, "unl")
+    make_split(os.path.join(ph, "unlabelled"), n_unlabelled, stream_key("unlabelled", seed), "unl")
     summary = {"unlabelled_images": n_unlabelled}
-    for name, n, offset in (("val", n_val, VAL), ("test", n_test, TEST)):
-        phantoms = make_split(os.path.join(ph, name), n, seed + offset, name)
-        records = test_records(phantoms, seed + offset + 2)
+    for name, n in (("val", n_val), ("test", n_test)):
+        phantoms = make_split(os.path.join(ph, name), n, stream_key(name, seed), name)
+        records = test_records(phantoms, stream_key(f"{name}-questions", seed))
         write_eval_set(os.path.join(root, f"eval_{name}"), records)
         summary[f"{name}_questions"] = len(records)
         summary[f"{name}_closed"] = sum(t["answer_type"] == "CLOSED" for t in records)
@@ -92,7 +146,7 @@ def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False
     in ``root/extra.json`` when ``with_vqa_rad``). Image paths are relative to ``root/images``.
     :func:`write_sft_set` then takes the first ``n`` of them. Returns ``root``."""
     images = os.path.join(root, "images")
-    phantoms = make_split(os.path.join(root, "phantoms"), n_pool, seed + LABELLED, "train")
+    phantoms = make_split(os.path.join(root, "phantoms"), n_pool, stream_key("labelled", seed), "train")
     shutil.rmtree(images, ignore_errors=True)
     shutil.copytree(os.path.join(root, "phantoms", "images"), os.path.join(images, "phantoms"))
     extra: list[dict] = []
@@ -100,7 +154,7 @@ def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False
         shutil.copytree(os.path.join(vqa_rad_assets(), "images"), os.path.join(images, "vqa_rad"))
         with open(os.path.join(vqa_rad_assets(), "vqa_rad_subset.json")) as f:
             extra = vqa_rad_sft_records(json.load(f))
-    records = sft_records(phantoms, seed + 4)
+    records = sft_records(phantoms, stream_key("labelled-conversations", seed))
     for r in records:
         r["image"] = "phantoms/" + r["image"]
     write_json_atomic(os.path.join(root, "records.json"), records)

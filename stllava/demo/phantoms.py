@@ -128,8 +128,10 @@ def open_questions(ph: Phantom) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_split(out_dir: str, n: int, seed: int, prefix: str) -> list[Phantom]:
-    """Render ``n`` phantoms into ``out_dir/images`` and write ``facts.json``; returns them."""
+def make_split(out_dir: str, n: int, seed: int | str, prefix: str) -> list[Phantom]:
+    """Render ``n`` phantoms into ``out_dir/images`` and write ``facts.json``; returns them.
+    ``seed`` seeds the split's random stream: an int, or a string key such as ``"test/0"``
+    (``random.Random`` hashes a string with SHA-512, the same in every process)."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     phantoms = []
@@ -141,8 +143,9 @@ def make_split(out_dir: str, n: int, seed: int, prefix: str) -> list[Phantom]:
     return phantoms
 
 
-def sft_records(phantoms: list[Phantom], seed: int) -> list[dict]:
-    """LLaVA-Med-format multi-turn conversations (open and closed questions) per phantom."""
+def sft_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
+    """LLaVA-Med-format multi-turn conversations (open and closed questions) per phantom; ``seed``
+    (an int or a string key) seeds the choice of questions."""
     rng = random.Random(seed)
     records = []
     for ph in phantoms:
@@ -157,8 +160,9 @@ def sft_records(phantoms: list[Phantom], seed: int) -> list[dict]:
     return records
 
 
-def test_records(phantoms: list[Phantom], seed: int) -> list[dict]:
-    """LLaVA-Med evaluation format, one question per record."""
+def test_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
+    """LLaVA-Med evaluation format, one question per record; ``seed`` (an int or a string key)
+    seeds the choice of questions."""
     rng = random.Random(seed)
     items = []
     for ph in phantoms:

@@ -48,7 +48,7 @@ class Demo:
 
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.r = Runner(cfg.workdir, threads=cfg.threads, echo=True)
+        self.r = Runner(cfg.workdir, threads=cfg.threads, echo=True, role="demo")
 
     def path(self, *parts: str) -> str:
         return self.r.path(*parts)
@@ -61,14 +61,27 @@ class Demo:
                     lambda: build_tiny_bundle(self.path("tiny"), seed=self.cfg.seed))
 
     def data(self) -> None:
-        from stllava.demo.data import build_labelled, build_shared, vqa_rad_assets, write_sft_set
+        from stllava.demo.data import (
+            STREAMS,
+            build_labelled,
+            build_shared,
+            check_disjoint,
+            images_in,
+            vqa_rad_assets,
+            write_sft_set,
+        )
 
         c = self.cfg
-        self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test},
+        # the shared splits are rendered from the demo's seed, so the seed is one of their settings
+        self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
+                                                "seed": c.seed, "streams": STREAMS},
                     lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.seed))
-        self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed},
+        self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed, "streams": STREAMS},
                     lambda: build_labelled(self.path("labelled"), c.n_labelled, c.seed, with_vqa_rad=True))
         write_sft_set(self.path("labelled"), c.n_labelled, c.seed)
+        check_disjoint({"labelled": images_in(self.path("labelled", "images", "phantoms")),
+                        **{split: images_in(self.path("data", "phantoms", split, "images"))
+                           for split in ("unlabelled", "val", "test")}})
         self.r.step("vqa_rad", self.path("eval_vqa_rad"), {}, lambda: self.r.run(cmd(
             "stllava.eval.convert", benchmark="vqa_rad", src=os.path.join(vqa_rad_assets(), "vqa_rad_subset.json"),
             out=self.path("eval_vqa_rad")), "convert_vqa_rad"))
@@ -88,7 +101,7 @@ class Demo:
 
     def judge(self) -> str:
         return steps.judge(self.r, self.path("selftrain", "judged"), self.answers(), self.unlabelled(),
-                           self.path("data", "phantoms", "unlabelled", "facts.json"))
+                           self.path("data", "phantoms", "unlabelled", "facts.json"), self.cfg.loop, self.cfg.seed)
 
     def pairs(self) -> tuple[str, str]:
         return steps.pairs(self.r, self.path("selftrain", "pairs"), self.judge(), self.cfg.loop, self.cfg.seed)

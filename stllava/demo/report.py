@@ -84,11 +84,16 @@ def _cell(m: dict, bench: str, k: str) -> str:
 
 def study_line(n_labelled: int, study_file: str = STUDY_FILE) -> str | None:
     """The study's self-training effect at ``n_labelled`` labelled phantoms, as a sentence (None when
-    the study has no such size or its results are not in this checkout)."""
+    the study has no such size, its results are not in this checkout, or it is not a v2 study: the
+    earlier one is superseded, stllava.demo.readme.is_v2)."""
+    from stllava.demo.readme import is_v2
+
     if not os.path.isfile(study_file):
         return None
     with open(study_file) as f:
         study = json.load(f)
+    if not is_v2(study):
+        return None
     comp = study.get("comparisons", {}).get(str(n_labelled), {}).get("st - sft")
     if not comp:
         return None

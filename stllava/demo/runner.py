@@ -45,10 +45,12 @@ def py(module: str, *args: str) -> list[str]:
 
 class Runner:
     """Steps under ``root``. ``threads``: OMP/torch threads per command; ``echo``: stream command
-    output to the console (the demo) or only to the logs (the study, which runs steps in parallel)."""
+    output to the console (the demo) or only to the logs (the study, which runs steps in parallel);
+    ``role`` ("demo", "study", "search"): part of every step's key (stllava.demo.steps.keyed)."""
 
-    def __init__(self, root: str, threads: int = 1, echo: bool = True):
+    def __init__(self, root: str, threads: int = 1, echo: bool = True, role: str | None = None):
         self.root = root
+        self.role = role
         self.threads = threads
         self.echo = echo
         self._lock = threading.Lock()

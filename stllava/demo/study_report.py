@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -11,21 +12,39 @@ from stllava.jsonl import write_json_atomic
 
 logger = logging.getLogger("stllava.demo")
 
-LABELS = {"sft": "SFT only", "st": "SFT + self-training (DPO)", "rft": "SFT + judge-filtered SFT (control)",
-          "rft_lo": "control at DPO's learning rate", "nosq": "SFT, self-questioning off",
-          "nosq_st": "SFT, self-questioning off + self-training"}
-# (a, b): the paired difference a − b, and what it answers.
+LABELS = {"sft": "SFT only", "st": "SFT + self-training (DPO)",
+          "cont": "control: continued SFT on the labelled set", "own": "control: SFT on own unjudged answers",
+          "rft": "control: SFT on the judge's chosen answers (RFT)",
+          "oracle": "control: SFT on self-asked questions, true answers (oracle)",
+          "nosq": "SFT, self-questioning off", "nosq_st": "SFT, self-questioning off + self-training",
+          "st_cons": "conservative DPO (label smoothing ε = flip rate)", "st_robust": "robust DPO (ε = flip rate)"}
+# (a, b): the paired difference a − b, and what it answers. The first is the pre-registered primary
+# comparison at 100 labelled (docs/Study.md#pre-registration-2026-12-06); every other is secondary.
 COMPARISONS = [
-    ("st", "sft", "what self-training adds"),
-    ("rft", "sft", "what the judge's information adds through plain SFT"),
+    ("st", "sft", "what self-training adds (primary at 100 labelled)"),
+    ("cont", "sft", "just more SFT steps on the labelled set"),
+    ("own", "sft", "SFT on the model's own unjudged answers"),
+    ("rft", "sft", "the judge's chosen answers through SFT"),
+    ("oracle", "sft", "true answers to the self-asked questions"),
+    ("st", "cont", "DPO vs just more steps"),
+    ("st", "own", "DPO vs the model's unjudged answers: the judge's information"),
     ("st", "rft", "DPO vs SFT on the same judged data"),
-    ("rft_lo", "sft", "the control at DPO's learning rate"),
-    ("st", "rft_lo", "DPO vs SFT on the same judged data, same learning rate"),
+    ("st", "oracle", "DPO vs the oracle"),
     ("nosq", "sft", "turning self-questioning off (SFT alone)"),
     ("nosq_st", "nosq", "what self-training adds without self-questioning"),
+    ("st_cons", "sft", "conservative DPO over SFT"),
+    ("st_robust", "sft", "robust DPO over SFT"),
+    ("st_cons", "st", "conservative vs plain DPO"),
+    ("st_robust", "st", "robust vs plain DPO"),
 ]
 METRICS = ("closed_acc", "open_recall")
-METRIC_NAMES = {"closed_acc": "closed acc", "open_recall": "open recall"}
+# the pre-registered primary metric: the mean of closed accuracy and open recall (docs/Study.md)
+PRIMARY_METRIC = "primary"
+REPORTED = (PRIMARY_METRIC, *METRICS)
+# the settings search's record, whose seeds a reported study must never reuse
+SEARCH_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                           "study", "search.json")
+METRIC_NAMES = {"closed_acc": "closed acc", "open_recall": "open recall", PRIMARY_METRIC: "mean (primary)"}
 FIGURES = ("study_accuracy.png", "study_effect.png")
 
 
@@ -39,34 +58,57 @@ def config_record(cfg) -> dict:
     """The study's settings (a :class:`stllava.demo.study.StudyConfig`) as stored in ``study.json``
     and ``search.json`` (no paths, no timings: bit-identical reruns)."""
     d = dataclasses.asdict(cfg)
-    d.pop("workdir")
-    d.pop("jobs")
+    for local in ("workdir", "jobs", "results"):
+        d.pop(local, None)
     return d
 
 
+def cell_settings(cfg) -> dict:
+    """What every cell of a chunk shares, as its result files record it: :func:`config_record`
+    without the chunk's choice of seeds, sizes and conditions."""
+    d = config_record(cfg)
+    for chunk in ("seeds", "sizes", "conditions"):
+        d.pop(chunk)
+    return d
+
+
+def _with_primary(run: dict, splits) -> dict:
+    """``run`` with the primary metric (the mean of closed accuracy and open recall) per condition and split."""
+    for cond in run["conditions"].values():
+        for split in splits:
+            m = cond[split]
+            m.setdefault(PRIMARY_METRIC, (m["closed_acc"] + m["open_recall"]) / 2)
+    return run
+
+
 def aggregate(results: list[dict], cfg) -> dict:
-    """``study.json``: settings, per-run results, mean ± sd per condition, paired comparisons,
+    """``study.json``: settings (``cfg``: a StudyConfig or its record), per-run results, mean ± sd
+    per condition (with how many runs had nothing to train on, ``untrained``), paired comparisons,
     per-kind accuracy (test) and stage-2 data quality, per labelled-set size."""
-    runs = sorted(results, key=lambda r: (r["n_labelled"], r["seed"]))
+    config = cfg if isinstance(cfg, dict) else config_record(cfg)
+    splits = config["splits"]
+    runs = [_with_primary(r, splits) for r in sorted(results, key=lambda r: (r["n_labelled"], r["seed"]))]
     sizes = sorted({r["n_labelled"] for r in runs})
-    out = {"config": config_record(cfg), "runs": runs, "conditions": {}, "comparisons": {}, "per_kind": {},
+    out = {"config": config, "runs": runs, "conditions": {}, "comparisons": {}, "per_kind": {},
            "stage2": {}}
     for n in sizes:
         cell = [r for r in runs if r["n_labelled"] == n]
         key = str(n)
         conds = [c for c in LABELS if all(c in r["conditions"] for r in cell)]
         out["conditions"][key] = {
-            c: {split: {m: mean_sd([r["conditions"][c][split][m] for r in cell]) for m in METRICS}
-                for split in cfg.splits} for c in conds}
+            c: {split: {m: mean_sd([r["conditions"][c][split][m] for r in cell]) for m in REPORTED}
+                for split in splits} for c in conds}
         for c in conds:
             reward = [r["conditions"][c].get("heldout_reward_accuracy") for r in cell]
             if all(x is not None for x in reward):
                 out["conditions"][key][c]["heldout_reward_accuracy"] = mean_sd(reward)
+            out["conditions"][key][c]["untrained"] = sum(r["conditions"][c].get("trained") is False for r in cell)
+            out["conditions"][key][c]["runs"] = len(cell)
         if len(cell) > 1:
             out["comparisons"][key] = {
                 f"{a} - {b}": {split: {m: paired_difference([r["conditions"][a][split][m] for r in cell],
                                                             [r["conditions"][b][split][m] for r in cell])
-                                       for m in METRICS} for split in cfg.splits}
+                                       for m in REPORTED} for split in splits}
                 for a, b, _ in COMPARISONS if a in conds and b in conds}
         out["per_kind"][key] = {
             c: {form: {k: mean_sd([r["conditions"][c]["test"]["per_kind"][form][k] for r in cell])
@@ -90,24 +132,34 @@ def aggregate(results: list[dict], cfg) -> dict:
     return out
 
 
-def render_markdown(study: dict) -> str:
-    """The study's tables (test set unless said otherwise), as ``study.md`` holds them."""
+def _untrained_note(v: dict) -> str:
+    """The row's note when some runs had nothing to train on (no pairs: the condition is its SFT model)."""
+    k = v.get("untrained", 0)
+    if not k:
+        return ""
+    return f" — untrained in {k} of {v['runs']} runs (0 pairs, nothing to train on: = its SFT model)"
+
+
+def render_markdown(study: dict, title: str = "# Self-training study: results") -> str:
+    """The study's tables (test set unless said otherwise), as ``study.md`` holds them; the plan's
+    variants (the noisy judge) follow, each with its own tables."""
     cfg = study["config"]
     seeds = ", ".join(str(s) for s in cfg["seeds"])
-    lines = ["# Self-training study: results", "",
+    lines = [title, "",
              f"Seeds {seeds}; unlabelled pool {cfg['n_unlabelled']} phantoms; validation {cfg['n_val']} and test "
              f"{cfg['n_test']} phantoms. LLaVA-Med scores ×100 (closed accuracy = substring variant). Cells: "
              "mean ± sd over seeds. Differences: mean of the per-seed paired differences [95% t interval]; "
              "bold when the interval excludes 0.", ""]
     splits = [x for x in ("test", "val") if x in cfg["splits"]]
-    cols = [(x, m) for x in splits for m in METRICS]
+    cols = [(x, m) for x in splits for m in REPORTED]
     head = " | ".join(f"{x} {METRIC_NAMES[m]}" for x, m in cols)
     for n, conds in study["conditions"].items():
         lines += [f"## {n} labelled phantoms", "", f"| condition | {head} | held-out reward acc |",
                   "|---|" + "---|" * (len(cols) + 1)]
         for c, v in conds.items():
             reward = fmt_mean_sd(v["heldout_reward_accuracy"], 3) if "heldout_reward_accuracy" in v else "–"
-            lines.append(f"| {LABELS[c]} | " + " | ".join(fmt_mean_sd(v[x][m]) for x, m in cols) + f" | {reward} |")
+            lines.append(f"| {LABELS[c]}{_untrained_note(v)} | " + " | ".join(fmt_mean_sd(v[x][m]) for x, m in cols)
+                         + f" | {reward} |")
         comps = study["comparisons"].get(n, {})
         if comps:
             delta = " | ".join(f"{x} Δ {METRIC_NAMES[m]}" for x, m in cols)
@@ -115,6 +167,9 @@ def render_markdown(study: dict) -> str:
             for a, b, why in COMPARISONS:
                 d = comps.get(f"{a} - {b}")
                 if d:
+                    base = "nosq" if a == "nosq_st" else "sft"  # the SFT model every other condition starts from
+                    same = conds[a].get("untrained") == conds[a].get("runs") and b == base
+                    why += " (identical: no pairs in any run, no training)" if same else ""
                     lines.append(f"| {a} − {b} | {why} | " + " | ".join(fmt_diff(d[x][m]) for x, m in cols) + " |")
         kinds = study["per_kind"].get(n, {})
         if kinds:
@@ -142,7 +197,72 @@ def render_markdown(study: dict) -> str:
                              f"{f(v['identical_rate'], 3)} | {f(v['tie_rate'], 3)} | {f(v['pairs'], 0)} | "
                              f"{f(v['chosen_right_rejected_wrong'], 3)} |")
         lines.append("")
+    for variant, sub in study.get("variants", {}).items():
+        flip = sub["config"]["loop"].get("judge_flip_rate", 0.0)
+        lines += render_markdown(sub, f"# Variant {variant}: judge flip rate {flip}").splitlines()
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def load_results(folder: str, role: str = "study") -> dict[str, list[dict]]:
+    """The result files ``<folder>/<role>-*.json`` (:meth:`stllava.demo.study.Study.write_results`)
+    as cells ``{"seed", "n_labelled", "conditions", "stage2"}``, per variant ("" = the main cells);
+    the second item of each variant is its settings. Refuses (StllavaError) an empty folder and a
+    variant whose files were made with different settings (their digests differ)."""
+    import glob
+    import json
+
+    from stllava.errors import StllavaError
+
+    paths = sorted(glob.glob(os.path.join(folder, f"{role}-*.json")))
+    if not paths:
+        raise StllavaError(f"no {role} result files in {folder}", file=folder,
+                           fix="run a chunk first: python -m stllava.demo.study --plan primary --seeds 10-11")
+    cells: dict[str, dict[tuple, dict]] = {}
+    settings: dict[str, tuple[str, dict, str]] = {}
+    for path in paths:
+        with open(path) as f:
+            rec = json.load(f)
+        variant = rec["variant"]
+        seen = settings.setdefault(variant, (rec["settings_digest"], rec["settings"], path))
+        if seen[0] != rec["settings_digest"]:
+            raise StllavaError(f"made with other settings than {seen[2]} (digest {rec['settings_digest']} ≠ "
+                               f"{seen[0]}), in one variant", file=path,
+                               fix="move the stale files away, or rerun their cells with the study's settings")
+        cell = cells.setdefault(variant, {}).setdefault(
+            (rec["seed"], rec["n_labelled"]),
+            {"seed": rec["seed"], "n_labelled": rec["n_labelled"], "conditions": {}, "stage2": {}})
+        cell["conditions"][rec["condition"]] = rec["result"]
+        if rec.get("stage2"):
+            cell["stage2"][rec["condition"]] = rec["stage2"]
+    return {v: (list(c.values()), settings[v][1]) for v, c in cells.items()}
+
+
+def search_seeds(path: str = SEARCH_FILE) -> tuple[int, ...]:
+    """The seeds the settings search ran on, as its ``search.json`` records them (() without it)."""
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        return tuple(json.load(f)["config"]["seeds"])
+
+
+def aggregate_files(folder: str, role: str = "study") -> dict:
+    """``study.json`` from the result files in ``folder`` alone (:func:`load_results`): the main
+    cells aggregated as :func:`aggregate` does, each variant under ``variants``; the config records
+    the cells' seeds and sizes, the conditions found and the settings search's seeds."""
+    found = load_results(folder, role)
+
+    def one(cells, settings):
+        config = {**settings, "seeds": sorted({c["seed"] for c in cells}),
+                  "sizes": sorted({c["n_labelled"] for c in cells}),
+                  "conditions": [c for c in LABELS if any(c in cell["conditions"] for cell in cells)],
+                  "search_seeds": list(search_seeds())}
+        return aggregate(cells, config)
+
+    main = "" if "" in found else sorted(found)[0]
+    out = one(*found[main])
+    out["variants"] = {v: one(*found[v]) for v in sorted(found) if v != main}
+    return out
 
 
 def plot(study: dict, out_dir: str) -> list[str]:

@@ -207,7 +207,12 @@ class DPOTrainingArguments(TrainingArguments):
     lora_dropout_vit: float = field(default=0.1, metadata={"help": "ViT-LoRA dropout (0.1 in DPO, 0.2 in SFT)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO loss (the published run: 0.1)."})
     dpo_loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL) or hinge.", "choices": list(LOSS_TYPES)})
+        "help": "sigmoid (DPO), ipo (on per-token mean log-probs, as TRL), hinge, or robust (robust DPO, "
+                "Chowdhury et al. 2024: unbiased under labels flipped with probability --label_smoothing).",
+        "choices": list(LOSS_TYPES)})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε, the believed share of wrong preference labels: with sigmoid, conservative DPO (Mitchell 2023; "
+                "0 ≤ ε ≤ 0.5); with robust, its flip rate (0 ≤ ε < 0.5). 0 = the plain loss."})
     rpo_alpha: float = field(default=0.0, metadata={
         "help": "Weight of a negative log-likelihood term on the chosen answers (mean per answer token) added "
                 "to the DPO loss, as TRL's rpo_alpha (RPO, Pang et al. 2024): it keeps the chosen answers likely "

@@ -10,6 +10,14 @@
   ``ipo``      (z − 1/(2β))²        IPO (Azar et al.); TRL feeds it log-probs *averaged* over the
                                     answer tokens, and so does the trainer (``loss_uses_mean_logps``)
   ``hinge``    relu(1 − β z)         SLiC's hinge loss
+  ``robust``   (−(1−ε) log σ(β z) + ε log σ(−β z)) / (1 − 2ε)
+                                    robust DPO (Chowdhury et al. 2024): an unbiased loss when each
+                                    label is flipped with probability ε (0 ≤ ε < ½)
+
+  With ``label_smoothing`` ε > 0, ``sigmoid`` becomes conservative DPO (cDPO, Mitchell 2023):
+  −(1−ε) log σ(β z) − ε log σ(−β z), for labels believed wrong with probability ε (0 ≤ ε ≤ ½).
+  ε = 0 is the plain loss, computed as before. ``ipo`` and ``hinge`` take no ε (TRL ignores it
+  there; we refuse it).
 
   Rewards are β·(π − ref) for each side, detached.
 """
@@ -21,16 +29,33 @@ import torch
 import torch.nn.functional as F
 
 from stllava.constants import IGNORE_INDEX
+from stllava.errors import StllavaError
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")  # the loss types that take --label_smoothing
 
 
-def check_loss_settings(beta: float, loss_type: str) -> None:
-    """Raise ValueError for an unknown ``loss_type`` or β <= 0 (naming the flag); returns None."""
+class LossSettingsError(StllavaError, ValueError):
+    """A DPO loss setting out of its range (the message names the flag and the allowed values)."""
+
+
+def check_loss_settings(beta: float, loss_type: str, label_smoothing: float = 0.0) -> None:
+    """Raise :class:`LossSettingsError` (a ValueError, one line naming the flag) for an unknown
+    ``loss_type``, β <= 0, or ``label_smoothing`` ε outside its range: 0 ≤ ε ≤ ½ for ``sigmoid``,
+    0 ≤ ε < ½ for ``robust`` (it divides by 1 − 2ε), ε = 0 for the others; returns None."""
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"--dpo_loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise LossSettingsError(f"--dpo_loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
-        raise ValueError(f"--dpo_beta must be > 0, got {beta}")
+        raise LossSettingsError(f"--dpo_beta must be > 0, got {beta}")
+    eps = label_smoothing
+    if loss_type not in SMOOTHED_LOSS_TYPES and eps != 0:
+        raise LossSettingsError(f"--label_smoothing applies to --dpo_loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}, "
+                                f"not {loss_type}: pass 0 (got {eps})")
+    if loss_type == "robust" and not 0 <= eps < 0.5:
+        raise LossSettingsError(f"--label_smoothing must be in [0, 0.5) for --dpo_loss_type robust "
+                                f"(it divides by 1 - 2ε), got {eps}")
+    if loss_type == "sigmoid" and not 0 <= eps <= 0.5:
+        raise LossSettingsError(f"--label_smoothing must be in [0, 0.5] for --dpo_loss_type sigmoid, got {eps}")
 
 
 def loss_uses_mean_logps(loss_type: str) -> bool:
@@ -66,17 +91,24 @@ class DPOLossOutput:
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid") -> DPOLossOutput:
-    """The DPO-family loss of each pair (see the module docstring for the formulas).
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> DPOLossOutput:
+    """The DPO-family loss of each pair (see the module docstring for the formulas), with label
+    smoothing ε = ``label_smoothing`` for ``sigmoid`` (cDPO) and ``robust``.
 
     Inputs are log-probs [B] (sums, or means for ``ipo``); the reference ones carry no gradient.
-    Refuses an unknown ``loss_type`` and β <= 0 (ValueError).
+    Refuses what :func:`check_loss_settings` refuses (LossSettingsError, a ValueError).
     """
-    check_loss_settings(beta, loss_type)
+    check_loss_settings(beta, loss_type, label_smoothing)
     ref_chosen, ref_rejected = ref_chosen.detach(), ref_rejected.detach()
     z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * z)
+    eps = label_smoothing
+    if loss_type == "sigmoid" and eps == 0:
+        losses = -F.logsigmoid(beta * z)  # the paper's loss, computed exactly as before ε existed
+    elif loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
     elif loss_type == "ipo":
         losses = (z - 1.0 / (2.0 * beta)) ** 2
     else:

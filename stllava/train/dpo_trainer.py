@@ -205,7 +205,8 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         a = self.args
         self.beta = float(getattr(a, "dpo_beta", 0.1))
         self.loss_type = getattr(a, "dpo_loss_type", "sigmoid")
-        check_loss_settings(self.beta, self.loss_type)
+        self.label_smoothing = float(getattr(a, "label_smoothing", 0.0))
+        check_loss_settings(self.beta, self.loss_type, self.label_smoothing)
         self.rpo_alpha = float(getattr(a, "rpo_alpha", 0.0))
         if self.rpo_alpha < 0:
             raise ValueError(f"--rpo_alpha must be ≥ 0, got {self.rpo_alpha}")
@@ -286,7 +287,7 @@ class LlavaDPOTrainer(LlavaTrainerMixin, Trainer):
         if loss_uses_mean_logps(self.loss_type):  # per-token means (TRL's IPO)
             denom = count.clamp(min=1).to(policy.dtype)
             policy, ref = policy / denom, ref / denom
-        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type)
+        out = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta, self.loss_type, self.label_smoothing)
         pd = policy.detach()
         values = torch.stack([out.chosen_rewards.mean(), out.rejected_rewards.mean(),
                               (out.chosen_rewards > out.rejected_rewards).float().mean(),

@@ -6,7 +6,7 @@
 
 Takes the flags of the published ``dpo_finetune.sh`` (those of stage 1, ``--version v1``) plus the
 DPO ones of :class:`~stllava.train.arguments.DPOTrainingArguments` (``--dpo_beta``,
-``--dpo_loss_type``, ``--ref_model``, ``--precompute_ref_log_probs``, ``--ref_log_probs_path``)
+``--dpo_loss_type``, ``--label_smoothing``, ``--ref_model``, ``--precompute_ref_log_probs``, ``--ref_log_probs_path``)
 and ``--model_base``. The run:
 
 1. **the start model** is the stage-1 model, merged. ``--model_name_or_path`` is either a full
@@ -111,7 +111,11 @@ def _set_ref_mode(model_args, data_args, training_args) -> None:
     """Write :func:`resolve_ref_mode` into ``--ref_model``; refuses (FlagError) adapter_disabled
     without ``--lora_enable``, ``--tune_mm_mlp_adapter`` (projector pretraining is an SFT stage)
     and ``--loss_averaging`` other than its default (the DPO loss is a mean over each
-    micro-batch's pairs, as published)."""
+    micro-batch's pairs, as published); refuses (LossSettingsError) a ``--dpo_beta`` /
+    ``--dpo_loss_type`` / ``--label_smoothing`` out of range, before any model is loaded."""
+    from stllava.train.dpo_loss import check_loss_settings
+
+    check_loss_settings(training_args.dpo_beta, training_args.dpo_loss_type, training_args.label_smoothing)
     if model_args.tune_mm_mlp_adapter:
         raise FlagError("--tune_mm_mlp_adapter (projector pretraining) is a stage of SFT: run it with "
                         "python -m stllava.train.train_sft --version plain")

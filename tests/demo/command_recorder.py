@@ -5,7 +5,9 @@ conversion) with the settings of scenario ``name`` on a runner that records each
 fakes only the files the steps read back. Used by tests/demo/test_commands.py; it imports nothing
 but the steps' public functions, so it also records an older checkout's commands (the golden file
 tests/demo/golden_commands.json was written from the commit before the commands were built from
-the stages' parsers: ``python tests/demo/command_recorder.py > tests/demo/golden_commands.json``).
+the stages' parsers: ``python tests/demo/command_recorder.py > tests/demo/golden_commands.json``;
+its ``rft`` entries were rewritten when the control became compute-matched to DPO: DPO's steps,
+batch, learning rate, cosine schedule and ``sq_r``, docs/Study.md#controls).
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def record(name: str, root: str) -> list[tuple[str, list[str], dict]]:
     s, seed = scenarios()[name]
     r = RecordingRunner(root)
     p = r.path
-    with mock.patch("stllava.demo.phantom_judge.serve", lambda facts, images: _Server()):
+    with mock.patch("stllava.demo.phantom_judge.serve", lambda facts, images, **noise: _Server()):
         sft = steps.sft(r, p("sft"), p("tiny"), p("labelled", "sft.json"), p("labelled", "images"), s, seed)
         q = steps.questions(r, p("questions"), sft, p("unlabelled"), s, seed)
         a = steps.answers(r, p("answers"), sft, q, p("unlabelled"), s, seed)
@@ -96,7 +98,8 @@ def _convert(r: RecordingRunner) -> None:
     demo = Demo(DemoConfig(workdir=r.root))
     demo.r = r
     with mock.patch.multiple(data, build_shared=mock.DEFAULT, build_labelled=mock.DEFAULT,
-                             write_sft_set=mock.DEFAULT, vqa_rad_assets=lambda: "/assets"):
+                             write_sft_set=mock.DEFAULT, check_disjoint=mock.DEFAULT, images_in=mock.DEFAULT,
+                             vqa_rad_assets=lambda: "/assets"):
         demo.data()
 
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from stllava.demo.study import StudyConfig
-from stllava.demo.study_report import aggregate, render_markdown, search_scores, write_search
+from stllava.demo.study import Study, StudyConfig
+from stllava.demo.study_report import aggregate, aggregate_files, render_markdown, search_scores, write_search
+from stllava.errors import StllavaError
 
 KINDS = {"closed": {"presence": 90.0, "side": 60.0}, "open": {"count": 50.0},
          "n_closed": {"presence": 10, "side": 10}, "n_open": {"count": 5}}
@@ -45,8 +46,94 @@ def test_aggregate_pairs_by_seed_on_known_inputs():
     assert study["stage2"]["100"]["st"]["chosen_right_rejected_wrong"]["n"] == 2
     assert study["per_kind"]["100"]["sft"]["closed"]["side"]["mean"] == 60.0
     md = render_markdown(study)
-    assert "| st − sft | what self-training adds | **+4.0 [+1.5, +6.5]** |" in md
-    assert "| SFT only | 70.0 ± 10.0 | 35.0 ± 5.0 | – |" in md
+    # columns: the primary metric (mean of closed accuracy and open recall), closed, open
+    assert "| st − sft | what self-training adds (primary at 100 labelled) | **+3.0 [+1.1, +4.9]** | " \
+           "**+4.0 [+1.5, +6.5]** |" in md
+    assert "| SFT only | 52.5 ± 7.5 | 70.0 ± 10.0 | 35.0 ± 5.0 | – |" in md
+
+
+def test_results_survive_as_files_and_aggregate_from_them_alone(tmp_path):
+    """Each finished cell writes one file per condition; --aggregate reads only those files and
+    gives what aggregating the cells in memory gives; a variant's cells go under "variants"."""
+    results = tmp_path / "runs"
+
+    def study(variant="", **changes):
+        cfg = StudyConfig(workdir=str(tmp_path / "work"), seeds=(10, 11, 12), sizes=(100,), splits=("test",),
+                          conditions=("sft", "st", "rft"), results=str(results), variant=variant)
+        cfg.loop = cfg.loop.replace(**changes)
+        return Study(cfg)
+
+    runs = [_run(10, {"sft": 60.0, "st": 64.0, "rft": 61.0}), _run(11, {"sft": 70.0, "st": 73.0, "rft": 70.0}),
+            _run(12, {"sft": 80.0, "st": 85.0, "rft": 82.0})]
+    runs[2]["conditions"]["rft"]["trained"] = False
+    main = study()
+    for run in runs:
+        main.write_results(json.loads(json.dumps(run)))
+    names = sorted(os.listdir(results))
+    assert names[:3] == ["study-rft-seed10-n100.json", "study-rft-seed11-n100.json", "study-rft-seed12-n100.json"]
+    assert len(names) == 9
+    noisy = study("flip0.2", judge_flip_rate=0.2)
+    noisy.write_results(json.loads(json.dumps(runs[0])))
+    noisy.write_results(json.loads(json.dumps(runs[1])))
+    assert (results / "study-st-seed10-n100-flip0.2.json").is_file()
+
+    found = aggregate_files(str(results))
+    expected = aggregate(json.loads(json.dumps(runs)), found["config"])
+    assert {k: v for k, v in found.items() if k != "variants"} == expected
+    assert found["config"]["seeds"] == [10, 11, 12] and found["config"]["search_seeds"] == [0, 1]
+    assert found["conditions"]["100"]["rft"]["untrained"] == 1
+    assert set(found["variants"]) == {"flip0.2"}
+    assert found["variants"]["flip0.2"]["config"]["loop"]["judge_flip_rate"] == 0.2
+    assert found["variants"]["flip0.2"]["comparisons"]["100"]["st - sft"]["test"]["closed_acc"]["diffs"] == [4.0, 3.0]
+    md = render_markdown(found)
+    assert "untrained in 1 of 3 runs" in md and "# Variant flip0.2: judge flip rate 0.2" in md
+
+    other = study()
+    other.cfg.n_unlabelled = 5  # a cell made with other settings cannot join the main cells
+    other.write_results({**json.loads(json.dumps(runs[0])), "seed": 13})
+    with pytest.raises(StllavaError, match="made with other settings"):
+        aggregate_files(str(results))
+
+
+def test_a_condition_without_pairs_in_any_run_is_said_identical_in_the_table():
+    """nosq_st = nosq when the model asked nothing answerable (0 pairs): said in the rows, not only in a note."""
+    runs = []
+    for seed, v in ((10, 60.0), (11, 70.0)):
+        run = _run(seed, {"sft": v, "st": v + 2, "nosq": v - 5, "nosq_st": v - 5})
+        run["conditions"]["nosq_st"]["trained"] = False
+        runs.append(run)
+    md = render_markdown(aggregate(runs, StudyConfig(seeds=(10, 11), sizes=(100,), splits=("test",))))
+    assert "| SFT, self-questioning off + self-training — untrained in 2 of 2 runs (0 pairs, nothing to train on: " \
+           "= its SFT model) |" in md
+    assert "| nosq_st − nosq | what self-training adds without self-questioning (identical: no pairs in any run, " \
+           "no training) |" in md
+    assert "| st − sft | what self-training adds (primary at 100 labelled) |" in md  # trained: no note
+
+
+def test_plans_chunks():
+    from stllava.demo.study import plan_configs
+
+    noise = plan_configs("noise", StudyConfig(), seeds=(10, 11))
+    assert [c.variant for c in noise] == ["flip0.0", "flip0.1", "flip0.2", "flip0.3"]
+    assert [c.loop.judge_flip_rate for c in noise] == [0.0, 0.1, 0.2, 0.3]
+    assert all(c.seeds == (10, 11) and c.sizes == (100,) for c in noise)
+    assert noise[0].conditions == ("sft", "st", "rft")  # ε = 0: the robust losses are the plain one
+    assert noise[2].conditions == ("sft", "st", "rft", "st_cons", "st_robust")
+    primary, = plan_configs("primary", StudyConfig())
+    assert primary.sizes == (30, 100) and primary.seeds == tuple(range(10, 18)) and primary.variant == ""
+    assert set(primary.conditions) == {"sft", "st", "cont", "own", "rft", "oracle", "nosq", "nosq_st"}
+    secondary, = plan_configs("secondary", StudyConfig())
+    assert secondary.sizes == (300, 1500) and secondary.seeds == tuple(range(10, 15))
+    assert secondary.conditions == ("sft", "st")
+    assert len(plan_configs("all", StudyConfig())) == 6
+    with pytest.raises(StllavaError, match="unknown --plan"):
+        plan_configs("everything", StudyConfig())
+
+
+def test_a_study_refuses_the_searchs_seeds(tmp_path):
+    cfg = StudyConfig(workdir=str(tmp_path), seeds=(1, 10), sizes=(100,))
+    with pytest.raises(StllavaError, match=r"seeds \[1\] chose the study's settings"):
+        Study(cfg).run()
 
 
 def test_search_choice_on_known_inputs(tmp_path):
@@ -75,13 +162,14 @@ def test_quick_study_end_to_end(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     study = json.load(open(work / "study.json"))
-    assert sorted((r["seed"], r["n_labelled"]) for r in study["runs"]) == [(0, 24), (1, 24)]
+    assert sorted((r["seed"], r["n_labelled"]) for r in study["runs"]) == [(10, 24), (11, 24)]
     for run in study["runs"]:
-        assert set(run["conditions"]) == {"sft", "st", "rft", "rft_lo", "nosq", "nosq_st"}
+        assert set(run["conditions"]) == {"sft", "st", "cont", "own", "rft", "oracle", "nosq", "nosq_st"}
         assert set(run["stage2"]) == {"st", "nosq_st"}
+    assert len(os.listdir(work / "runs")) == 16  # one result file per condition and cell
     comps = study["comparisons"]["24"]
-    assert set(comps) == {"st - sft", "rft - sft", "st - rft", "rft_lo - sft", "st - rft_lo", "nosq - sft",
-                          "nosq_st - nosq"}
+    assert set(comps) == {"st - sft", "cont - sft", "own - sft", "rft - sft", "oracle - sft", "st - cont",
+                          "st - own", "st - rft", "st - oracle", "nosq - sft", "nosq_st - nosq"}
     for name, d in comps.items():  # each interval is the one of its own per-seed differences
         a, b = name.split(" - ")
         diffs = [r["conditions"][a]["test"]["closed_acc"] - r["conditions"][b]["test"]["closed_acc"]
@@ -90,6 +178,12 @@ def test_quick_study_end_to_end(tmp_path):
     assert "## 24 labelled phantoms" in (work / "study.md").read_text()
     for fig in ("study_accuracy.png", "study_effect.png"):
         assert (work / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the result files alone give the same study.json (what --aggregate commits)
+    agg = subprocess.run([sys.executable, "-m", "stllava.demo.study", "--aggregate", "--results", str(work / "runs"),
+                          "--out", str(tmp_path / "agg")], env=env, capture_output=True, text=True, timeout=600)
+    assert agg.returncode == 0, agg.stderr[-3000:]
+    assert (tmp_path / "agg" / "study.json").read_bytes() == (work / "study.json").read_bytes()
 
     # a rerun reuses every finished step and writes the same study.json, byte for byte
     before = (work / "study.json").read_bytes()
@@ -101,9 +195,11 @@ def test_quick_study_end_to_end(tmp_path):
     # a finished fixed-name step asked for with other settings is refused, naming the folder and
     # the difference; content-named steps (sft-<digest>, ...) get a folder of their own instead
     from stllava.artifacts import ArtifactError
+    from stllava.demo.data import STREAMS
     from stllava.demo.runner import Runner
 
     with pytest.raises(ArtifactError, match=r"data/\.done\.json: made with other settings \(recorded → this run: "
                                             r"unlabelled: 12 → 99\); fix: .*delete .*data"):
-        Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0})
+        Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0,
+                                                                "streams": STREAMS})
     assert Runner.resolve("x/sft-{key}", {"a": 1}) != Runner.resolve("x/sft-{key}", {"a": 2})

@@ -68,6 +68,27 @@ def test_every_reference_mode_gives_the_same_first_step_loss(tiny_bundle, pairs,
         assert refs["adapter_disabled"] > -20  # ipo logs per-token means, not sums (a few tokens, ~ −7 each)
 
 
+def test_robust_loss_and_label_smoothing_reach_the_loss(tiny_bundle, pairs, tmp_path, monkeypatch):
+    """--dpo_loss_type robust --label_smoothing ε: the trainer computes robust DPO with that ε."""
+    from stllava.train import dpo_trainer
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[4:])
+        return real(*args, **kwargs)
+
+    real = dpo_trainer.dpo_loss
+    monkeypatch.setattr(dpo_trainer, "dpo_loss", spy)
+    trainer = build_dpo_trainer(argv(tiny_bundle, pairs, tmp_path / "robust", "--dpo_loss_type", "robust",
+                                     "--label_smoothing", "0.2"))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = float(trainer.compute_loss(trainer.model, inputs).detach())
+    assert seen == [(0.1, "robust", 0.2)]
+    # step 0 (z = 0): ((1 − ε) log 2 − ε log 2) / (1 − 2ε) = log 2
+    assert loss == pytest.approx(math.log(2), abs=1e-5)
+
+
 class RecordReference(TrainerCallback):
     """At the start and after every step: the reference log-probs of a fixed batch, the projector
     and a ViT-LoRA B weight, and what the published code's reference (adapters off, the policy's

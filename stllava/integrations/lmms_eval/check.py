@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 
+from stllava import logs
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
 from stllava.eval.metrics import load_gt, load_jsonl, score
 from stllava.integrations.lmms_eval import TASKS_DIR
@@ -121,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=os.path.join(ASSET_DIR, "images"), help="its images")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call, on both paths")
     p.add_argument("--device", default="cpu", help="device of both paths")
+    logs.add_log_level_arg(p)
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     py = sys.executable

@@ -1,0 +1,88 @@
+"""README's demo and study blocks are generated from the committed results
+(stllava.demo.readme): the committed README agrees with docs/demo/summary.json and
+docs/study/study.json, a README that disagrees fails the check, and a study that is not v2 is
+never shown as evidence."""
+import json
+import os
+import shutil
+
+import pytest
+
+from stllava.demo import readme
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+
+
+def test_the_committed_readme_agrees_with_the_committed_results():
+    text = open(readme.README, encoding="utf-8").read()
+    for block in readme.BLOCKS:  # both blocks are there, between their markers
+        assert all(m in text for m in readme.markers(block)), block
+    assert os.path.isfile(readme.STUDY_FILE)
+    # a block whose file is committed must equal what the file gives (docs/demo/summary.json:
+    # written by `python -m stllava.demo --publish` from a fresh `make demo`)
+    assert readme.differences() == [], "run: python -m stllava.demo.readme --write"
+    assert readme.main(["--check"]) == 0
+
+
+def test_the_earlier_study_is_never_shown_as_evidence():
+    old = json.load(open(readme.STUDY_FILE))
+    if readme.is_v2(old):
+        pytest.skip("the committed study is v2")
+    block = readme.study_block(old)
+    assert "pending" in block and readme.PREREGISTRATION in block
+    assert "+3.3" not in block and "63.1" not in block  # none of its numbers
+
+
+def _v2_study(tmp_path) -> dict:
+    """A v2 study.json from result files of three fresh seeds (known numbers)."""
+    from stllava.demo.study import Study, StudyConfig
+    from stllava.demo.study_report import aggregate_files
+
+    kinds = {"closed": {}, "open": {}, "n_closed": {}, "n_open": {}}
+    cfg = StudyConfig(workdir=str(tmp_path / "w"), seeds=(10, 11, 12), sizes=(100,), splits=("test",),
+                      results=str(tmp_path / "runs"))
+    for seed, (sft, st, rft) in zip((10, 11, 12), ((60, 64, 63), (70, 73, 72), (80, 85, 81))):
+        conds = {c: {"test": {"closed_acc": v, "open_recall": v - 10, "open_f1": 0.0, "per_kind": kinds},
+                     "trained": True} for c, v in (("sft", sft), ("st", st), ("rft", rft))}
+        Study(cfg).write_results({"seed": seed, "n_labelled": 100, "conditions": conds, "stage2": {}})
+    return aggregate_files(str(tmp_path / "runs"))
+
+
+def test_write_then_check_and_a_disagreeing_readme_fails(tmp_path, capsys):
+    study = _v2_study(tmp_path)
+    assert readme.is_v2(study)
+    study_file = tmp_path / "study.json"
+    study_file.write_text(json.dumps(study))
+    demo_file = tmp_path / "summary.json"
+    shutil.copy(os.path.join(FIXTURES, "demo_summary_quick.json"), demo_file)
+    page = tmp_path / "README.md"
+    page.write_text("# x\n\n" + "\n\n".join(f"{a}\nstale\n{b}" for a, b in map(readme.markers, readme.BLOCKS))
+                    + "\n\ntail\n")
+    args = ["--readme", str(page), "--demo", str(demo_file), "--study", str(study_file)]
+    assert readme.main(["--check", *args]) == 1
+    assert "the demo, study block(s) disagree" in capsys.readouterr().err
+    assert readme.main(["--write", *args]) == 0
+    assert readme.main(["--check", *args]) == 0
+    text = page.read_text()
+    assert text.startswith("# x\n") and text.endswith("\n\ntail\n")
+    # the headline is the primary comparison with its interval: diffs 4, 3, 5 → 4.0 ± 4.303/√3
+    assert "DPO − SFT at 100 labelled phantoms, mean of closed accuracy and open recall on test, 3 seeds: " \
+           "+4.0 points [95% t interval +1.5, +6.5]" in text
+    # primary = mean of closed and open (open = closed − 10): means over seeds SFT 65.0, DPO 69.0; DPO − RFT: diffs 1, 1, 4
+    assert "| 100 | 3 | 65.0 | 69.0 | **+4.0 [+1.5, +6.5]** | **+4.0 [+1.5, +6.5]** | **+4.0 [+1.5, +6.5]** | " \
+           "+2.0 [-2.3, +6.3] |" in text
+    summary = json.load(open(demo_file))
+    dpo = summary["metrics"]["dpo"]["phantom"]["closed_acc"]
+    assert f"{dpo:.1f}" in text
+    page.write_text(text.replace("| 100 | 3 | 65.0 |", "| 100 | 3 | 66.0 |"))  # one number edited by hand
+    assert readme.differences(str(page), str(demo_file), str(study_file)) == ["study"]
+
+
+def test_a_readme_without_the_markers_is_refused(tmp_path):
+    from stllava.errors import StllavaError
+
+    page = tmp_path / "README.md"
+    page.write_text("# no blocks\n")
+    with pytest.raises(StllavaError, match="README has no study block"):
+        readme.render(page.read_text(), {"study": "x"}, str(page))
