@@ -37,7 +37,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from stllava.demo import steps
+from stllava.demo.graded import graded_plan
 from stllava.demo.quality import pair_stats, per_kind, question_stats
+from stllava.demo.rounds import rounds_plan
 from stllava.demo.runner import Runner
 from stllava.demo.steps import SEARCH, LoopSettings, chosen_settings
 from stllava.errors import StllavaError, run_cli
@@ -46,6 +48,8 @@ logger = logging.getLogger("stllava.demo")
 
 CONDITIONS = ("sft", "st", "rft", "rft_lo", "nosq", "nosq_st")  # ("nosq_rft" also exists, outside the default)
 SPLITS = ("val", "test")
+# Planned studies (``--plan``): StudyConfig overrides, each from the module that owns the question.
+PLANS = {"rounds": rounds_plan, "graded": graded_plan}
 
 
 @dataclasses.dataclass
@@ -63,6 +67,7 @@ class StudyConfig:
     data_seed: int = 0
     splits: tuple[str, ...] = SPLITS  # evaluation sets: val (settings were chosen on it) and test
     jobs: int = 2
+    rounds: int = 1  # rounds of self-training after SFT (stllava.demo.rounds); 1 = the published method
     loop: LoopSettings = dataclasses.field(default_factory=lambda: chosen_settings(heldout_share=0.1))
 
 
@@ -89,20 +94,23 @@ class Study:
         """The shared data, then each seed's labelled sets and (with ``models``) tiny model, before the
         parallel runs; refuses (StllavaError) splits that share an image (:meth:`check_splits`)."""
         from stllava.demo.data import STREAMS, build_labelled, build_shared, write_sft_set
+        from stllava.demo.graded import data_settings
         from stllava.model.tiny import build_tiny_bundle
 
         c = self.cfg
+        graded = c.loop.graded
         self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
-                                                "seed": c.data_seed, "streams": STREAMS},
-                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed))
+                                                "seed": c.data_seed, "streams": STREAMS, **data_settings(graded)},
+                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed,
+                                         graded=graded))
         pool = max(c.labelled_pool, *c.sizes)
         for seed in c.seeds:
             lab = self.path(f"seed{seed}", "labelled")
             if models:
                 self.r.step("bundle", self.path(f"seed{seed}", "tiny"), {"seed": seed},
                             lambda seed=seed: build_tiny_bundle(self.path(f"seed{seed}", "tiny"), seed=seed))
-            self.r.step("labelled", lab, {"pool": pool, "seed": seed, "streams": STREAMS},
-                        lambda lab=lab, seed=seed: build_labelled(lab, pool, seed))
+            self.r.step("labelled", lab, {"pool": pool, "seed": seed, "streams": STREAMS, **data_settings(graded)},
+                        lambda lab=lab, seed=seed: build_labelled(lab, pool, seed, graded=graded))
             for n in c.sizes:
                 _, questions = write_sft_set(lab, n, seed)
                 self.training_questions[(seed, n)] = questions
@@ -158,6 +166,10 @@ class Study:
             overall = where["overall"]
             out[split] = {"closed_acc": overall["closed_acc"], "open_recall": overall["open_recall"],
                           "open_f1": overall["open_f1"], "per_kind": per_kind(where["folder"], folder)}
+            if s.graded:  # the graded-answer probe's fact recall / precision (stllava.demo.graded)
+                from stllava.demo.graded import description_metrics
+
+                out[split]["description"] = description_metrics(where["folder"], folder)
         return out
 
     def _self_train(self, cell: str, sft_model: str, s: LoopSettings, seed: int, n: int, log: str) -> dict:
@@ -214,6 +226,12 @@ class Study:
             if names["st"] in want:
                 model, extra = self._dpo(cell, sft_model, st, s, seed, log)
                 res["conditions"][names["st"]] = {**self._evaluate(model, s, f"{log}_st"), **extra}
+                if self.cfg.rounds > 1 and not tag:  # iterative self-training (stllava.demo.rounds)
+                    from stllava.demo.rounds import study_rounds
+
+                    res["rounds"] = study_rounds(self, cell, model, {
+                        **res["conditions"]["st"], "pairs": st["pair_quality"]["pairs"],
+                        "pair_quality": st["pair_quality"]}, s, seed, log)
             # the control at its own (SFT) learning rate, and at DPO's: a fair control must not lose
             # only because its steps are ten times larger
             controls = ((names["rft"], s, "rft"), (names["rft_lo"], s.replace(rft_lr=s.dpo_lr), "rft_lo"))
@@ -247,6 +265,10 @@ class Study:
         self.prepare()
         results = self._map([(seed, n) for n in sorted(self.cfg.sizes, reverse=True) for seed in self.cfg.seeds])
         study = aggregate(results, self.cfg)
+        if self.cfg.rounds > 1:
+            from stllava.demo.rounds import summarize
+
+            study["rounds"] = summarize(results)
         write_report(study, self.cfg.workdir)
         return study
 
@@ -316,12 +338,22 @@ def main(argv=None) -> int:
     ap.add_argument("--splits-only", action="store_true",
                     help="only render the splits (labelled per seed, unlabelled, val, test), check that no two share "
                     "an image, and write <workdir>/splits.json = {split: {seed: [image paths]}}; no training")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of self-training (default 1, the published method): round k asks, answers and "
+                    "trains DPO from round k-1's model on a fresh draw of questions (stllava.demo.rounds)")
+    ap.add_argument("--graded", action="store_true",
+                    help="the graded-answer probe: a description question in the data and a judge that grades it "
+                    "(stllava.demo.graded)")
+    ap.add_argument("--plan", choices=sorted(PLANS), default=None,
+                    help="a planned study: 'rounds' (rounds 1-3, 100 labelled x 5 seeds) or 'graded' (SFT vs DPO vs "
+                    "RFT with descriptions, 100 labelled x 3 seeds); other flags override it")
     ap.add_argument("--search", default=None, nargs="?", const="all",
                     help="run the settings search on the validation phantoms instead of the study: all variants, "
                     f"or a comma-separated subset of {','.join(SEARCH)}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = StudyConfig(**(QUICK if args.quick else {}))
+    # a plan at --quick's sizes keeps the plan's conditions and rounds (a smoke test of the plan)
+    cfg = StudyConfig(**{**(PLANS[args.plan]() if args.plan else {}), **(QUICK if args.quick else {})})
     cfg.workdir = args.workdir or ("playground/study-quick" if args.quick else cfg.workdir)
     cfg.jobs = args.jobs
     if args.sizes:
@@ -332,6 +364,10 @@ def main(argv=None) -> int:
         cfg.conditions = tuple(x for x in args.conditions.split(",") if x)
     if args.unlabelled:
         cfg.n_unlabelled = args.unlabelled
+    if args.rounds:
+        cfg.rounds = args.rounds
+    if args.graded or args.plan == "graded":
+        cfg.loop = cfg.loop.replace(graded=True, eval_max_new_tokens=max(16, cfg.loop.eval_max_new_tokens))
     t0 = time.time()
     if args.splits_only:
         path = Study(cfg).write_splits()
