@@ -2,7 +2,7 @@
 
 The demo's questions have one-word answers, so every preference pair is "right vs wrong" and DPO
 can hardly carry more information than SFT on the chosen answers (RFT). A description question
-(:data:`DESCRIBE_QUESTION`, answered e.g. "CT, 2 lesions, left, large.") has answers that are
+(:data:`DESCRIBE_QUESTION`, answered e.g. "CT, two lesions, left, large.") has answers that are
 *partly* right, so a judge can grade them and pairs can differ by degree (docs/Study.md, "Graded
 answers"). It is added to the SFT and test records only when the ``graded`` option is on
 (:func:`stllava.demo.phantoms.sft_records`), so the default demo's data stay bit-identical.
@@ -23,6 +23,7 @@ import re
 
 DESCRIBE_QUESTION = "Describe the findings."
 FACTS = ("modality", "count", "side", "size")
+_NUMBER_WORDS = ("no", "one", "two", "three")
 MODALITY_TEXT = {"x-ray": "X-ray", "ct": "CT", "mri": "MRI"}
 _MODALITY_WORDS = {"x-ray": "x-ray", "xray": "x-ray", "radiograph": "x-ray", "ct": "ct", "mri": "mri", "mr": "mri"}
 _COUNT_WORDS = {"no": 0, "zero": 0, "none": 0, "one": 1, "a": 1, "single": 1, "two": 2, "three": 3,
@@ -47,13 +48,16 @@ def truth(facts: dict) -> dict:
 
 
 def describe(facts: dict) -> str:
-    """The reference answer, e.g. ``"CT, 2 lesions, left, large"`` or ``"MRI, no lesion"``
-    (no final period: the SFT records add it as they do for every answer)."""
+    """The reference answer, e.g. ``"CT, two lesions, left, large"``, ``"X-ray, three lesions,
+    bilateral, small"`` or ``"MRI, no lesion"`` (no final period: the SFT records add it as they do
+    for every answer). Number words and "bilateral" keep it within 12 tokens of the tiny tokenizer
+    (a digit is two pieces there, "both" three)."""
     t = truth(facts)
     head = MODALITY_TEXT[t["modality"]]
     if not t["count"]:
         return f"{head}, no lesion"
-    return f"{head}, {t['count']} lesion{'s' if t['count'] > 1 else ''}, {t['side']}, {t['size']}"
+    side = "bilateral" if t["side"] == "both" else t["side"]
+    return f"{head}, {_NUMBER_WORDS[t['count']]} lesion{'s' if t['count'] > 1 else ''}, {side}, {t['size']}"
 
 
 def parse_description(text: str) -> dict:
@@ -112,7 +116,7 @@ def description_metrics(eval_folder: str, eval_set: str) -> dict:
     none; ``examples`` are the first three (question id, answer, reference)."""
     with open(os.path.join(eval_set, "test.json")) as f:
         refs = {str(t["id"]): t["conversations"][1]["value"] for t in json.load(f)
-                if is_describe_question(t["conversations"][0]["value"])}
+                if is_describe_question(t["conversations"][0]["value"].replace("<image>", ""))}
     with open(os.path.join(eval_folder, "answers.jsonl"), encoding="utf-8") as f:
         answers = {str(r["question_id"]): r["text"] for r in map(json.loads, filter(str.strip, f))}
     correct = stated = total = exact = 0
@@ -144,4 +148,4 @@ def graded_plan() -> dict:
     from stllava.demo.steps import chosen_settings
 
     return {"sizes": (100,), "seeds": (10, 11, 12), "conditions": ("sft", "st", "rft"), "graded": True,
-            "ablation_sizes": None, "loop": chosen_settings(heldout_share=0.1, eval_max_new_tokens=16)}
+            "ablation_sizes": None, "loop": chosen_settings(heldout_share=0.1, graded=True, eval_max_new_tokens=16)}
