@@ -118,15 +118,16 @@ def write_eval_set(folder: str, records: list[dict]) -> None:
     write_jsonl_atomic(os.path.join(folder, "questions.jsonl"), eval_questions(records))
 
 
-def build_shared(root: str, n_unlabelled: int, n_val: int, n_test: int, seed: int = 0) -> dict:
+def build_shared(root: str, n_unlabelled: int, n_val: int, n_test: int, seed: int = 0, graded: bool = False) -> dict:
     """Render the unlabelled, validation and test phantoms under ``root/phantoms/`` and write the
-    evaluation sets ``root/eval_val/`` and ``root/eval_test/``; returns a summary."""
+    evaluation sets ``root/eval_val/`` and ``root/eval_test/`` (with the description question of
+    :mod:`stllava.demo.graded` when ``graded``); returns a summary."""
     ph = os.path.join(root, "phantoms")
     make_split(os.path.join(ph, "unlabelled"), n_unlabelled, stream_key("unlabelled", seed), "unl")
     summary = {"unlabelled_images": n_unlabelled}
     for name, n in (("val", n_val), ("test", n_test)):
         phantoms = make_split(os.path.join(ph, name), n, stream_key(name, seed), name)
-        records = test_records(phantoms, stream_key(f"{name}-questions", seed))
+        records = test_records(phantoms, stream_key(f"{name}-questions", seed), graded=graded)
         write_eval_set(os.path.join(root, f"eval_{name}"), records)
         summary[f"{name}_questions"] = len(records)
         summary[f"{name}_closed"] = sum(t["answer_type"] == "CLOSED" for t in records)
@@ -140,11 +141,12 @@ def training_questions(records: list[dict]) -> list[str]:
                    if c["from"] == "human"})
 
 
-def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False) -> str:
+def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False, graded: bool = False) -> str:
     """Render ``n_pool`` labelled phantoms for ``seed`` under ``root/images/phantoms/`` and write their
     conversations, in phantom order, to ``root/records.json`` (plus the embedded VQA-RAD conversations
     in ``root/extra.json`` when ``with_vqa_rad``). Image paths are relative to ``root/images``.
-    :func:`write_sft_set` then takes the first ``n`` of them. Returns ``root``."""
+    :func:`write_sft_set` then takes the first ``n`` of them. ``graded`` adds the description
+    question to every conversation (:func:`stllava.demo.phantoms.sft_records`). Returns ``root``."""
     images = os.path.join(root, "images")
     phantoms = make_split(os.path.join(root, "phantoms"), n_pool, stream_key("labelled", seed), "train")
     shutil.rmtree(images, ignore_errors=True)
@@ -154,7 +156,7 @@ def build_labelled(root: str, n_pool: int, seed: int, with_vqa_rad: bool = False
         shutil.copytree(os.path.join(vqa_rad_assets(), "images"), os.path.join(images, "vqa_rad"))
         with open(os.path.join(vqa_rad_assets(), "vqa_rad_subset.json")) as f:
             extra = vqa_rad_sft_records(json.load(f))
-    records = sft_records(phantoms, stream_key("labelled-conversations", seed))
+    records = sft_records(phantoms, stream_key("labelled-conversations", seed), graded=graded)
     for r in records:
         r["image"] = "phantoms/" + r["image"]
     write_json_atomic(os.path.join(root, "records.json"), records)

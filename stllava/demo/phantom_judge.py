@@ -4,7 +4,8 @@ It is served by :class:`stllava.demo.openai_stub.ChatCompletionServer`, so the d
 the real judge client (``stllava.selftrain.judge``, the ``openai`` package, HTTP, retries, cache)
 exactly as it would drive GPT-4o. It identifies the image by the SHA-256 of the bytes in the
 request's data URL, works out what the question asks (presence, side, count, size, modality) and
-scores each answer 9 (right) or 2 (wrong). A question it cannot map to a fact gets "5 5" — a tie,
+scores each answer 9 (right) or 2 (wrong) — a description (:mod:`stllava.demo.graded`) by its facts
+right minus facts wrong, on the 1–10 scale. A question it cannot map to a fact gets "5 5" — a tie,
 which the pipeline records and skips. Every reply names itself "phantom judge".
 
 It can also be made a *noisy* judge, to study what wrong preference labels do:
@@ -17,7 +18,8 @@ Both are decided per judged record by a hash of the record — the image's SHA-2
 and both answers in their order, which is all a request carries — and ``noise_seed``, never by a
 random stream: the same records get the same verdicts whatever the request order or concurrency.
 A question or image the judge cannot map stays a tie. A noisy verdict says so in its reply.
-Defaults 0: the perfect judge.
+Defaults 0: the perfect judge. Descriptions are graded only when the judge is made with
+``graded`` (the graded-answer probe); otherwise they are ties, as before the probe existed.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import sys
 
 from stllava import logs
 from stllava.data.images import image_path
+from stllava.demo.graded import describe, is_describe_question, judge_score, parse_description, truth_from_reference
 from stllava.demo.openai_stub import ChatCompletionServer, Reply, request_images, request_text
 from stllava.errors import StllavaError, run_cli
 from stllava.selftrain.judge_prompt import split_prompt
@@ -47,7 +50,10 @@ def words(text: str) -> list[str]:
 
 def question_kind(question: str) -> tuple[str, str] | None:
     """``(form, kind)`` of a question: form "yesno" or "open"; kind the fact it asks about —
-    "modality", "count", "side", "size" or "presence". None when it maps to no phantom fact."""
+    "modality", "count", "side", "size" or "presence"; or ``("graded", "describe")`` for the
+    description question of :mod:`stllava.demo.graded`. None when it maps to no phantom fact."""
+    if is_describe_question(question):
+        return "graded", "describe"
     q = words(question)
     yesno = bool(q) and q[0] in {"is", "are", "does", "do", "can"}
     if yesno:
@@ -74,11 +80,13 @@ def question_kind(question: str) -> tuple[str, str] | None:
 def expected_answer(question: str, facts: dict) -> tuple[str, str] | None:
     """``(form, answer)`` the phantom's facts give for ``question``, or None if it asks about
     something the judge does not know (or about the side or size of lesions a phantom without
-    lesions does not have). form is "yesno" or "open"."""
+    lesions does not have). form is "yesno", "open" or "graded" (answer: the reference description)."""
     found = question_kind(question)
     if found is None:
         return None
     form, kind = found
+    if form == "graded":
+        return form, describe(facts)
     q = words(question)
     sides = {les["side"] for les in facts["lesions"]}
     count = facts["count"]
@@ -104,6 +112,11 @@ def expected_answer(question: str, facts: dict) -> tuple[str, str] | None:
 
 
 def is_right(answer: str, kind: str, expected: str) -> bool:
+    """Whether ``answer`` gives the ``expected`` answer of a question of form ``kind``; a graded
+    description is right when it states every fact of ``expected`` and nothing wrong."""
+    if kind == "graded":
+        return parse_description(answer) == {k: v for k, v in truth_from_reference(expected).items()
+                                             if v is not None}
     a = words(answer)
     if not a:
         return False
@@ -131,12 +144,14 @@ def record_draw(what: str, noise_seed: int | str, image_sha256: str, question: s
 class PhantomJudge:
     """Scorer for :class:`ChatCompletionServer`. ``facts``: image file name → phantom facts;
     ``image_folder``: where those images are (hashed once to recognise request images);
-    ``flip_rate``, ``position_bias``, ``noise_seed``: the noise of the module docstring (0, 0: none).
+    ``flip_rate``, ``position_bias``, ``noise_seed``: the noise of the module docstring (0, 0: none);
+    ``graded``: score description answers (:func:`stllava.demo.graded.judge_score`).
     Refuses (StllavaError) a rate outside [0, 1]."""
 
     def __init__(self, facts: dict[str, dict], image_folder: str, flip_rate: float = 0.0,
-                 position_bias: float = 0.0, noise_seed: int | str = 0):
+                 position_bias: float = 0.0, noise_seed: int | str = 0, graded: bool = False):
         check_noise(flip_rate, position_bias)
+        self.graded = graded
         self.flip_rate, self.position_bias, self.noise_seed = flip_rate, position_bias, noise_seed
         self.by_hash = {}
         for name, f in facts.items():
@@ -153,10 +168,13 @@ class PhantomJudge:
         if facts is None:
             return Reply(f"5 5\nThe {JUDGE_NAME} does not know this image.", model=JUDGE_NAME)
         exp = expected_answer(question, facts)
-        if exp is None:
+        if exp is None or (exp[0] == "graded" and not self.graded):
             return Reply(f"5 5\nThe {JUDGE_NAME} cannot map this question to a known fact.", model=JUDGE_NAME)
         kind, truth = exp
-        s1, s2 = (9 if is_right(a, kind, truth) else 2 for a in (a1, a2))
+        if kind == "graded":  # partly right answers: a score per fact (stllava.demo.graded)
+            s1, s2 = (judge_score(a, facts) for a in (a1, a2))
+        else:
+            s1, s2 = (9 if is_right(a, kind, truth) else 2 for a in (a1, a2))
         note = ""
         record = (image_sha, question, a1, a2)
         if self.position_bias and record_draw("position", self.noise_seed, *record) < self.position_bias:
@@ -167,22 +185,23 @@ class PhantomJudge:
 
 
 def build_server(facts_file: str, image_folder: str, port: int = 0, *, flip_rate: float = 0.0,
-                 position_bias: float = 0.0, noise_seed: int | str = 0) -> ChatCompletionServer:
-    """The phantom judge (noisy with ``flip_rate`` / ``position_bias``, see :class:`PhantomJudge`)
+                 position_bias: float = 0.0, noise_seed: int | str = 0, graded: bool = False) -> ChatCompletionServer:
+    """The phantom judge (noisy with ``flip_rate`` / ``position_bias``, grading descriptions with
+    ``graded``, see :class:`PhantomJudge`)
     on 127.0.0.1:``port`` (0 = a free port), not started yet."""
     with open(facts_file) as f:
         facts = json.load(f)
     judge = PhantomJudge(facts, image_folder, flip_rate=flip_rate, position_bias=position_bias,
-                         noise_seed=noise_seed)
+                         noise_seed=noise_seed, graded=graded)
     return ChatCompletionServer(judge, port=port, model=JUDGE_NAME)
 
 
 def serve(facts_file: str, image_folder: str, port: int = 0, *, flip_rate: float = 0.0,
-          position_bias: float = 0.0, noise_seed: int | str = 0) -> ChatCompletionServer:
-    """Start the phantom judge (noisy as :func:`build_server` says) in a background thread;
+          position_bias: float = 0.0, noise_seed: int | str = 0, graded: bool = False) -> ChatCompletionServer:
+    """Start the phantom judge (noisy and graded as :func:`build_server` says) in a background thread;
     returns the server."""
     return build_server(facts_file, image_folder, port, flip_rate=flip_rate, position_bias=position_bias,
-                        noise_seed=noise_seed).start()
+                        noise_seed=noise_seed, graded=graded).start()
 
 
 def main(argv=None) -> None:
@@ -194,11 +213,12 @@ def main(argv=None) -> None:
     ap.add_argument("--position-bias", type=float, default=0.0,
                     help="share of records where Answer 1 wins whatever it says (default 0)")
     ap.add_argument("--noise-seed", type=int, default=0, help="seed of the per-record noise draws")
+    ap.add_argument("--graded", action="store_true", help="grade description answers (facts right minus wrong)")
     logs.add_log_level_arg(ap)
     args = ap.parse_args(argv)
     logs.setup(args.log_level)
     server = build_server(args.facts, args.image_folder, args.port, flip_rate=args.flip_rate,
-                          position_bias=args.position_bias, noise_seed=args.noise_seed)
+                          position_bias=args.position_bias, noise_seed=args.noise_seed, graded=args.graded)
     print(f"{JUDGE_NAME} serving on {server.base_url}")
     server.serve_forever()
 

@@ -15,6 +15,7 @@ import random
 import numpy as np
 from PIL import Image
 
+from stllava.demo.graded import DESCRIBE_QUESTION, describe
 from stllava.jsonl import write_json_atomic
 
 MODALITIES = ("x-ray", "ct", "mri")
@@ -143,15 +144,19 @@ def make_split(out_dir: str, n: int, seed: int | str, prefix: str) -> list[Phant
     return phantoms
 
 
-def sft_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
+def sft_records(phantoms: list[Phantom], seed: int | str, graded: bool = False) -> list[dict]:
     """LLaVA-Med-format multi-turn conversations (open and closed questions) per phantom; ``seed``
-    (an int or a string key) seeds the choice of questions."""
+    (an int or a string key) seeds the choice of questions. With ``graded``, every conversation
+    ends with the description question (:mod:`stllava.demo.graded`), drawing nothing from the
+    stream: the other turns are those of ``graded=False``."""
     rng = random.Random(seed)
     records = []
     for ph in phantoms:
         pairs = closed_questions(ph, rng) + open_questions(ph)
         rng.shuffle(pairs)
         pairs = pairs[: rng.randint(3, len(pairs))]
+        if graded:
+            pairs.append((DESCRIBE_QUESTION, describe(ph.facts())))
         conv = []
         for j, (q, a) in enumerate(pairs):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
@@ -160,9 +165,10 @@ def sft_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
     return records
 
 
-def test_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
+def test_records(phantoms: list[Phantom], seed: int | str, graded: bool = False) -> list[dict]:
     """LLaVA-Med evaluation format, one question per record; ``seed`` (an int or a string key)
-    seeds the choice of questions."""
+    seeds the choice of questions. With ``graded``, each phantom also gets the description
+    question (OPEN records after all others, so the other records keep their ids)."""
     rng = random.Random(seed)
     items = []
     for ph in phantoms:
@@ -170,6 +176,8 @@ def test_records(phantoms: list[Phantom], seed: int | str) -> list[dict]:
             items.append((ph, q, a, "CLOSED"))
         for q, a in open_questions(ph):
             items.append((ph, q, a, "OPEN"))
+    if graded:
+        items += [(ph, DESCRIBE_QUESTION, describe(ph.facts()), "OPEN") for ph in phantoms]
     return [{"id": f"{ph.name.rsplit('.', 1)[0]}_{k}", "image": ph.name, "answer_type": t,
              "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
             for k, (ph, q, a, t) in enumerate(items)]

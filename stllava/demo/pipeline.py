@@ -70,14 +70,19 @@ class Demo:
             vqa_rad_assets,
             write_sft_set,
         )
+        from stllava.demo.graded import data_settings
 
         c = self.cfg
+        graded = c.loop.graded
         # the shared splits are rendered from the demo's seed, so the seed is one of their settings
         self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
-                                                "seed": c.seed, "streams": STREAMS},
-                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.seed))
-        self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed, "streams": STREAMS},
-                    lambda: build_labelled(self.path("labelled"), c.n_labelled, c.seed, with_vqa_rad=True))
+                                                "seed": c.seed, "streams": STREAMS, **data_settings(graded)},
+                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.seed,
+                                         graded=graded))
+        self.r.step("labelled", self.path("labelled"), {"n": c.n_labelled, "seed": c.seed, "streams": STREAMS,
+                                                        **data_settings(graded)},
+                    lambda: build_labelled(self.path("labelled"), c.n_labelled, c.seed, with_vqa_rad=True,
+                                           graded=graded))
         write_sft_set(self.path("labelled"), c.n_labelled, c.seed)
         check_disjoint({"labelled": images_in(self.path("labelled", "images", "phantoms")),
                         **{split: images_in(self.path("data", "phantoms", split, "images"))

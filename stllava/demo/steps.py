@@ -59,6 +59,9 @@ class LoopSettings:
     # records where Answer 1 wins whatever it says; drawn per record with the run's seed. 0 = perfect.
     judge_flip_rate: float = 0.0
     judge_position_bias: float = 0.0
+    # The graded-answer probe (stllava.demo.graded): a description question in the SFT and test
+    # records and a judge that grades descriptions by their facts. Off: the data of before the probe.
+    graded: bool = False
     # The earlier, unmatched control (SFT learning rate, batch sft_batch, constant schedule, sq_r 0,
     # rft_epochs passes): recorded in the search's settings (docs/study/search.json), superseded by
     # the compute-matched controls of :func:`control` (docs/Study.md#controls); not read by the study.
@@ -191,12 +194,14 @@ def judge(r: Runner, folder: str, answers_file: str, images: str, facts: str, s:
     settings = {"answers": answers_file, "facts": facts}
     if s.judge_flip_rate or s.judge_position_bias:  # the perfect judge keeps its settings (and folder names)
         settings["noise"] = noise
+    if s.graded:  # likewise the judge of one-word answers
+        settings["graded"] = True
     settings = keyed(r, settings)
     folder = r.resolve(folder, settings)
     out = os.path.join(folder, "judged.jsonl")
 
     def go():
-        server = serve(facts, images, **noise)
+        server = serve(facts, images, **noise, graded=s.graded)
         try:
             r.run(cmd("stllava.selftrain.judge", answers=answers_file, image_folder=images, out=out,
                       base_url=server.base_url, model=JUDGE_NAME, api_key_env=JUDGE_KEY_ENV,

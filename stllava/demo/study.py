@@ -54,7 +54,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from stllava import logs
 from stllava.demo import steps
+from stllava.demo.graded import graded_plan
 from stllava.demo.quality import pair_stats, per_kind, question_stats
+from stllava.demo.rounds import rounds_plan, study_rounds, summarize
 from stllava.demo.runner import Runner
 from stllava.demo.steps import CONTROLS, SEARCH, LoopSettings, chosen_settings
 from stllava.demo.study_report import (
@@ -96,6 +98,7 @@ class StudyConfig:
     data_seed: int = 0
     splits: tuple[str, ...] = SPLITS  # evaluation sets: val (settings were chosen on it) and test
     jobs: int = 2
+    rounds: int = 1  # rounds of self-training after SFT (stllava.demo.rounds); 1 = the published method
     loop: LoopSettings = dataclasses.field(default_factory=lambda: chosen_settings(heldout_share=0.1))
     role: str = "study"  # part of every run's key: "study" runs never reuse "search" runs
     variant: str = ""  # names a plan's loop-setting variant in the result files ("flip0.1")
@@ -111,7 +114,10 @@ PLANS: dict[str, list[dict]] = {
     "noise": [dict(sizes=(100,), seeds=_NOISE_SEEDS, variant=f"flip{f}", loop_changes={"judge_flip_rate": f},
                    conditions=("sft", "st", "rft", *(NOISY_DPO if f else ()))) for f in FLIP_RATES],
 }
-PLANS["all"] = [chunk for name in ("primary", "secondary", "noise") for chunk in PLANS[name]]
+# iterative self-training (stllava.demo.rounds) and the graded-answer probe (stllava.demo.graded)
+PLANS["rounds"] = [dict(rounds_plan(), variant="rounds")]
+PLANS["graded"] = [graded_plan()]
+PLANS["all"] = [chunk for name in ("primary", "secondary", "noise", "rounds", "graded") for chunk in PLANS[name]]
 
 
 def plan_configs(plan: str, base: StudyConfig, seeds: tuple[int, ...] | None = None,
@@ -153,20 +159,23 @@ class Study:
         """The shared data, then each seed's labelled sets and (with ``models``) tiny model, before the
         parallel runs; refuses (StllavaError) splits that share an image (:meth:`check_splits`)."""
         from stllava.demo.data import STREAMS, build_labelled, build_shared, write_sft_set
+        from stllava.demo.graded import data_settings
         from stllava.model.tiny import build_tiny_bundle
 
         c = self.cfg
+        graded = c.loop.graded
         self.r.step("data", self.path("data"), {"unlabelled": c.n_unlabelled, "val": c.n_val, "test": c.n_test,
-                                                "seed": c.data_seed, "streams": STREAMS},
-                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed))
+                                                "seed": c.data_seed, "streams": STREAMS, **data_settings(graded)},
+                    lambda: build_shared(self.path("data"), c.n_unlabelled, c.n_val, c.n_test, seed=c.data_seed,
+                                         graded=graded))
         pool = max(c.labelled_pool, *c.sizes)
         for seed in c.seeds:
             lab = self.path(f"seed{seed}", "labelled")
             if models:
                 self.r.step("bundle", self.path(f"seed{seed}", "tiny"), {"seed": seed},
                             lambda seed=seed: build_tiny_bundle(self.path(f"seed{seed}", "tiny"), seed=seed))
-            self.r.step("labelled", lab, {"pool": pool, "seed": seed, "streams": STREAMS},
-                        lambda lab=lab, seed=seed: build_labelled(lab, pool, seed))
+            self.r.step("labelled", lab, {"pool": pool, "seed": seed, "streams": STREAMS, **data_settings(graded)},
+                        lambda lab=lab, seed=seed: build_labelled(lab, pool, seed, graded=graded))
             for n in c.sizes:
                 _, questions = write_sft_set(lab, n, seed)
                 self.training_questions[(seed, n)] = questions
@@ -223,6 +232,10 @@ class Study:
             overall = where["overall"]
             out[split] = {"closed_acc": overall["closed_acc"], "open_recall": overall["open_recall"],
                           "open_f1": overall["open_f1"], "per_kind": per_kind(where["folder"], folder)}
+            if s.graded:  # the graded-answer probe's fact recall / precision (stllava.demo.graded)
+                from stllava.demo.graded import description_metrics
+
+                out[split]["description"] = description_metrics(where["folder"], folder)
         return out
 
     def _self_train(self, cell: str, sft_model: str, s: LoopSettings, seed: int, n: int, log: str) -> dict:
@@ -314,6 +327,10 @@ class Study:
                 done = self._evaluate(model, ds, f"{log}_{c}") if extra["trained"] else sft_res
                 res["conditions"][names[c]] = {**done, **extra, "pairs": n_pairs,
                                                "steps": steps.dpo_steps(n_pairs, ds)}
+                if c == "st" and not tag and self.cfg.rounds > 1:  # iterative self-training (docs/Study.md)
+                    res["rounds"] = study_rounds(self, cell, model, {
+                        **res["conditions"]["st"], "pairs": st["pair_quality"]["pairs"],
+                        "pair_quality": st["pair_quality"]}, s, seed, log)
             for c in CONTROLS:
                 if names.get(c) not in want:
                     continue
@@ -342,6 +359,7 @@ class Study:
             write_json_atomic(path, {"role": self.cfg.role, "condition": c, "seed": res["seed"],
                                      "n_labelled": res["n_labelled"], "variant": self.cfg.variant,
                                      "result": result, "stage2": res["stage2"].get(c),
+                                     **({"rounds": res["rounds"]} if c == "st" and res.get("rounds") else {}),
                                      "settings_digest": digest(settings), "settings": settings}, indent=1)
             written.append(path)
         return written
@@ -437,6 +455,12 @@ def main(argv=None) -> int:
     ap.add_argument("--splits-only", action="store_true",
                     help="only render the splits (labelled per seed, unlabelled, val, test), check that no two share "
                     "an image, and write <workdir>/splits.json = {split: {seed: [image paths]}}; no training")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of self-training (default 1, the published method): round k asks, answers and "
+                    "trains DPO from round k-1's model on a fresh draw of questions (stllava.demo.rounds)")
+    ap.add_argument("--graded", action="store_true",
+                    help="the graded-answer probe: a description question in the data and a judge that grades it "
+                    "(stllava.demo.graded)")
     ap.add_argument("--search", default=None, nargs="?", const="all",
                     help="run the settings search on the validation phantoms instead of the study: all variants, "
                     f"or a comma-separated subset of {','.join(SEARCH)}")
@@ -460,6 +484,10 @@ def main(argv=None) -> int:
         cfg.n_unlabelled = args.unlabelled
     seeds = parse_seeds(args.seeds) if args.seeds else None
     sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
+    if args.rounds:
+        cfg.rounds = args.rounds
+    if args.graded:
+        cfg.loop = cfg.loop.replace(graded=True, eval_max_new_tokens=max(16, cfg.loop.eval_max_new_tokens))
     t0 = time.time()
     if args.splits_only or args.search:
         cfg.seeds, cfg.sizes = seeds or cfg.seeds, sizes or cfg.sizes
@@ -480,12 +508,15 @@ def main(argv=None) -> int:
     chunks = [cfg] if args.quick else plan_configs(args.plan, cfg, seeds, sizes)
     if args.quick:
         cfg.seeds, cfg.sizes = seeds or cfg.seeds, sizes or cfg.sizes
+    ran = []
     for chunk in chunks:
         if args.conditions:
             chunk.conditions = tuple(x for x in args.conditions.split(",") if x)
-        Study(chunk).run()
+        ran += Study(chunk).run()
     # the workdir's report: every result file in the results folder, finished chunks included
     study = aggregate_files(chunks[0].results or os.path.join(cfg.workdir, "runs"))
+    if any(r.get("rounds") for r in ran):  # iterative self-training: per-round means and differences
+        study["rounds"] = summarize([r for r in ran if r.get("rounds")])
     write_report(study, cfg.workdir)
     if args.figures:
         copy_figures(cfg.workdir)

@@ -125,7 +125,11 @@ def test_plans_chunks():
     secondary, = plan_configs("secondary", StudyConfig())
     assert secondary.sizes == (300, 1500) and secondary.seeds == tuple(range(10, 15))
     assert secondary.conditions == ("sft", "st")
-    assert len(plan_configs("all", StudyConfig())) == 6
+    rounds, = plan_configs("rounds", StudyConfig())
+    assert rounds.rounds == 3 and rounds.sizes == (100,) and rounds.seeds == tuple(range(10, 15))
+    graded, = plan_configs("graded", StudyConfig())
+    assert graded.loop.graded and graded.variant == "graded" and graded.seeds == (10, 11, 12)
+    assert len(plan_configs("all", StudyConfig())) == 8  # primary, secondary, 4 noise, rounds, graded
     with pytest.raises(StllavaError, match="unknown --plan"):
         plan_configs("everything", StudyConfig())
 
