@@ -140,6 +140,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
                 len(pending), len(images.skipped))
     if pending:
         tokenizer, model, processor = loaded if loaded is not None else load_model(args)
+        images.for_model(processor, model.config)  # JPEGs decoded as training decodes them
         model_id = model_name(args.model_path)
 
         def prepare(batch: list[Question]):
