@@ -324,13 +324,15 @@ def image_prompt_text(question: str) -> str:
     return DEFAULT_IMAGE_TOKEN + "\n" + question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Return the image at ``path`` decoded completely, as RGB. Raises :class:`ImageError` naming
-    the file and what is wrong (missing, empty, unreadable, truncated) — never a partial image."""
+def load_rgb(path: str, need=None) -> Image.Image:
+    """Return the image at ``path`` decoded completely, as RGB; a JPEG at the reduced size
+    ``need`` (a :class:`stllava.data.images.DecodeSize`, from :func:`stllava.mm_utils.decode_size`)
+    allows, as training decodes it. Raises :class:`ImageError` naming the file and what is wrong
+    (missing, empty, unreadable, truncated) — never a partial image."""
     from stllava.data.images import ImageLoadError, load_image
 
     try:
-        return load_image(str(path))
+        return load_image(str(path), need=need)
     except ImageLoadError as e:
         raise ImageError(e.path, e.kind, e.detail) from None
 

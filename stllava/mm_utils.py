@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from stllava.data.images import ImageTooLarge, check_aspect, check_padded
+from stllava.data.images import DecodeSize, ImageTooLarge, check_aspect, check_padded
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX,
@@ -96,6 +96,30 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg) ->
             images = [im.resize(target, resample=image_processor.resample) for im in images]
             return image_processor(images, do_resize=False, return_tensors="pt")["pixel_values"]
     return image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def decode_size(image_processor, model_cfg) -> DecodeSize | None:
+    """The smallest decoded image :func:`process_images` needs with ``image_processor`` and
+    ``model_cfg.image_aspect_ratio`` (attribute or dict key): the processor's resize size (its
+    ``shortest_edge``, else the larger of ``height``/``width``; the crop size when larger), to be
+    kept by the padded square's side, i.e. the image's longer side (``pad``), else by its shorter
+    side. JPEG loaders decode at the reduction this allows (:func:`stllava.data.images.draft_scale`);
+    training and inference both call this, so both decode alike. None (decode at full size) when
+    there is no processor or its size cannot be read."""
+    if image_processor is None:
+        return None
+
+    def get(obj, key):  # a dict (transformers 4) or a SizeDict (transformers 5)
+        if obj is None:
+            return None
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+    side = get(size, "shortest_edge") or max(get(size, "height") or 0, get(size, "width") or 0)
+    side = max(side or 0, get(crop, "height") or 0, get(crop, "width") or 0)
+    if not isinstance(side, int) or side < 1:
+        return None
+    return DecodeSize(side, padded=_aspect_ratio(model_cfg) == "pad")
 
 
 def _pil_resize_target(image_processor) -> tuple[int, int] | None:

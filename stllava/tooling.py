@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from stllava import logs
 from stllava.artifacts import check
+from stllava.data.images import DecodeSize
 from stllava.errors import StllavaError
 from stllava.generation import ImageError, batched, load_rgb, prefetch
 from stllava.jsonl import JsonlError, JsonlWriter, iter_jsonl
@@ -226,6 +227,14 @@ class ImageSource:
     ident: Callable[[Any], dict]
     skip_bad: bool = False
     skipped: list[dict] = field(default_factory=list)
+    need: DecodeSize | None = None  # the size JPEGs are decoded at (see for_model); None: full size
+
+    def for_model(self, image_processor, model_config) -> None:
+        """Decode JPEGs at the reduced size the model's preprocessing allows
+        (:func:`stllava.mm_utils.decode_size`), as training decodes them."""
+        from stllava.mm_utils import decode_size
+
+        self.need = decode_size(image_processor, model_config)
 
     def path(self, item) -> str:
         """The item's image file (:func:`stllava.data.images.image_path`); raises :class:`ImageError`
@@ -276,7 +285,7 @@ class ImageSource:
             try:
                 path = self.path(it)
                 if path not in cache:
-                    cache[path] = load_rgb(path)
+                    cache[path] = load_rgb(path, self.need)
             except ImageError as e:
                 if not self.skip_bad:
                     raise ToolError(f"{self.where(it)}: {e}; fix the image, or pass --skip-bad to skip and "

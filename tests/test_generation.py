@@ -226,3 +226,22 @@ def test_bench_generation_times_the_tool_and_checks_the_answers(tiny_bundle, tmp
     assert spread["batched_equals_single"] is True and spread["images_prepared"] == {"single": 6, "batched": 6}
     assert bench.spread_order([{"i": "a"}, {"i": "a"}, {"i": "b"}, {"i": "c"}], "i") == \
         [{"i": "a"}, {"i": "b"}, {"i": "c"}, {"i": "a"}]
+
+
+def test_bench_generation_test_set_order_shuffles_the_whole_test_set(tiny_bundle, tmp_path, vqa_rad_dir):
+    """scripts/bench_generation.py --order test-set, tiny settings: the shuffled VQA-RAD test set
+    (consecutive questions rarely share an image), both ratios and their quotient; skipped with
+    the reason when the folder is absent."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_generation.py")
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--model-path", tiny_bundle["model"], "--order", "test-set", "--vqa-rad", str(vqa_rad_dir),
+                      "--questions", "6", "--batch-size", "3", "--new-tokens", "2", "--repeats", "1"])
+    assert res["batched_equals_single"] is True and res["questions"] == 6
+    assert res["distinct_images"] >= 5 and res["images_prepared"]["batched"] >= 5
+    assert res["end_to_end_over_generation"] == res["end_to_end"]["ratio"] / res["generation"]["ratio"]
+    skipped = bench.main(["--order", "test-set", "--vqa-rad", str(tmp_path)])
+    assert skipped == {"skipped": f"{tmp_path}/testset.json not found (the shared VQA-RAD copy; give --vqa-rad DIR)"}

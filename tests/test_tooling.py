@@ -145,7 +145,8 @@ def test_vqa_rad_answers_batched_equal_one_at_a_time_and_the_reference(tiny_bund
     """Issue 15: the embedded VQA-RAD questions answered by model_vqa through the shared loop, at
     batch 16 (images shared within a batch decoded and preprocessed once, the next batch prepared
     in the background) and at batch 1, equal the reference formulation: per question, the image
-    decoded, padded and preprocessed by the processor alone, then one generate call."""
+    decoded (a JPEG at the reduced size PIL's draft gives, as training decodes it), padded and
+    preprocessed by the processor alone, then one generate call."""
     from importlib import resources
 
     import torch
@@ -181,9 +182,14 @@ def test_vqa_rad_answers_batched_equal_one_at_a_time_and_the_reference(tiny_bund
         ids = torch.tensor([tokenizer_image_token(prompt, tok)])
         return generate_prepared(model, tok, PreparedBatch(ids, torch.ones_like(ids), pixels), settings)[0]
 
+    from stllava.data.images import DecodeSize, draft_scale
+
     ref = []
     for r in qa:
         with Image.open(assets / "images" / r["image_name"]) as im:
+            s = draft_scale(im.width, im.height, DecodeSize(112))  # the tiny tower's 112 px, padded
+            im.draft("RGB", (im.width // s, im.height // s))
+            assert s > 1 and max(im.size) >= 112
             ref.append(reference(r["question"], im))
     assert tool(16) == tool(1) == ref
     assert len(set(ref)) >= 8  # real answers, differing between images and questions

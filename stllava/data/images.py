@@ -24,6 +24,14 @@ the file, the record and the fix. Every tool that reads image files goes through
   (:func:`stllava.mm_utils.process_images`) also refuses, however an image got there, what its
   own steps would blow up: a padded square over the pixel limit, or (without padding) an aspect
   ratio over the limit.
+* **JPEGs are decoded at reduced size** when the caller says what preprocessing needs
+  (:class:`DecodeSize`, from :func:`stllava.mm_utils.decode_size`): PIL's ``Image.draft`` makes
+  the JPEG decoder itself scale by 1/2, 1/4 or 1/8, and :func:`draft_scale` picks the largest
+  reduction that keeps the image at least as large as preprocessing's output (for the ``pad``
+  aspect ratio the longer side ≥ the CLIP size, 336). Training (``stllava.data.lazy``), the
+  generating tools, the chat CLI and the API server all pass the same size, so they see the same
+  pixels (docs/Differences.md#jpeg-draft). The size checks above run on the header first.
+  ``STLLAVA_JPEG_DRAFT=0`` decodes every JPEG at full size everywhere.
 * **16-bit images** (PIL modes ``I;16*`` and ``I``) are scaled to 8 bits (value / 257, rounded)
   before becoming RGB; PIL's ``convert("RGB")`` clips them instead, which turns an ordinary
   16-bit radiograph almost white. :func:`mode_note` names such unusual modes for ``data.verify``.
@@ -36,6 +44,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -53,6 +62,7 @@ OUTSIDE_FOLDER = "image outside the image folder"
 IMAGE_PROBLEMS = (MISSING, EMPTY, UNREADABLE, TRUNCATED, TOO_LARGE, EXTREME_ASPECT, OUTSIDE_FOLDER)
 
 MAX_PIXELS_ENV = "STLLAVA_MAX_IMAGE_PIXELS"
+JPEG_DRAFT_ENV = "STLLAVA_JPEG_DRAFT"  # "0" (or false/no/off): decode JPEGs at full size
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default (1024 * 1024 * 1024 // 4 // 3)
 MAX_ASPECT_ENV = "STLLAVA_MAX_IMAGE_ASPECT"
 # Width:height (or height:width) above which an image is refused. Medical images are rarely beyond
@@ -250,14 +260,60 @@ def open_checked(src: str | IO[bytes]) -> Image.Image:
     return im
 
 
-def open_image(src: str | IO[bytes]) -> tuple[Image.Image, str]:
+@dataclass(frozen=True)
+class DecodeSize:
+    """The smallest decoded image preprocessing needs: with ``padded`` (the ``pad`` aspect ratio,
+    which pads to a square before resizing) the LONGER side must stay ≥ ``side``; without, the
+    SHORTER one (the processor resizes the shortest edge). Made by :func:`stllava.mm_utils.decode_size`."""
+
+    side: int
+    padded: bool = True
+
+
+def jpeg_draft_enabled() -> bool:
+    """False when ``$STLLAVA_JPEG_DRAFT`` is ``0``, ``false``, ``no`` or ``off``: every JPEG is then
+    decoded at full size. Read at each load, so one setting covers training and inference."""
+    return os.environ.get(JPEG_DRAFT_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def draft_scale(width: int, height: int, need: DecodeSize) -> int:
+    """The largest JPEG decoder reduction (8, 4, 2, else 1) after which a ``width`` x ``height``
+    image still meets ``need``: PIL's reduced size is ceil(w / s) x ceil(h / s), and the longer
+    (``need.padded``) or shorter side of it must stay ≥ ``need.side``. Never reduces a side below
+    1 pixel (the shorter side must be ≥ s)."""
+    long, short = max(width, height), min(width, height)
+    governing = long if need.padded else short
+    for s in (8, 4, 2):
+        if short >= s and -(-governing // s) >= need.side:
+            return s
+    return 1
+
+
+def apply_draft(im: Image.Image, need: DecodeSize | None) -> int:
+    """Ask the JPEG decoder of ``im`` (opened, not yet decoded) for the reduction
+    :func:`draft_scale` allows; returns the scale applied (1: none). Only JPEGs (PIL's ``draft``
+    does nothing for other formats), only with ``need`` and only while :func:`jpeg_draft_enabled`."""
+    if need is None or im.format != "JPEG" or not jpeg_draft_enabled():
+        return 1
+    s = draft_scale(im.width, im.height, need)
+    if s > 1:
+        # PIL picks the largest of 8, 4, 2, 1 not above min(w // rw, h // rh): asking for
+        # (w // s, h // s) gives exactly s (w // (w // s) is in [s, 2s)).
+        im.draft(im.mode, (im.width // s, im.height // s))
+    return s
+
+
+def open_image(src: str | IO[bytes], need: DecodeSize | None = None) -> tuple[Image.Image, str]:
     """Decode ``src`` (a path or a binary file object) completely; returns ``(RGB image, original
-    mode)``. Raises :class:`ImageTooLarge` before decoding an image :func:`check_dimensions` refuses,
-    and PIL's errors (UnidentifiedImageError, OSError, ...) for anything else it cannot decode."""
+    mode)``. A JPEG is decoded at the reduced size ``need`` allows (:func:`apply_draft`; full size
+    when ``need`` is None). Raises :class:`ImageTooLarge` before decoding an image
+    :func:`check_dimensions` refuses (from its full header size), and PIL's errors
+    (UnidentifiedImageError, OSError, ...) for anything else it cannot decode."""
     # Decoding a truncated JPEG must fail; another library may have set this flag process-wide.
     prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with open_checked(src) as im:
+            apply_draft(im, need)
             im.load()
             return to_rgb(im), im.mode
     finally:
@@ -304,13 +360,13 @@ def image_mode(path: str) -> str | None:
         return None
 
 
-def load_image(path: str, record: str = "") -> Image.Image:
-    """Return the image at ``path`` as RGB (:func:`to_rgb`); raises :class:`ImageLoadError` (naming
-    ``record``) when it is missing, empty, unreadable, truncated, too large or too thin — never
-    returns a partial image."""
+def load_image(path: str, record: str = "", need: DecodeSize | None = None) -> Image.Image:
+    """Return the image at ``path`` as RGB (:func:`to_rgb`), a JPEG decoded at the reduced size
+    ``need`` allows (:func:`open_image`); raises :class:`ImageLoadError` (naming ``record``) when it
+    is missing, empty, unreadable, truncated, too large or too thin — never returns a partial image."""
     try:
         if os.path.isfile(path) and os.path.getsize(path) > 0:
-            return open_image(path)[0]
+            return open_image(path, need)[0]
     except (OSError, SyntaxError, ValueError, ImageTooLarge):
         pass
     problem = _classify(path) or (UNREADABLE, "could not be decoded")

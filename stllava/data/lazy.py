@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from stllava.data.images import blank_image, image_path, load_image
 from stllava.data.verify import DataFileError, VerifyReport, apply_bad_sample_policy, load_records, record_name
-from stllava.mm_utils import process_images
+from stllava.mm_utils import decode_size, process_images
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class LazyLlavaDataset(Dataset):
             raise ValueError("the data has records with images but no image processor was given "
                              "(is --vision_tower set / does the model have a vision tower?)")
         self._blank = blank_image(image_processor) if image_processor is not None else None
+        # JPEGs decoded at the reduced size preprocessing allows, as inference decodes them.
+        self._decode = decode_size(image_processor, {"image_aspect_ratio": image_aspect_ratio})
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,7 +84,8 @@ class LazyLlavaDataset(Dataset):
         image, or one outside the image folder."""
         if "image" in record:
             name = record_name(record, orig)
-            pil = load_image(image_path(self.image_folder, record["image"], record=name), record=name)
+            pil = load_image(image_path(self.image_folder, record["image"], record=name), record=name,
+                             need=self._decode)
             return process_images([pil], self.image_processor, {"image_aspect_ratio": self.image_aspect_ratio})[0]
         return self._blank.clone() if self._blank is not None else None
 

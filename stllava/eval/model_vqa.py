@@ -161,6 +161,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
             block=args.concurrency, out=args.answers_file, desc="answering", unit="q")
     elif pending:
         tokenizer, model, processor = loaded if loaded is not None else load_model(args)
+        images.for_model(processor, model.config)  # JPEGs decoded as training decodes them
         model_id = model_name(args.model_path)
 
         def prepare(batch: list[Question]):

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
             block=max(1, args.concurrency // k), out=args.out, desc="answers", unit="q")
         return summary
     tokenizer, model, processor = loaded if loaded is not None else load_model(args)
+    images.for_model(processor, model.config)  # JPEGs decoded as training decodes them
 
     def process(block: list[Question], prepared) -> list[dict]:
         keep, pics = prepared

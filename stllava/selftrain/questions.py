@@ -163,6 +163,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict:
     if not pending:
         return summary
     tokenizer, model, processor = loaded if loaded is not None else load_model(args)
+    images.for_model(processor, model.config)  # JPEGs decoded as training decodes them
 
     def process(block: list[str], loaded_images) -> list[dict]:
         rels, pics = loaded_images

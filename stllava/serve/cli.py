@@ -22,6 +22,7 @@ line. Exit codes as every ``stllava`` command (:mod:`stllava.errors`).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import os
@@ -35,7 +36,7 @@ from stllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from stllava.control_text import control_strings, neutralize
 from stllava.conversation import SeparatorStyle, conv_templates, get_conv_template
 from stllava.errors import EXIT_FAILED, StllavaError, run_cli
-from stllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from stllava.mm_utils import decode_size, get_model_name_from_path, process_images, tokenizer_image_token
 from stllava.tooling import checkpoint_conv_mode
 
 logger = logging.getLogger("stllava.serve.cli")
@@ -85,9 +86,20 @@ def infer_conv_mode(model_path: str) -> tuple[str, str]:
     return "v1", "the default; nothing in the checkpoint names a template"
 
 
-def load_image(src: str, allow_url: bool = False) -> Image.Image:
+@functools.lru_cache(maxsize=1)
+def _download(url: str) -> bytes:
+    """The bytes at ``url``; kept, so the image checked before the model loads and the one decoded
+    at the model's size (:func:`_chat`) are one download."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
+        return r.read()
+
+
+def load_image(src: str, allow_url: bool = False, need=None) -> Image.Image:
     """The RGB image at local path ``src``, or at an http(s) URL when ``allow_url``, decoded as
-    every stllava tool decodes images (:func:`stllava.data.images.open_image`).
+    every stllava tool decodes images (:func:`stllava.data.images.open_image`; a JPEG at the
+    reduced size ``need`` allows, see :func:`stllava.mm_utils.decode_size`).
 
     Raises ChatInputError for a URL without ``allow_url``, a download that fails, and a file
     that is missing, not an image, truncated or over the pixel limit (naming what is wrong).
@@ -99,12 +111,9 @@ def load_image(src: str, allow_url: bool = False) -> Image.Image:
         if not allow_url:
             raise ChatInputError(f"--image-file {src} is a URL; pass --allow-url to download it, or give a local file")
         import urllib.error
-        import urllib.request
 
         try:
-            with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (explicitly allowed by the user)
-                data = r.read()
-            return open_image(io.BytesIO(data))[0]
+            return open_image(io.BytesIO(_download(src)), need)[0]
         except (urllib.error.URLError, OSError) as e:
             raise ChatInputError(f"--image-file {src}: cannot download or decode it ({e})") from None
         except ImageTooLarge as e:
@@ -112,7 +121,7 @@ def load_image(src: str, allow_url: bool = False) -> Image.Image:
     if not os.path.isfile(src):
         raise ChatInputError(f"--image-file {src} does not exist")
     try:
-        return load_file(src)
+        return load_file(src, need=need)
     except ImageLoadError as e:  # its kind and detail, without training's advice
         raise ChatInputError(f"--image-file {src}: {e.kind} ({e.detail})") from None
 
@@ -264,7 +273,7 @@ def _chat(argv, read, write) -> int:
         def write(s):
             sys.stdout.write(s)
             sys.stdout.flush()
-    image = load_image(args.image_file, args.allow_url)
+    image = load_image(args.image_file, args.allow_url)  # a bad image is refused before the model loads
     conv_mode, why = (args.conv_mode, "from --conv-mode") if args.conv_mode else infer_conv_mode(args.model_path)
     from stllava.model.builder import load_pretrained_model
 
@@ -279,6 +288,9 @@ def _chat(argv, read, write) -> int:
     if processor is None:
         raise ChatInputError(f"{args.model_path} has no vision tower (no mm_vision_tower in its config); it cannot "
                              "chat about an image")
+    need = decode_size(processor, model.config)
+    if need is not None:  # decoded again, a JPEG at the reduced size training decodes it at
+        image = load_image(args.image_file, args.allow_url, need)
     session = ChatSession(model, tokenizer, processor, image, conv_mode, args.temperature, args.max_new_tokens,
                           args.debug, context_len)
     logger.info("conversation template %s (%s)", conv_mode, why)

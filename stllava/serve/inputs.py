@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.control_text import neutralize
 from stllava.conversation import get_conv_template
-from stllava.data.images import ImageTooLarge, check_dimensions, to_rgb
+from stllava.data.images import DecodeSize, ImageTooLarge, apply_draft, check_dimensions, to_rgb
 from stllava.generation import image_prompt_text, render_prompt
 from stllava.serve.protocol import APIError, Message, TextPart
 
@@ -39,13 +39,15 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 class ImageLimits:
     """What an image may be: ``max_bytes`` encoded, ``max_pixels`` decoded, ``max_images`` per
     conversation (LLaVA-style templates hold one ``<image>``), http(s) URLs only when
-    ``allow_remote`` (fetched with ``remote_timeout`` seconds)."""
+    ``allow_remote`` (fetched with ``remote_timeout`` seconds). ``decode``: the reduced size JPEGs
+    are decoded at, as training decodes them (:func:`stllava.mm_utils.decode_size`; None: full size)."""
 
     max_bytes: int = 20 * 2 ** 20
     max_pixels: int = 40_000_000
     max_images: int = 1
     allow_remote: bool = False
     remote_timeout: float = 10.0
+    decode: DecodeSize | None = None
 
 
 def _fetch(url: str, limits: ImageLimits, where: str) -> bytes:
@@ -108,6 +110,7 @@ def decode_image(raw: bytes, limits: ImageLimits, where: str) -> Image.Image:
         if w == 0 or h == 0:
             raise APIError(400, f"{where}: image is empty ({w}x{h})", param=where)
         try:
+            apply_draft(im, limits.decode)
             im.load()
             return to_rgb(im)  # 16-bit images scaled to 8 bits, as every stllava tool does
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

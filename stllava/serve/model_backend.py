@@ -12,6 +12,7 @@ them); an omitted ``seed`` a random one (the reply is then not reproducible, as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from stllava.constants import DEFAULT_IMAGE_TOKEN
 from stllava.control_text import control_strings
 from stllava.generation import prepare_batch
+from stllava.mm_utils import decode_size
 from stllava.serve.engine import BatchingEngine, Job
 from stllava.serve.inputs import ImageLimits, build_prompt
 from stllava.serve.protocol import (
@@ -183,4 +185,6 @@ def build_backend(tokenizer, model, processor, context_len: int, *, name: str, c
     ``load_pretrained_model`` returns it: the server CLI, the tests and the benchmark use it."""
     tower = model.get_model().get_vision_tower() if hasattr(model, "get_model") else None
     engine = BatchingEngine(model, tokenizer, processor, max_batch=max_batch, window_s=window_s, max_queue=max_queue)
+    # JPEGs decoded at the reduced size the model's preprocessing allows, as training decodes them
+    limits = dataclasses.replace(limits or ImageLimits(), decode=decode_size(processor, model.config))
     return ModelBackend(engine, name, conv_mode, context_len, tower.num_patches if tower is not None else 1, limits)
