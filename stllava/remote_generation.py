@@ -129,7 +129,7 @@ def image_message(image_file: str, text: str) -> list[dict]:
     """The ``messages`` of one question: a user message with the image (data URL) then the text.
     Refuses (ValueError naming no internals) a file that is not a readable image."""
     from stllava.constants import DEFAULT_IMAGE_TOKEN
-    from stllava.selftrain.judge_prompt import encode_image
+    from stllava.data.images import encode_image
 
     # LLaVA's model_vqa rule, as in-process (stllava.generation.image_prompt_text): the image is the
     # image part, never a "<image>" typed in the question.

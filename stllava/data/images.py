@@ -41,6 +41,7 @@ shared with generation and evaluation.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -390,3 +391,34 @@ def blank_image(image_processor) -> torch.Tensor:
     if not h or not w:
         raise ValueError(f"cannot tell the output size of image processor {type(image_processor).__name__}")
     return torch.zeros(3, int(h), int(w))
+
+
+# Image formats an OpenAI-compatible API takes as they are (others are sent as PNG).
+API_IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+def encode_image(data: bytes) -> tuple[str, bytes]:
+    """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
+
+    JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
+    Refuses (ValueError, its message naming no Python internals) bytes that are not a readable
+    image, and an image every stllava tool refuses (:func:`stllava.data.images.check_dimensions`:
+    over the pixel limit, itself or padded to a square, or thinner than the aspect-ratio limit).
+    """
+    try:
+        with open_checked(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.verify()
+        if fmt in API_IMAGE_FORMATS:
+            return API_IMAGE_FORMATS[fmt], data
+        with Image.open(io.BytesIO(data)) as img:
+            buf = io.BytesIO()
+            img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
+        return "image/png", buf.getvalue()
+    except ImageTooLarge as e:
+        raise ValueError(f"{e.kind}: {e}") from None
+    except UnidentifiedImageError:  # its message is the repr of our BytesIO
+        raise ValueError("not a readable image (not an image format PIL can identify)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(e)) or type(e).__name__
+        raise ValueError(f"not a readable image ({detail})") from None

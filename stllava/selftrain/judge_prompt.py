@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,15 +32,12 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from stllava.data.images import ImageTooLarge, open_checked
+from stllava.data.images import API_IMAGE_FORMATS, encode_image  # noqa: F401 (the judge's names)
 from stllava.errors import StllavaError
 from stllava.jsonl import read_utf8
 
 RULES_DIR = Path(__file__).with_name("rules")
 DEFAULT_RULE = RULES_DIR / "medical_v1.txt"
-API_IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -137,33 +133,6 @@ def parse_scores(reply: str | None) -> tuple[float, float] | None:
     except ValueError:
         return None
     return scores if all(math.isfinite(s) for s in scores) else None
-
-
-def encode_image(data: bytes) -> tuple[str, bytes]:
-    """(MIME type, bytes to send) for image file bytes, the type read from the bytes by PIL.
-
-    JPEG/PNG/GIF/WEBP are sent unchanged; other formats PIL reads are re-encoded as PNG.
-    Refuses (ValueError, its message naming no Python internals) bytes that are not a readable
-    image, and an image every stllava tool refuses (:func:`stllava.data.images.check_dimensions`:
-    over the pixel limit, itself or padded to a square, or thinner than the aspect-ratio limit).
-    """
-    try:
-        with open_checked(io.BytesIO(data)) as img:
-            fmt = img.format
-            img.verify()
-        if fmt in API_IMAGE_FORMATS:
-            return API_IMAGE_FORMATS[fmt], data
-        with Image.open(io.BytesIO(data)) as img:
-            buf = io.BytesIO()
-            img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
-        return "image/png", buf.getvalue()
-    except ImageTooLarge as e:
-        raise ValueError(f"{e.kind}: {e}") from None
-    except UnidentifiedImageError:  # its message is the repr of our BytesIO
-        raise ValueError("not a readable image (not an image format PIL can identify)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(e)) or type(e).__name__
-        raise ValueError(f"not a readable image ({detail})") from None
 
 
 def build_messages(prompt: str, mime: str, data: bytes) -> list[dict]:
