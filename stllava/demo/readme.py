@@ -63,7 +63,36 @@ def demo_block(summary: dict) -> str:
         if key in m:
             lines.append(f"| {label} | {cell(key, 'phantom', 'closed_acc', True)} | "
                          f"{cell(key, 'phantom', 'open_recall', True)} | {cell(key, 'vqa_rad', 'closed_acc')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + demo_facts(summary))
+
+
+def demo_facts(summary: dict) -> list[str]:
+    """The run's other numbers as README's bullets: the self-training effect of this one seed, the
+    stage-2 data (questions, answers, pairs) and DPO's held-out reward accuracy."""
+    out = []
+    effect = summary.get("self_training_effect")
+    if effect:
+        out.append(f"- **Self-training effect in this run (seed {summary['settings']['seed']}): "
+                   f"{effect['closed_acc']:+.1f} closed-accuracy and {effect['open_recall']:+.1f} open-recall "
+                   "points** over SFT. One seed is one draw, not evidence that the method helps: that is the "
+                   "study's question (below).")
+    q, pairs = summary.get("self_questions"), summary.get("pairs")
+    if q and pairs:
+        status = pairs["status"]
+        out.append(f"- Stage 2: the SFT model asked {q['questions']:,} questions about the {q['images']:,} unlabelled "
+                   f"phantoms ({q['distinct']:,} distinct; {q['answerable']:,} about a fact the phantom judge can "
+                   f"check). {q['novel']:,} are not verbatim among its training questions, and "
+                   f"{q['novel_answerable']:,} of those are checkable. Of the sampled answers, "
+                   f"{status.get('identical', 0):,} questions had identical answers and {status.get('tie', 0):,} "
+                   f"ties; **{pairs['pairs']:,} preference pairs**, "
+                   f"{100 * pairs['chosen_right_rejected_wrong']:.0f}% of them with a right chosen and a wrong "
+                   "rejected answer by the phantoms' ground truth.")
+    held = summary.get("dpo_heldout")
+    if held and held.get("reward_accuracy") is not None:
+        out.append(f"- DPO reaches reward accuracy **{held['reward_accuracy']:.3f}** on the held-out judged pairs "
+                   "(images DPO never saw; reference = the SFT model), mean margin "
+                   f"{held['reward_margin']:.2f}.")
+    return out
 
 
 def is_v2(study: dict) -> bool:
