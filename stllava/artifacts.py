@@ -159,3 +159,12 @@ def check_marker(path: str | os.PathLike, settings: Any, *, fix: str | None = No
         return False
     check(read_marker(path, fix=fix), settings, file=path, fix=fix)
     return True
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file at ``path`` (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
+from stllava.artifacts import file_sha256  # noqa: F401 (also this module's name for it)
 from stllava.errors import StllavaError
 
 MANIFEST_NAME, SUMS_NAME = "manifest.json", "SHA256SUMS"
@@ -40,15 +41,6 @@ _SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 
 class ManifestError(StllavaError, ValueError):
     """A manifest or checksum file that cannot be read; the message names the file, line and fix."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file at ``path`` (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:

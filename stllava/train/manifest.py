@@ -28,7 +28,6 @@ a warning naming the file and resumes from the last complete one; an explicitly 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import zipfile
 
 import torch
 
+from stllava.artifacts import file_sha256  # noqa: F401 (also this module's name for it)
 from stllava.errors import StllavaError
 
 logger = logging.getLogger(__name__)
@@ -51,15 +51,6 @@ class UntrustedCheckpointError(StllavaError, ValueError):
 
 class IncompleteCheckpointError(StllavaError, ValueError):
     """No checkpoint to resume from has all its files complete (the message names the file)."""
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of the file at ``path`` (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_files(ckpt_dir: str) -> list[str]:
