@@ -42,7 +42,6 @@ from stllava.errors import StllavaError
 logger = logging.getLogger(__name__)
 
 MANIFEST = "stllava_manifest.json"
-_CHUNK = 1 << 22
 
 
 class UntrustedCheckpointError(StllavaError, ValueError):
