@@ -233,6 +233,8 @@ def load_results(folder: str, role: str = "study") -> dict[str, list[dict]]:
             (rec["seed"], rec["n_labelled"]),
             {"seed": rec["seed"], "n_labelled": rec["n_labelled"], "conditions": {}, "stage2": {}})
         cell["conditions"][rec["condition"]] = rec["result"]
+        if rec.get("rounds"):  # iterative self-training: the st file carries every round
+            cell["rounds"] = rec["rounds"]
         if rec.get("stage2"):
             cell["stage2"][rec["condition"]] = rec["stage2"]
     return {v: (list(c.values()), settings[v][1]) for v, c in cells.items()}
