@@ -20,6 +20,7 @@ import re
 import sys
 
 from stllava.demo.stats import fmt_diff
+from stllava.demo.study_report import PRIMARY_SEEDS
 from stllava.errors import StllavaError, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,9 +117,15 @@ def study_block(study: dict) -> str:
     head = study["comparisons"].get("100", {}).get("st - sft")
     if head:
         d = head["test"]["primary"]
-        lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({PREREGISTRATION})): DPO − SFT at 100 "
-                  f"labelled phantoms, mean of closed accuracy and open recall on test, {d['n']} seeds: "
-                  f"{d['mean']:+.1f} points [95% t interval {d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]**.", ""]
+        done = sorted({r["seed"] for r in study["runs"] if r["n_labelled"] == 100} & set(PRIMARY_SEEDS))
+        text = (f"DPO − SFT at 100 labelled phantoms, mean of closed accuracy and open recall on test, {d['n']} "
+                f"seeds: {d['mean']:+.1f} points [95% t interval {d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
+        if len(done) < len(PRIMARY_SEEDS):  # the comparison is read only on every pre-registered seed
+            lines += [f"**Interim — {len(done)} of the {len(PRIMARY_SEEDS)} pre-registered seeds "
+                      f"({PRIMARY_SEEDS[0]}–{PRIMARY_SEEDS[-1]}) are in; the primary comparison is read only when "
+                      f"all are ([docs/Study.md]({PREREGISTRATION})).** So far: {text}.", ""]
+        else:
+            lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({PREREGISTRATION})): {text}**.", ""]
     controls = [(c, name) for c, name in CONTROL_COLUMNS
                 if any(f"st - {c}" in comps for comps in study["comparisons"].values())]
     lines += [f"Seeds {', '.join(str(s) for s in cfg['seeds'])} (the settings search's: "

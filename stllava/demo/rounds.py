@@ -30,6 +30,8 @@ from stllava.demo.quality import pair_stats
 from stllava.demo.steps import LoopSettings
 
 METRICS = ("closed_acc", "open_recall")
+PRIMARY = "primary"  # the study's primary metric: the mean of the two (stllava.demo.study_report)
+SUMMARIZED = (PRIMARY, *METRICS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +122,13 @@ def study_rounds(study, cell: str, round1_model: str, round1: dict, s: LoopSetti
 def summarize(runs: list[dict], split: str = "test") -> dict:
     """Per-round results over the runs (cells) that carry ``rounds`` (and the ``sft`` condition):
     ``{n_labelled: {"round<k>": {metric: mean ± sd}, "round<k> - round1": {metric: paired diff},
-    "round<k> - sft": {...}, "pairs": mean ± sd}}`` on ``split``; paired differences need ≥ 2 seeds
-    (fewer: left out). Returns {} when no run has rounds."""
+    "round<k> - sft": {...}, "pairs": mean ± sd}}`` on ``split``, for closed accuracy, open recall
+    and the study's primary metric (their mean); paired differences need ≥ 2 seeds (fewer: left
+    out). Returns {} when no run has rounds."""
     from stllava.demo.stats import mean_sd, paired_difference
+
+    def value(scores: dict, m: str) -> float:
+        return sum(scores[x] for x in METRICS) / len(METRICS) if m == PRIMARY else scores[m]
 
     by_size: dict[str, list[dict]] = {}
     for run in sorted((x for x in runs if x.get("rounds")), key=lambda x: (x["n_labelled"], x["seed"])):
@@ -132,18 +138,18 @@ def summarize(runs: list[dict], split: str = "test") -> dict:
         k_max = min(len(c["rounds"]) for c in cells)
         table: dict = {}
         for k in range(1, k_max + 1):
-            rows = [c["rounds"][k - 1] for c in cells]
-            table[f"round{k}"] = {m: mean_sd([row[split][m] for row in rows]) for m in METRICS}
-            table[f"round{k}"]["pairs"] = mean_sd([row.get("pairs", row.get("n_pairs", 0)) or 0 for row in rows])
+            rows = [c["rounds"][k - 1][split] for c in cells]
+            table[f"round{k}"] = {m: mean_sd([value(row, m) for row in rows]) for m in SUMMARIZED}
+            table[f"round{k}"]["pairs"] = mean_sd([c["rounds"][k - 1].get("pairs", 0) or 0 for c in cells])
             if len(cells) < 2:
                 continue
             sft = [c["conditions"]["sft"][split] for c in cells]
-            table[f"round{k} - sft"] = {m: paired_difference([row[split][m] for row in rows], [x[m] for x in sft])
-                                        for m in METRICS}
+            table[f"round{k} - sft"] = {m: paired_difference([value(row, m) for row in rows],
+                                                             [value(x, m) for x in sft]) for m in SUMMARIZED}
             if k > 1:
                 r1 = [c["rounds"][0][split] for c in cells]
-                table[f"round{k} - round1"] = {m: paired_difference([row[split][m] for row in rows],
-                                                                    [x[m] for x in r1]) for m in METRICS}
+                table[f"round{k} - round1"] = {m: paired_difference([value(row, m) for row in rows],
+                                                                    [value(x, m) for x in r1]) for m in SUMMARIZED}
         out[size] = table
     return out
 

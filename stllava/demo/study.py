@@ -56,10 +56,11 @@ from stllava import logs
 from stllava.demo import steps
 from stllava.demo.graded import graded_plan
 from stllava.demo.quality import pair_stats, per_kind, question_stats
-from stllava.demo.rounds import rounds_plan, study_rounds, summarize
+from stllava.demo.rounds import rounds_plan, study_rounds
 from stllava.demo.runner import Runner
 from stllava.demo.steps import CONTROLS, SEARCH, LoopSettings, chosen_settings
 from stllava.demo.study_report import (
+    PRIMARY_SEEDS,
     SEARCH_FILE,
     aggregate_files,
     cell_settings,
@@ -87,7 +88,7 @@ class StudyConfig:
     workdir: str = "playground/study"
     sizes: tuple[int, ...] = (30, 100)
     # the reported seeds: never the settings search's (0, 1; docs/study/search.json), never reused
-    seeds: tuple[int, ...] = tuple(range(10, 18))
+    seeds: tuple[int, ...] = PRIMARY_SEEDS
     conditions: tuple[str, ...] = PRIMARY
     n_unlabelled: int = 1000
     labelled_pool: int = 1500  # labelled phantoms rendered per seed; a size n uses the first n
@@ -108,7 +109,7 @@ class StudyConfig:
 # The plans (``--plan``): each a list of chunks, a chunk = StudyConfig overrides (docs/Study.md).
 _NOISE_SEEDS = tuple(range(10, 15))
 PLANS: dict[str, list[dict]] = {
-    "primary": [dict(sizes=(30, 100), seeds=tuple(range(10, 18)), conditions=PRIMARY)],
+    "primary": [dict(sizes=(30, 100), seeds=PRIMARY_SEEDS, conditions=PRIMARY)],
     "secondary": [dict(sizes=(300, 1500), seeds=tuple(range(10, 15)), conditions=("sft", "st"))],
     # at flip rate 0, ε = 0 makes the conservative and robust losses the plain one: DPO and RFT only
     "noise": [dict(sizes=(100,), seeds=_NOISE_SEEDS, variant=f"flip{f}", loop_changes={"judge_flip_rate": f},
@@ -328,9 +329,9 @@ class Study:
                 res["conditions"][names[c]] = {**done, **extra, "pairs": n_pairs,
                                                "steps": steps.dpo_steps(n_pairs, ds)}
                 if c == "st" and not tag and self.cfg.rounds > 1:  # iterative self-training (docs/Study.md)
+                    # "pairs": DPO's training pairs, as every later round counts them
                     res["rounds"] = study_rounds(self, cell, model, {
-                        **res["conditions"]["st"], "pairs": st["pair_quality"]["pairs"],
-                        "pair_quality": st["pair_quality"]}, s, seed, log)
+                        **res["conditions"]["st"], "pair_quality": st["pair_quality"]}, s, seed, log)
             for c in CONTROLS:
                 if names.get(c) not in want:
                     continue
@@ -508,15 +509,12 @@ def main(argv=None) -> int:
     chunks = [cfg] if args.quick else plan_configs(args.plan, cfg, seeds, sizes)
     if args.quick:
         cfg.seeds, cfg.sizes = seeds or cfg.seeds, sizes or cfg.sizes
-    ran = []
     for chunk in chunks:
         if args.conditions:
             chunk.conditions = tuple(x for x in args.conditions.split(",") if x)
-        ran += Study(chunk).run()
+        Study(chunk).run()
     # the workdir's report: every result file in the results folder, finished chunks included
     study = aggregate_files(chunks[0].results or os.path.join(cfg.workdir, "runs"))
-    if any(r.get("rounds") for r in ran):  # iterative self-training: per-round means and differences
-        study["rounds"] = summarize([r for r in ran if r.get("rounds")])
     write_report(study, cfg.workdir)
     if args.figures:
         copy_figures(cfg.workdir)

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 
+from stllava.demo.rounds import summarize
 from stllava.demo.stats import fmt_diff, fmt_mean_sd, mean_sd, paired_difference
 from stllava.jsonl import write_json_atomic
 
@@ -38,14 +39,23 @@ COMPARISONS = [
     ("st_robust", "st", "robust vs plain DPO"),
 ]
 METRICS = ("closed_acc", "open_recall")
-# the pre-registered primary metric: the mean of closed accuracy and open recall (docs/Study.md)
+# the pre-registered primary metric: the mean of closed accuracy and open recall, and the seeds of
+# the primary cells (docs/Study.md#pre-registration-2026-12-06)
 PRIMARY_METRIC = "primary"
+PRIMARY_SEEDS = tuple(range(10, 18))
 REPORTED = (PRIMARY_METRIC, *METRICS)
 # the settings search's record, whose seeds a reported study must never reuse
 SEARCH_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
                            "study", "search.json")
 METRIC_NAMES = {"closed_acc": "closed acc", "open_recall": "open recall", PRIMARY_METRIC: "mean (primary)"}
 FIGURES = ("study_accuracy.png", "study_effect.png")
+NOISE_FIGURE = "study_noise.png"
+# the graded-answer probe's description scores (stllava.demo.graded.description_metrics), and the
+# paired differences it reports
+DESCRIPTION = ("recall", "precision", "exact")
+DESCRIPTION_COMPARISONS = (("st", "sft"), ("rft", "sft"), ("st", "rft"))
+# the noise curve: each condition's paired difference against SFT, per judge flip rate
+NOISE_CONDITIONS = ("st", "rft", "st_cons", "st_robust")
 
 
 def _mean_sd_known(values: list) -> dict | None:
@@ -114,6 +124,9 @@ def aggregate(results: list[dict], cfg) -> dict:
             c: {form: {k: mean_sd([r["conditions"][c]["test"]["per_kind"][form][k] for r in cell])
                        for k in cell[0]["conditions"][c]["test"]["per_kind"][form]}
                 for form in ("closed", "open")} for c in conds}
+        description = _description(cell, conds)
+        if description:
+            out.setdefault("description", {})[key] = description
         out["stage2"][key] = {}
         for tag in sorted({t for r in cell for t in r["stage2"]}):
             if all(tag in r["stage2"] for r in cell):
@@ -129,6 +142,21 @@ def aggregate(results: list[dict], cfg) -> dict:
                     # a run without pairs has no such share: averaged over the runs that have pairs
                     "chosen_right_rejected_wrong": _mean_sd_known([x["chosen_right_rejected_wrong"] for x in p]),
                 }
+    return out
+
+
+def _description(cell: list[dict], conds: list[str]) -> dict:
+    """The graded probe's description scores on test (mean ± sd per condition, and the paired
+    differences of :data:`DESCRIPTION_COMPARISONS` with ≥ 2 seeds), for the conditions whose every
+    run scored descriptions; {} when none did (a study without the probe)."""
+    found = {c: [r["conditions"][c]["test"].get("description") for r in cell] for c in conds}
+    found = {c: v for c, v in found.items() if all(x and x.get("n") for x in v)}
+    out: dict = {c: {m: _mean_sd_known([x[m] for x in v]) for m in DESCRIPTION} for c, v in found.items()}
+    for a, b in DESCRIPTION_COMPARISONS:
+        if a in found and b in found and len(cell) > 1:
+            out[f"{a} - {b}"] = {m: paired_difference([x[m] for x in found[a]], [x[m] for x in found[b]])
+                                 for m in DESCRIPTION
+                                 if all(x[m] is not None for x in found[a] + found[b])}
     return out
 
 
@@ -196,12 +224,104 @@ def render_markdown(study: dict, title: str = "# Self-training study: results") 
                              f"{f(v['questions'], 0)} | {f(v['answerable_rate'], 3)} | {f(v['novel'], 0)} | "
                              f"{f(v['identical_rate'], 3)} | {f(v['tie_rate'], 3)} | {f(v['pairs'], 0)} | "
                              f"{f(v['chosen_right_rejected_wrong'], 3)} |")
+        lines += _description_lines(study, n) + _rounds_lines(study, n)
         lines.append("")
+    lines += _noise_lines(study)
     for variant, sub in study.get("variants", {}).items():
-        flip = sub["config"]["loop"].get("judge_flip_rate", 0.0)
-        lines += render_markdown(sub, f"# Variant {variant}: judge flip rate {flip}").splitlines()
+        lines += render_markdown(sub, f"# Variant {variant}: {variant_title(sub['config'])}").splitlines()
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def variant_title(config: dict) -> str:
+    """What a variant's settings change, in words (its section title in ``study.md``)."""
+    loop = config["loop"]
+    if loop.get("graded"):
+        return "the graded-answer probe (a description question, a judge grading its facts)"
+    if config.get("rounds", 1) > 1:
+        return f"iterative self-training, {config['rounds']} rounds"
+    return f"judge flip rate {loop.get('judge_flip_rate', 0.0)}"
+
+
+def _description_lines(study: dict, n: str) -> list[str]:
+    """The graded probe's table for labelled-set size ``n`` (none without the probe)."""
+    desc = study.get("description", {}).get(n)
+    if not desc:
+        return []
+    lines = ["", "Descriptions (the graded probe; test; facts pooled over answers, ×100):", "",
+             "| condition | fact recall | fact precision | all facts right, none wrong |", "|---|---|---|---|"]
+    for c in LABELS:
+        if c in desc:
+            lines.append(f"| {LABELS[c]} | " + " | ".join(fmt_mean_sd(desc[c][m]) if desc[c][m] else "–"
+                                                        for m in DESCRIPTION) + " |")
+    for a, b in DESCRIPTION_COMPARISONS:
+        d = desc.get(f"{a} - {b}")
+        if d:
+            lines.append(f"| Δ {a} − {b} | " + " | ".join(fmt_diff(d[m]) if m in d else "–" for m in DESCRIPTION)
+                         + " |")
+    first = min((r for r in study["runs"] if str(r["n_labelled"]) == n), key=lambda r: r["seed"])
+    lines += ["", f"What the models answered (seed {first['seed']}, the first three description questions; "
+              "answer ← reference):", ""]
+    for c in LABELS:
+        got = first["conditions"].get(c, {}).get("test", {}).get("description")
+        if got:
+            shown = "; ".join(f"`{answer or '(empty)'}` ← `{ref}`" for _, answer, ref in got["examples"])
+            lines.append(f"- {c}: {shown}")
+    return lines
+
+
+def _rounds_lines(study: dict, n: str) -> list[str]:
+    """Iterative self-training's table for labelled-set size ``n`` (none without rounds)."""
+    table = study.get("rounds", {}).get(n)
+    if not table:
+        return []
+    lines = ["", "Rounds of self-training (round 1 = the published method; test, ×100; Δ on the primary metric):",
+             "", "| round | pairs | closed acc | open recall | mean (primary) | Δ vs SFT | Δ vs round 1 |",
+             "|---|---|---|---|---|---|---|"]
+    k = 1
+    while f"round{k}" in table:
+        row = table[f"round{k}"]
+        vs_sft, vs_r1 = table.get(f"round{k} - sft"), table.get(f"round{k} - round1")
+        lines.append(f"| {k} | {fmt_mean_sd(row['pairs'], 0)} | {fmt_mean_sd(row['closed_acc'])} | "
+                     f"{fmt_mean_sd(row['open_recall'])} | {fmt_mean_sd(row[PRIMARY_METRIC])} | "
+                     f"{fmt_diff(vs_sft[PRIMARY_METRIC]) if vs_sft else '–'} | "
+                     f"{fmt_diff(vs_r1[PRIMARY_METRIC]) if vs_r1 else '–'} |")
+        k += 1
+    return lines
+
+
+def noise_curve(study: dict) -> dict[float, dict]:
+    """``{flip rate: {"n": size, "comparisons": {...}}}`` from the variants run with a noisy phantom
+    judge (and no other change: not the rounds or graded variants), sorted by flip rate."""
+    out = {}
+    for sub in study.get("variants", {}).values():
+        cfg = sub["config"]
+        if cfg["loop"].get("graded") or cfg.get("rounds", 1) > 1 or "judge_flip_rate" not in cfg["loop"]:
+            continue
+        for n, comps in sub["comparisons"].items():
+            out[cfg["loop"]["judge_flip_rate"]] = {"n": n, "comparisons": comps}
+    return dict(sorted(out.items()))
+
+
+def _noise_lines(study: dict) -> list[str]:
+    """The noise curve: per flip rate, each condition minus SFT (and DPO − RFT) on the primary
+    metric, test set (none when no noise variant was run)."""
+    curve = noise_curve(study)
+    if not curve:
+        return []
+    lines = ["# The noise curve", "",
+             "The phantom judge reverses a share of its verdicts (seeded per record). Paired differences on the "
+             "primary metric (test, ×100) [95% t interval]; conservative and robust DPO use ε = the flip rate "
+             "(at 0 they are plain DPO, so they are not run).", "",
+             "| flip rate | labelled | seeds | " + " | ".join(f"{c} − sft" for c in NOISE_CONDITIONS)
+             + " | st − rft |", "|---" * (4 + len(NOISE_CONDITIONS)) + "|"]
+    for flip, v in curve.items():
+        comps = v["comparisons"]
+        seeds = comps["st - sft"]["test"][PRIMARY_METRIC]["n"] if "st - sft" in comps else "–"
+        cells = [fmt_diff(comps[name]["test"][PRIMARY_METRIC]) if name in comps else "–"
+                 for name in [f"{c} - sft" for c in NOISE_CONDITIONS] + ["st - rft"]]
+        lines.append(f"| {flip} | {v['n']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def load_results(folder: str, role: str = "study") -> dict[str, list[dict]]:
@@ -259,7 +379,11 @@ def aggregate_files(folder: str, role: str = "study") -> dict:
                   "sizes": sorted({c["n_labelled"] for c in cells}),
                   "conditions": [c for c in LABELS if any(c in cell["conditions"] for cell in cells)],
                   "search_seeds": list(search_seeds())}
-        return aggregate(cells, config)
+        out = aggregate(cells, config)
+        rounds = summarize(cells)  # iterative self-training: per-round means and differences
+        if rounds:
+            out["rounds"] = rounds
+        return out
 
     main = "" if "" in found else sorted(found)[0]
     out = one(*found[main])
@@ -312,7 +436,34 @@ def plot(study: dict, out_dir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, FIGURES[1]), dpi=110)
     plt.close(fig)
-    return list(FIGURES)
+    return list(FIGURES) + plot_noise(study, out_dir)
+
+
+def plot_noise(study: dict, out_dir: str) -> list[str]:
+    """``study_noise.png``: the noise curve (:func:`noise_curve`), each condition minus SFT on the
+    primary metric against the judge's flip rate, with 95% intervals; [] without noise variants."""
+    import matplotlib.pyplot as plt
+
+    curve = noise_curve(study)
+    if not curve:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for k, c in enumerate(NOISE_CONDITIONS):
+        xs = [f for f, v in curve.items() if f"{c} - sft" in v["comparisons"]]
+        if not xs:
+            continue
+        ds = [curve[f]["comparisons"][f"{c} - sft"]["test"][PRIMARY_METRIC] for f in xs]
+        ax.errorbar([f + 0.006 * (k - 1.5) for f in xs], [d["mean"] for d in ds], capsize=3, marker="o",
+                    yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
+                    label=LABELS[c])
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(xlabel="judge flip rate", ylabel="Δ vs SFT, test mean (primary)",
+           title="a noisy judge: gain over SFT (95% interval)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, NOISE_FIGURE), dpi=110)
+    plt.close(fig)
+    return [NOISE_FIGURE]
 
 
 def write_report(study: dict, workdir: str) -> None:
@@ -327,8 +478,9 @@ def write_report(study: dict, workdir: str) -> None:
 def copy_figures(workdir: str, images_dir: str = "images") -> None:
     """Copy the study's figures into ``images/`` (README shows them)."""
     os.makedirs(images_dir, exist_ok=True)
-    for name in FIGURES:
-        shutil.copy(os.path.join(workdir, name), os.path.join(images_dir, name))
+    for name in (*FIGURES, NOISE_FIGURE):
+        if name in FIGURES or os.path.isfile(os.path.join(workdir, name)):
+            shutil.copy(os.path.join(workdir, name), os.path.join(images_dir, name))
 
 
 def write_search(found: dict, workdir: str) -> None:

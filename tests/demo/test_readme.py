@@ -69,6 +69,9 @@ def test_write_then_check_and_a_disagreeing_readme_fails(tmp_path, capsys):
     # the headline is the primary comparison with its interval: diffs 4, 3, 5 → 4.0 ± 4.303/√3
     assert "DPO − SFT at 100 labelled phantoms, mean of closed accuracy and open recall on test, 3 seeds: " \
            "+4.0 points [95% t interval +1.5, +6.5]" in text
+    # three of the eight pre-registered seeds: said to be interim, not the primary result
+    assert "**Interim — 3 of the 8 pre-registered seeds (10–17) are in" in text
+    assert "Primary comparison (pre-registered" not in text
     # primary = mean of closed and open (open = closed − 10): means over seeds SFT 65.0, DPO 69.0; DPO − RFT: diffs 1, 1, 4
     assert "| 100 | 3 | 65.0 | 69.0 | **+4.0 [+1.5, +6.5]** | **+4.0 [+1.5, +6.5]** | **+4.0 [+1.5, +6.5]** | " \
            "+2.0 [-2.3, +6.3] |" in text
@@ -86,3 +89,19 @@ def test_a_readme_without_the_markers_is_refused(tmp_path):
     page.write_text("# no blocks\n")
     with pytest.raises(StllavaError, match="README has no study block"):
         readme.render(page.read_text(), {"study": "x"}, str(page))
+
+
+def test_the_headline_is_the_primary_comparison_once_every_preregistered_seed_is_in(tmp_path):
+    from stllava.demo.study import Study, StudyConfig
+    from stllava.demo.study_report import PRIMARY_SEEDS, aggregate_files
+
+    kinds = {"closed": {}, "open": {}, "n_closed": {}, "n_open": {}}
+    cfg = StudyConfig(workdir=str(tmp_path / "w"), sizes=(100,), splits=("test",), results=str(tmp_path / "runs"))
+    for seed in PRIMARY_SEEDS:  # DPO 1 point above SFT on odd seeds, 1 below on even ones: no gain
+        conds = {c: {"test": {"closed_acc": v, "open_recall": v, "open_f1": 0.0, "per_kind": kinds}, "trained": True}
+                 for c, v in (("sft", 60.0), ("st", 60.0 + (1 if seed % 2 else -1)))}
+        Study(cfg).write_results({"seed": seed, "n_labelled": 100, "conditions": conds, "stage2": {}})
+    block = readme.study_block(aggregate_files(str(tmp_path / "runs")))
+    assert block.startswith("**Primary comparison (pre-registered, [docs/Study.md](" + readme.PREREGISTRATION)
+    assert "8 seeds: +0.0 points [95% t interval -0.9, +0.9]**" in block  # 2.365 · 1.069 / √8 = 0.89
+    assert "Interim" not in block

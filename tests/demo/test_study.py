@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from stllava.demo.study import Study, StudyConfig
-from stllava.demo.study_report import aggregate, aggregate_files, render_markdown, search_scores, write_search
+from stllava.demo.study_report import (
+    aggregate,
+    aggregate_files,
+    render_markdown,
+    search_scores,
+    write_report,
+    write_search,
+)
 from stllava.errors import StllavaError
 
 KINDS = {"closed": {"presence": 90.0, "side": 60.0}, "open": {"count": 50.0},
@@ -207,3 +214,66 @@ def test_quick_study_end_to_end(tmp_path):
         Runner(str(work), echo=False).done(str(work / "data"), {"unlabelled": 99, "val": 4, "test": 6, "seed": 0,
                                                                 "streams": STREAMS})
     assert Runner.resolve("x/sft-{key}", {"a": 1}) != Runner.resolve("x/sft-{key}", {"a": 2})
+
+
+def test_the_graded_probe_the_rounds_and_the_noise_curve_are_aggregated_and_rendered(tmp_path):
+    """From result files alone: the description scores (graded probe) with their paired
+    differences and examples, the rounds' table, and the noise curve across flip-rate variants."""
+    from stllava.demo.study_report import noise_curve
+
+    results = tmp_path / "runs"
+
+    def study(variant="", rounds=1, **changes):
+        cfg = StudyConfig(workdir=str(tmp_path / "work"), seeds=(10, 11), sizes=(100,), splits=("test",),
+                          conditions=("sft", "st", "rft"), results=str(results), variant=variant, rounds=rounds)
+        cfg.loop = cfg.loop.replace(**changes)
+        return Study(cfg)
+
+    for seed, bump in ((10, 0.0), (11, 2.0)):
+        run = _run(seed, {"sft": 60.0 + bump, "st": 64.0 + bump, "rft": 62.0 + bump})
+        study().write_results(json.loads(json.dumps(run)))
+        for flip, loss in ((0.0, 0.0), (0.2, 3.0)):  # the judge's noise takes 3 points from DPO
+            scores = {"sft": 60.0 + bump, "st": 64.0 + bump - loss, "rft": 62.0 + bump - loss / 3}
+            if flip:  # as the plan runs them: the losses for noisy labels only where ε = flip rate > 0
+                scores.update(st_cons=63.0 + bump - loss / 2, st_robust=63.0 + bump - loss / 2)
+            noisy = _run(seed, scores)
+            study(f"flip{flip}", judge_flip_rate=flip).write_results(noisy)
+        graded = json.loads(json.dumps(run))
+        for c, recall in (("sft", 40.0), ("st", 50.0 + bump), ("rft", 45.0)):
+            graded["conditions"][c]["test"]["description"] = {
+                "n": 20, "recall": recall, "precision": recall + 10, "exact": 5.0,
+                "examples": [["q1", "ct, 2 lesions", "CT, 2 lesions, left, large"]]}
+        study("graded", graded=True).write_results(graded)
+        rounds = json.loads(json.dumps(run))
+        rounds["rounds"] = [{"round": k, "pairs": 100 - 10 * k,
+                             "test": {"closed_acc": 64.0 + bump + k, "open_recall": 32.0 + bump / 2 + k}}
+                            for k in (1, 2, 3)]
+        study("rounds", rounds=3).write_results(rounds)
+
+    found = aggregate_files(str(results))
+    assert set(found["variants"]) == {"flip0.0", "flip0.2", "graded", "rounds"}
+    desc = found["variants"]["graded"]["description"]["100"]
+    assert desc["st"]["recall"]["mean"] == 51.0 and desc["sft"]["precision"]["mean"] == 50.0
+    assert desc["st - sft"]["recall"]["diffs"] == [10.0, 12.0]
+    assert desc["st - rft"]["exact"]["diffs"] == [0.0, 0.0]
+    table = found["variants"]["rounds"]["rounds"]["100"]
+    assert table["round3"]["closed_acc"]["mean"] == 68.0 and table["round3"]["pairs"]["mean"] == 70.0
+    # primary = (closed + open) / 2; round k − round 1 = k − 1 on every seed
+    assert table["round3 - round1"]["primary"]["diffs"] == [2.0, 2.0]
+    # seed 10: round 1 (65 + 33) / 2 = 49 vs SFT (60 + 30) / 2 = 45; seed 11: (67 + 34) / 2 vs (62 + 31) / 2
+    assert table["round1 - sft"]["primary"]["diffs"] == [4.0, 4.0]
+    curve = noise_curve(found)
+    assert list(curve) == [0.0, 0.2]
+    assert curve[0.2]["comparisons"]["st - sft"]["test"]["primary"]["mean"] == pytest.approx(4 * 0.75 - 3 * 0.75)
+    assert "st_cons - sft" not in curve[0.0]["comparisons"]
+
+    md = render_markdown(found)
+    assert "# Variant graded: the graded-answer probe" in md and "# Variant rounds: iterative self-training, 3 rounds" in md
+    assert "# Variant flip0.2: judge flip rate 0.2" in md
+    assert "| Δ st − sft | +11.0 [-1.7, +23.7] |" in md  # recall: diffs 10, 12; 12.706 · 1.414 / √2 = 12.7
+    assert "- st: `ct, 2 lesions` ← `CT, 2 lesions, left, large`" in md
+    assert "| 3 | 70 ± 0 | 68.0 ± 1.4 |" in md
+    noise = md[md.index("# The noise curve"):]
+    assert noise.splitlines()[6].startswith("| 0.0 | 100 | 2 | ") and noise.splitlines()[7].startswith("| 0.2 | 100 | 2 | ")
+    write_report(found, str(tmp_path))
+    assert (tmp_path / "study_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
