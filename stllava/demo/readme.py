@@ -1,9 +1,12 @@
-"""``python -m stllava.demo.readme --write | --check`` — README's demo and study tables, generated.
+"""``python -m stllava.demo.readme --write | --check`` — README's demo and study tables and
+docs/Study.md's results, generated.
 
 README.md holds two generated blocks between marker comments: the demo's table, from the committed
 ``docs/demo/summary.json`` (``python -m stllava.demo --publish`` writes it from ``report/summary.json``),
 and the study's headline and table, from the committed ``docs/study/study.json``
-(``python -m stllava.demo.study --aggregate`` builds it from the per-cell result files). ``--write``
+(``python -m stllava.demo.study --aggregate`` builds it from the per-cell result files);
+docs/Study.md holds one, the study's results (every condition, the noise curve, rounds, the graded
+probe). ``--write``
 rewrites the blocks; ``--check`` exits 1 naming each block that disagrees with its file
 (tests/demo/test_readme.py runs it). A block whose file is not committed is left as it is.
 
@@ -20,14 +23,16 @@ import re
 import sys
 
 from stllava.demo.stats import fmt_diff
-from stllava.demo.study_report import PRIMARY_SEEDS
+from stllava.demo.study_report import PRIMARY_SEEDS, results_summary
 from stllava.errors import StllavaError, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")
 DEMO_FILE = os.path.join(REPO, "docs", "demo", "summary.json")
 STUDY_FILE = os.path.join(REPO, "docs", "study", "study.json")
-BLOCKS = ("demo", "study")
+STUDY_DOC = os.path.join(REPO, "docs", "Study.md")
+BLOCKS = ("demo", "study")  # README's
+DOC_BLOCKS = ("results",)  # docs/Study.md's
 PREREGISTRATION = "docs/Study.md#pre-registration-2026-12-06"
 MODELS = [("start", "start (random-init tiny)"), ("sft", "stage 1: self-questioning SFT"),
           ("dpo", "stage 3: DPO on self-made pairs")]
@@ -109,7 +114,7 @@ def study_block(study: dict) -> str:
     if not is_v2(study):
         return ("**The v2 study is pending.** Its primary comparison, metric, seeds and interval are "
                 f"pre-registered in [docs/Study.md]({PREREGISTRATION}). The earlier study's numbers "
-                "(docs/study/study.md) are superseded and are not evidence: its cells reused the settings "
+                "(docs/study/earlier/) are superseded and are not evidence: its cells reused the settings "
                 "search's seeds, its seed-2 cells trained on the test phantoms, and its control was not "
                 "compute-matched.")
     cfg = study["config"]
@@ -154,15 +159,31 @@ def _load(path: str) -> dict | None:
         return json.load(f)
 
 
+def results_block(study: dict) -> str:
+    """docs/Study.md's results: the headline, then every condition, the noise curve, the rounds and
+    the graded probe (:func:`stllava.demo.study_report.results_summary`); pending for a study that
+    is not v2."""
+    if not is_v2(study):
+        return study_block(study)
+    head = study_block(study).split("\n\n")[0]  # the headline sentence (interim or primary)
+    return head + "\n\n" + results_summary(study)
+
+
 def generated(demo_file: str = DEMO_FILE, study_file: str = STUDY_FILE) -> dict[str, str]:
-    """``{block: its text}`` for each block whose file exists."""
+    """``{block: its text}`` for each block whose file exists (README's and docs/Study.md's)."""
     out = {}
     summary, study = _load(demo_file), _load(study_file)
     if summary is not None:
         out["demo"] = demo_block(summary)
     if study is not None:
         out["study"] = study_block(study)
+        out["results"] = results_block(study)
     return out
+
+
+def _pages(readme: str, study_doc: str) -> dict[str, tuple[str, ...]]:
+    """Each generated page and the blocks it holds."""
+    return {readme: BLOCKS, study_doc: DOC_BLOCKS}
 
 
 def _span(text: str, block: str, readme: str) -> re.Match:
@@ -184,12 +205,16 @@ def render(text: str, blocks: dict[str, str], readme: str = README) -> str:
     return text
 
 
-def differences(readme: str = README, demo_file: str = DEMO_FILE, study_file: str = STUDY_FILE) -> list[str]:
-    """The blocks of ``readme`` that disagree with their files (empty: README agrees)."""
-    with open(readme, encoding="utf-8") as f:
-        text = f.read()
+def differences(readme: str = README, demo_file: str = DEMO_FILE, study_file: str = STUDY_FILE,
+                study_doc: str = STUDY_DOC) -> list[str]:
+    """The blocks of README (and docs/Study.md) that disagree with their files (empty: they agree)."""
     blocks = generated(demo_file, study_file)
-    return [b for b in blocks if _span(text, b, readme).group(1).strip() != blocks[b].strip()]
+    out = []
+    for page, names in _pages(readme, study_doc).items():
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        out += [b for b in names if b in blocks and _span(text, b, page).group(1).strip() != blocks[b].strip()]
+    return out
 
 
 def main(argv=None) -> int:
@@ -201,20 +226,24 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default=README)
     ap.add_argument("--demo", default=DEMO_FILE, help="the demo's summary.json (default docs/demo/summary.json)")
     ap.add_argument("--study", default=STUDY_FILE, help="the study's study.json (default docs/study/study.json)")
+    ap.add_argument("--study-doc", default=STUDY_DOC, help="the page with the study's results block "
+                    "(default docs/Study.md)")
     args = ap.parse_args(argv)
     if args.check:
-        bad = differences(args.readme, args.demo, args.study)
+        bad = differences(args.readme, args.demo, args.study, args.study_doc)
         if bad:
-            print(f"{args.readme}: the {', '.join(bad)} block(s) disagree with the committed results; "
-                  "fix: python -m stllava.demo.readme --write", file=sys.stderr)
+            print(f"{args.readme}, {args.study_doc}: the {', '.join(bad)} block(s) disagree with the committed "
+                  "results; fix: python -m stllava.demo.readme --write", file=sys.stderr)
             return 1
         return 0
-    with open(args.readme, encoding="utf-8") as f:
-        text = f.read()
-    new = render(text, generated(args.demo, args.study), args.readme)
-    if new != text:
-        with open(args.readme, "w", encoding="utf-8") as f:
-            f.write(new)
+    blocks = generated(args.demo, args.study)
+    for page, names in _pages(args.readme, args.study_doc).items():
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        new = render(text, {b: blocks[b] for b in names if b in blocks}, page)
+        if new != text:
+            with open(page, "w", encoding="utf-8") as f:
+                f.write(new)
     return 0
 
 

@@ -324,6 +324,46 @@ def _noise_lines(study: dict) -> list[str]:
     return lines + [""]
 
 
+def results_summary(study: dict) -> str:
+    """docs/Study.md's results (``python -m stllava.demo.readme --write``): per labelled-set size,
+    every condition on test (primary metric, closed, open) with its paired difference against SFT
+    and DPO's against it on the primary metric; DPO's gain per question kind; then the noise curve,
+    the rounds and the graded probe from their variants. Every cell: ``docs/study/study.md``."""
+    lines: list[str] = []
+    for n, conds in study["conditions"].items():
+        comps = study["comparisons"].get(n, {})
+        runs = max(v["runs"] for v in conds.values())
+        lines += [f"**{n} labelled phantoms** ({runs} seeds; test, ×100, mean ± sd over seeds; Δ = paired "
+                  "difference on the primary metric [95% t interval], bold when it excludes 0):", "",
+                  "| condition | primary | closed acc | open recall | Δ vs SFT | DPO − it |", "|---|---|---|---|---|---|"]
+        for c, v in conds.items():
+            base = "nosq" if c == "nosq_st" else "sft"
+            vs_base = comps.get(f"{c} - {base}")
+            dpo_minus = comps.get(f"st - {c}")
+            lines.append(f"| {LABELS[c]}{_untrained_note(v)} | {fmt_mean_sd(v['test'][PRIMARY_METRIC])} | "
+                         f"{fmt_mean_sd(v['test']['closed_acc'])} | {fmt_mean_sd(v['test']['open_recall'])} | "
+                         + (f"{fmt_diff(vs_base['test'][PRIMARY_METRIC])}{' (vs nosq)' if base == 'nosq' else ''}"
+                            if vs_base else "–")
+                         + f" | {fmt_diff(dpo_minus['test'][PRIMARY_METRIC]) if dpo_minus else '–'} |")
+        kinds = study["per_kind"].get(n, {})
+        if "sft" in kinds and "st" in kinds and any(kinds["sft"][form] for form in ("closed", "open")):
+            lines += ["", "Per question kind (test; SFT → DPO, mean over seeds):", "",
+                      "| kind | SFT | DPO | DPO − SFT |", "|---|---|---|---|"]
+            for form in ("closed", "open"):
+                for k in sorted(kinds["sft"][form]):
+                    a, b = kinds["sft"][form][k]["mean"], kinds["st"][form][k]["mean"]
+                    lines.append(f"| {form} {k} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        lines.append("")
+    lines += _noise_lines(study)
+    for sub in study.get("variants", {}).values():
+        for n in sub["conditions"]:
+            extra = _rounds_lines(sub, n) + _description_lines(sub, n)
+            if extra:
+                lines += [f"**{variant_title(sub['config']).capitalize()}**, {n} labelled phantoms, seeds "
+                          f"{', '.join(str(x) for x in sub['config']['seeds'])}:"] + extra + [""]
+    return "\n".join(lines).strip() + "\n"
+
+
 def load_results(folder: str, role: str = "study") -> dict[str, list[dict]]:
     """The result files ``<folder>/<role>-*.json`` (:meth:`stllava.demo.study.Study.write_results`)
     as cells ``{"seed", "n_labelled", "conditions", "stage2"}``, per variant ("" = the main cells);

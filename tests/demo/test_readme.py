@@ -18,6 +18,8 @@ def test_the_committed_readme_agrees_with_the_committed_results():
     text = open(readme.README, encoding="utf-8").read()
     for block in readme.BLOCKS:  # both blocks are there, between their markers
         assert all(m in text for m in readme.markers(block)), block
+    doc = open(readme.STUDY_DOC, encoding="utf-8").read()
+    assert all(m in doc for m in readme.markers("results"))
     assert os.path.isfile(readme.STUDY_FILE)
     # a block whose file is committed must equal what the file gives (docs/demo/summary.json:
     # written by `python -m stllava.demo --publish` from a fresh `make demo`)
@@ -26,9 +28,8 @@ def test_the_committed_readme_agrees_with_the_committed_results():
 
 
 def test_the_earlier_study_is_never_shown_as_evidence():
-    old = json.load(open(readme.STUDY_FILE))
-    if readme.is_v2(old):
-        pytest.skip("the committed study is v2")
+    old = json.load(open(os.path.join(os.path.dirname(readme.STUDY_FILE), "earlier", "study.json")))
+    assert not readme.is_v2(old)
     block = readme.study_block(old)
     assert "pending" in block and readme.PREREGISTRATION in block
     assert "+3.3" not in block and "63.1" not in block  # none of its numbers
@@ -59,9 +60,11 @@ def test_write_then_check_and_a_disagreeing_readme_fails(tmp_path, capsys):
     page = tmp_path / "README.md"
     page.write_text("# x\n\n" + "\n\n".join(f"{a}\nstale\n{b}" for a, b in map(readme.markers, readme.BLOCKS))
                     + "\n\ntail\n")
-    args = ["--readme", str(page), "--demo", str(demo_file), "--study", str(study_file)]
+    doc = tmp_path / "Study.md"
+    doc.write_text("# Study\n\n" + "\n".join(readme.markers("results")) + "\n")
+    args = ["--readme", str(page), "--demo", str(demo_file), "--study", str(study_file), "--study-doc", str(doc)]
     assert readme.main(["--check", *args]) == 1
-    assert "the demo, study block(s) disagree" in capsys.readouterr().err
+    assert "the demo, study, results block(s) disagree" in capsys.readouterr().err
     assert readme.main(["--write", *args]) == 0
     assert readme.main(["--check", *args]) == 0
     text = page.read_text()
@@ -78,8 +81,16 @@ def test_write_then_check_and_a_disagreeing_readme_fails(tmp_path, capsys):
     summary = json.load(open(demo_file))
     dpo = summary["metrics"]["dpo"]["phantom"]["closed_acc"]
     assert f"{dpo:.1f}" in text
+    # docs/Study.md's results: every condition with its Δ vs SFT and DPO's Δ against it (primary metric)
+    results = doc.read_text()
+    assert "**Interim — 3 of the 8 pre-registered seeds" in results
+    # RFT 63, 72, 81 (primary = closed − 5); Δ vs SFT 3, 2, 1; DPO − RFT 1, 1, 4
+    assert "| control: SFT on the judge's chosen answers (RFT) | 67.0 ± 9.0 | 72.0 ± 9.0 | 62.0 ± 9.0 | " \
+           "+2.0 [-0.5, +4.5] | +2.0 [-2.3, +6.3] |" in results
     page.write_text(text.replace("| 100 | 3 | 65.0 |", "| 100 | 3 | 66.0 |"))  # one number edited by hand
-    assert readme.differences(str(page), str(demo_file), str(study_file)) == ["study"]
+    assert readme.differences(str(page), str(demo_file), str(study_file), str(doc)) == ["study"]
+    doc.write_text(results.replace("67.0 ± 9.0", "67.5 ± 9.0"))
+    assert readme.differences(str(page), str(demo_file), str(study_file), str(doc)) == ["study", "results"]
 
 
 def test_a_readme_without_the_markers_is_refused(tmp_path):
