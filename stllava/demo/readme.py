@@ -107,13 +107,13 @@ def is_v2(study: dict) -> bool:
     return cfg.get("role") == "study" and not set(cfg.get("seeds", [])) & set(cfg.get("search_seeds", [0, 1]))
 
 
-def study_block(study: dict) -> str:
+def study_block(study: dict, link: str = PREREGISTRATION) -> str:
     """The study's headline (the pre-registered primary comparison, whatever its sign) and a table
     per labelled-set size: SFT, DPO, Δ DPO − SFT on the primary metric, closed and open, and DPO
     minus each control; or, for a study that is not v2, the sentence that it is pending."""
     if not is_v2(study):
         return ("**The v2 study is pending.** Its primary comparison, metric, seeds and interval are "
-                f"pre-registered in [docs/Study.md]({PREREGISTRATION}). The earlier study's numbers "
+                f"pre-registered in [docs/Study.md]({link}). The earlier study's numbers "
                 "(docs/study/earlier/) are superseded and are not evidence: its cells reused the settings "
                 "search's seeds, its seed-2 cells trained on the test phantoms, and its control was not "
                 "compute-matched.")
@@ -128,9 +128,9 @@ def study_block(study: dict) -> str:
         if len(done) < len(PRIMARY_SEEDS):  # the comparison is read only on every pre-registered seed
             lines += [f"**Interim — {len(done)} of the {len(PRIMARY_SEEDS)} pre-registered seeds "
                       f"({PRIMARY_SEEDS[0]}–{PRIMARY_SEEDS[-1]}) are in; the primary comparison is read only when "
-                      f"all are ([docs/Study.md]({PREREGISTRATION})).** So far: {text}.", ""]
+                      f"all are ([docs/Study.md]({link})).** So far: {text}.", ""]
         else:
-            lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({PREREGISTRATION})): {text}**.", ""]
+            lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({link})): {text}**.", ""]
     controls = [(c, name) for c, name in CONTROL_COLUMNS
                 if any(f"st - {c}" in comps for comps in study["comparisons"].values())]
     lines += [f"Seeds {', '.join(str(s) for s in cfg['seeds'])} (the settings search's: "
@@ -163,9 +163,10 @@ def results_block(study: dict) -> str:
     """docs/Study.md's results: the headline, then every condition, the noise curve, the rounds and
     the graded probe (:func:`stllava.demo.study_report.results_summary`); pending for a study that
     is not v2."""
+    link = PREREGISTRATION.replace("docs/Study.md", "")  # the page itself
     if not is_v2(study):
-        return study_block(study)
-    head = study_block(study).split("\n\n")[0]  # the headline sentence (interim or primary)
+        return study_block(study, link)
+    head = study_block(study, link).split("\n\n")[0]  # the headline sentence (interim or primary)
     return head + "\n\n" + results_summary(study)
 
 
