@@ -353,6 +353,14 @@ def results_summary(study: dict) -> str:
                 for k in sorted(kinds["sft"][form]):
                     a, b = kinds["sft"][form][k]["mean"], kinds["st"][form][k]["mean"]
                     lines.append(f"| {form} {k} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        s2 = study["stage2"].get(n, {}).get("st")
+        if s2:
+            crw = s2["chosen_right_rejected_wrong"]
+            lines += ["", f"Stage 2 (per run, mean ± sd): the SFT model asked {fmt_mean_sd(s2['questions'], 0)} "
+                      f"questions about the unlabelled phantoms ({fmt_mean_sd(s2['novel'], 0)} not among its training "
+                      f"questions); {fmt_mean_sd(s2['pairs'], 0)} preference pairs"
+                      + (f", {fmt_mean_sd(crw, 3)} of them with a right chosen and a wrong rejected answer" if crw
+                         else "") + "."]
         lines.append("")
     lines += _noise_lines(study)
     for sub in study.get("variants", {}).values():
