@@ -335,7 +335,8 @@ def results_summary(study: dict) -> str:
         runs = max(v["runs"] for v in conds.values())
         lines += [f"**{n} labelled phantoms** ({runs} seeds; test, ×100, mean ± sd over seeds; Δ = paired "
                   "difference on the primary metric [95% t interval], bold when it excludes 0):", "",
-                  "| condition | primary | closed acc | open recall | Δ vs SFT | DPO − it |", "|---|---|---|---|---|---|"]
+                  "| condition | primary | closed acc | open recall | Δ vs SFT | DPO − it |",
+                  "|---|---|---|---|---|---|"]
         for c, v in conds.items():
             base = "nosq" if c == "nosq_st" else "sft"
             vs_base = comps.get(f"{c} - {base}")
