@@ -19,9 +19,17 @@ def demo(work, *extra, timeout=900):
 
 
 def test_quick_demo_loop_end_to_end(tmp_path):
-    work = tmp_path / "demo"
+    work, twin = tmp_path / "demo", tmp_path / "twin"
+    # two fresh runs in separate processes, side by side (one CPU thread each): the second is the
+    # reproducibility check of the whole loop, from nothing, below
+    cmd = [sys.executable, "-m", "stllava.demo", "--quick", "--workdir", str(twin)]
+    second = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = demo(work)
+    _, twin_err = second.communicate(timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert second.returncode == 0, twin_err[-3000:]
+    # same seed, same numbers: two fresh runs give the same summary.json, byte for byte
+    assert (twin / "report" / "summary.json").read_bytes() == (work / "report" / "summary.json").read_bytes()
     # every stage produced its real artefact, and says so in its marker
     for folder in ("tiny", "data", "labelled", "sft", "selftrain/questions", "selftrain/answers", "selftrain/judged",
                    "selftrain/pairs", "dpo"):
