@@ -107,6 +107,13 @@ def is_v2(study: dict) -> bool:
     return cfg.get("role") == "study" and not set(cfg.get("seeds", [])) & set(cfg.get("search_seeds", [0, 1]))
 
 
+def verdict(d: dict) -> str:
+    """The pre-registered reading of a paired difference ``d`` (docs/Study.md#pre-registration-2026-12-06):
+    a gain when its 95% interval lies above 0, a loss when below, else no gain shown."""
+    low, high = d["ci95"]
+    return "a gain" if low > 0 else "a loss" if high < 0 else "no gain shown"
+
+
 def study_block(study: dict, link: str = PREREGISTRATION) -> str:
     """The study's headline (the pre-registered primary comparison, whatever its sign) and a table
     per labelled-set size: SFT, DPO, Δ DPO − SFT on the primary metric, closed and open, and DPO
@@ -130,7 +137,8 @@ def study_block(study: dict, link: str = PREREGISTRATION) -> str:
                       f"({PRIMARY_SEEDS[0]}–{PRIMARY_SEEDS[-1]}) are in; the primary comparison is read only when "
                       f"all are ([docs/Study.md]({link})).** So far: {text}.", ""]
         else:
-            lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({link})): {text}**.", ""]
+            lines += [f"**Primary comparison (pre-registered, [docs/Study.md]({link})): {text} — "
+                      f"{verdict(d)} by the pre-registered reading**.", ""]
     controls = [(c, name) for c, name in CONTROL_COLUMNS
                 if any(f"st - {c}" in comps for comps in study["comparisons"].values())]
     lines += [f"Seeds {', '.join(str(s) for s in cfg['seeds'])} (the settings search's: "

@@ -114,5 +114,8 @@ def test_the_headline_is_the_primary_comparison_once_every_preregistered_seed_is
         Study(cfg).write_results({"seed": seed, "n_labelled": 100, "conditions": conds, "stage2": {}})
     block = readme.study_block(aggregate_files(str(tmp_path / "runs")))
     assert block.startswith("**Primary comparison (pre-registered, [docs/Study.md](" + readme.PREREGISTRATION)
-    assert "8 seeds: +0.0 points [95% t interval -0.9, +0.9]**" in block  # 2.365 · 1.069 / √8 = 0.89
+    # 2.365 · 1.069 / √8 = 0.89; the interval includes 0: the pre-registered reading says so
+    assert "8 seeds: +0.0 points [95% t interval -0.9, +0.9] — no gain shown by the pre-registered reading**" in block
+    assert [readme.verdict({"ci95": ci}) for ci in ([0.1, 2.0], [-2.0, -0.1], [-0.1, 0.1])] == \
+        ["a gain", "a loss", "no gain shown"]
     assert "Interim" not in block
