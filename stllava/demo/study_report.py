@@ -461,6 +461,7 @@ def plot(study: dict, out_dir: str) -> list[str]:
         ax.set(xscale="log", xlabel="labelled phantoms", ylabel=f"test {METRIC_NAMES[metric]} (×100)",
                title=f"{METRIC_NAMES[metric]} vs labelled data")
         ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()  # a log axis labels its minor ticks too: only the sizes run
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, FIGURES[0]), dpi=110)
@@ -481,7 +482,8 @@ def plot(study: dict, out_dir: str) -> list[str]:
         ax.set(xscale="log", xlabel="labelled phantoms", ylabel=f"Δ test {METRIC_NAMES[metric]}",
                title=f"paired differences (95% interval), {METRIC_NAMES[metric]}")
         ax.set_xticks(sizes, [str(n) for n in sizes])
-    axes[0].legend(fontsize=7)
+        ax.minorticks_off()  # a log axis labels its minor ticks too: only the sizes run
+    axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, FIGURES[1]), dpi=110)
     plt.close(fig)
