@@ -125,10 +125,10 @@ def summarize(runs: list[dict], split: str = "test") -> dict:
     "round<k> - sft": {...}, "pairs": mean ± sd}}`` on ``split``, for closed accuracy, open recall
     and the study's primary metric (their mean); paired differences need ≥ 2 seeds (fewer: left
     out). Returns {} when no run has rounds."""
-    from stllava.demo.stats import mean_sd, paired_difference
+    from stllava.demo.stats import mean_sd, paired_difference, primary_score
 
     def value(scores: dict, m: str) -> float:
-        return sum(scores[x] for x in METRICS) / len(METRICS) if m == PRIMARY else scores[m]
+        return primary_score(scores) if m == PRIMARY else scores[m]
 
     by_size: dict[str, list[dict]] = {}
     for run in sorted((x for x in runs if x.get("rounds")), key=lambda x: (x["n_labelled"], x["seed"])):

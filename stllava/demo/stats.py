@@ -26,6 +26,12 @@ def t_quantile_975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96
 
 
+def primary_score(scores: dict) -> float:
+    """The study's pre-registered primary metric of one model's scores: the mean of closed accuracy
+    and open recall (docs/Study.md#pre-registration-2026-12-06)."""
+    return (scores["closed_acc"] + scores["open_recall"]) / 2
+
+
 def mean_sd(values: Sequence[float]) -> dict:
     """``{"n", "mean", "sd", "values"}``; sd is the sample standard deviation (None for n < 2)."""
     vals = [float(v) for v in values]

@@ -8,7 +8,7 @@ import os
 import shutil
 
 from stllava.demo.rounds import summarize
-from stllava.demo.stats import fmt_diff, fmt_mean_sd, mean_sd, paired_difference
+from stllava.demo.stats import fmt_diff, fmt_mean_sd, mean_sd, paired_difference, primary_score
 from stllava.jsonl import write_json_atomic
 
 logger = logging.getLogger("stllava.demo")
@@ -87,7 +87,7 @@ def _with_primary(run: dict, splits) -> dict:
     for cond in run["conditions"].values():
         for split in splits:
             m = cond[split]
-            m.setdefault(PRIMARY_METRIC, (m["closed_acc"] + m["open_recall"]) / 2)
+            m.setdefault(PRIMARY_METRIC, primary_score(m))
     return run
 
 
