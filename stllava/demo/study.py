@@ -123,7 +123,8 @@ PLANS["all"] = [chunk for name in ("primary", "secondary", "noise", "rounds", "g
 
 def plan_configs(plan: str, base: StudyConfig, seeds: tuple[int, ...] | None = None,
                  sizes: tuple[int, ...] | None = None) -> list[StudyConfig]:
-    """The chunks of ``plan`` as configs over ``base`` (``seeds`` / ``sizes`` narrow each chunk).
+    """The chunks of ``plan`` as configs over ``base`` (``seeds`` / ``sizes`` narrow each chunk); the
+    graded probe's chunk works in ``<base.workdir>-graded`` (its own data and labelled sets).
     Refuses (StllavaError) an unknown plan."""
     if plan not in PLANS:
         raise StllavaError(f"unknown --plan {plan!r}", fix=f"choose from {','.join(PLANS)}")
@@ -133,6 +134,8 @@ def plan_configs(plan: str, base: StudyConfig, seeds: tuple[int, ...] | None = N
         loop = base.loop.replace(**chunk.pop("loop_changes", {}))
         cfg = dataclasses.replace(base, loop=loop, **chunk)
         cfg.seeds, cfg.sizes = seeds or cfg.seeds, sizes or cfg.sizes
+        if loop.graded:  # its data carry the description question, so its data steps cannot share the study's
+            cfg.workdir = f"{base.workdir}-graded"
         out.append(cfg)
     return out
 

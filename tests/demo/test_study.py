@@ -136,6 +136,10 @@ def test_plans_chunks():
     assert rounds.rounds == 3 and rounds.sizes == (100,) and rounds.seeds == tuple(range(10, 15))
     graded, = plan_configs("graded", StudyConfig())
     assert graded.loop.graded and graded.variant == "graded" and graded.seeds == (10, 11, 12)
+    # the graded data differ (description question): their own workdir, so the documented commands
+    # run one after another in the default workdir without a settings clash
+    assert graded.workdir == "playground/study-graded" and primary.workdir == "playground/study"
+    assert {c.workdir for c in plan_configs("all", StudyConfig(workdir="w"))} == {"w", "w-graded"}
     assert len(plan_configs("all", StudyConfig())) == 8  # primary, secondary, 4 noise, rounds, graded
     with pytest.raises(StllavaError, match="unknown --plan"):
         plan_configs("everything", StudyConfig())
