@@ -157,6 +157,11 @@ def _description(cell: list[dict], conds: list[str]) -> dict:
             out[f"{a} - {b}"] = {m: paired_difference([x[m] for x in found[a]], [x[m] for x in found[b]])
                                  for m in DESCRIPTION
                                  if all(x[m] is not None for x in found[a] + found[b])}
+    asked = [r["stage2"].get("st") for r in cell]
+    if out and all(asked):  # how often stage 2 could grade a description at all: the pairs' kind "describe"
+        out["self_asked"] = {
+            "questions": mean_sd([s["questions"].get("by_kind", {}).get("describe", 0) for s in asked]),
+            "pairs": mean_sd([s["pair_quality"].get("pair_kinds", {}).get("describe", 0) for s in asked])}
     return out
 
 
@@ -259,6 +264,11 @@ def _description_lines(study: dict, n: str) -> list[str]:
         if d:
             lines.append(f"| Δ {a} − {b} | " + " | ".join(fmt_diff(d[m]) if m in d else "–" for m in DESCRIPTION)
                          + " |")
+    asked = desc.get("self_asked")
+    if asked:
+        lines += ["", f"Stage 2 (per run, mean ± sd): the SFT model asked {fmt_mean_sd(asked['questions'], 0)} "
+                  f"description questions about the unlabelled phantoms; {fmt_mean_sd(asked['pairs'], 0)} "
+                  "preference pairs were made on them."]
     first = min((r for r in study["runs"] if str(r["n_labelled"]) == n), key=lambda r: r["seed"])
     lines += ["", f"What the models answered (seed {first['seed']}, the first three description questions; "
               "answer ← reference):", ""]

@@ -247,6 +247,8 @@ def test_the_graded_probe_the_rounds_and_the_noise_curve_are_aggregated_and_rend
             graded["conditions"][c]["test"]["description"] = {
                 "n": 20, "recall": recall, "precision": recall + 10, "exact": 5.0,
                 "examples": [["q1", "ct, 2 lesions", "CT, 2 lesions, left, large"]]}
+        graded["stage2"]["st"]["questions"]["by_kind"] = {"describe": seed - 7, "side": 5}  # 3 and 4
+        graded["stage2"]["st"]["pair_quality"]["pair_kinds"] = {"side": 2}  # no pair on a description
         study("graded", graded=True).write_results(graded)
         rounds = json.loads(json.dumps(run))
         rounds["rounds"] = [{"round": k, "pairs": 100 - 10 * k,
@@ -260,6 +262,7 @@ def test_the_graded_probe_the_rounds_and_the_noise_curve_are_aggregated_and_rend
     assert desc["st"]["recall"]["mean"] == 51.0 and desc["sft"]["precision"]["mean"] == 50.0
     assert desc["st - sft"]["recall"]["diffs"] == [10.0, 12.0]
     assert desc["st - rft"]["exact"]["diffs"] == [0.0, 0.0]
+    assert desc["self_asked"]["questions"]["values"] == [3.0, 4.0] and desc["self_asked"]["pairs"]["mean"] == 0.0
     table = found["variants"]["rounds"]["rounds"]["100"]
     assert table["round3"]["closed_acc"]["mean"] == 68.0 and table["round3"]["pairs"]["mean"] == 70.0
     # primary = (closed + open) / 2; round k − round 1 = k − 1 on every seed
@@ -276,6 +279,7 @@ def test_the_graded_probe_the_rounds_and_the_noise_curve_are_aggregated_and_rend
     assert "# Variant flip0.2: judge flip rate 0.2" in md
     assert "| Δ st − sft | +11.0 [-1.7, +23.7] |" in md  # recall: diffs 10, 12; 12.706 · 1.414 / √2 = 12.7
     assert "- st: `ct, 2 lesions` ← `CT, 2 lesions, left, large`" in md
+    assert "the SFT model asked 4 ± 1 description questions about the unlabelled phantoms; 0 ± 0 preference" in md
     assert "| 3 | 70 ± 0 | 68.0 ± 1.4 |" in md
     noise = md[md.index("# The noise curve"):]
     assert noise.splitlines()[6].startswith("| 0.0 | 100 | 2 | ") and noise.splitlines()[7].startswith("| 0.2 | 100 | 2 | ")
