@@ -265,18 +265,22 @@ def _description_lines(study: dict, n: str) -> list[str]:
             lines.append(f"| Δ {a} − {b} | " + " | ".join(fmt_diff(d[m]) if m in d else "–" for m in DESCRIPTION)
                          + " |")
     asked = desc.get("self_asked")
+    runs = sorted((r for r in study["runs"] if str(r["n_labelled"]) == n), key=lambda r: r["seed"])
     if asked:
+        per_seed = ", ".join(f"{q:.0f}" for q in asked["questions"]["values"])
         lines += ["", f"Stage 2 (per run, mean ± sd): the SFT model asked {fmt_mean_sd(asked['questions'], 0)} "
-                  f"description questions about the unlabelled phantoms; {fmt_mean_sd(asked['pairs'], 0)} "
-                  "preference pairs were made on them."]
-    first = min((r for r in study["runs"] if str(r["n_labelled"]) == n), key=lambda r: r["seed"])
-    lines += ["", f"What the models answered (seed {first['seed']}, the first three description questions; "
-              "answer ← reference):", ""]
-    for c in LABELS:
-        got = first["conditions"].get(c, {}).get("test", {}).get("description")
-        if got:
-            shown = "; ".join(f"`{answer or '(empty)'}` ← `{ref}`" for _, answer, ref in got["examples"])
-            lines.append(f"- {c}: {shown}")
+                  f"description questions about the unlabelled phantoms (per seed: {per_seed}); "
+                  f"{fmt_mean_sd(asked['pairs'], 0)} preference pairs were made on them."]
+    refs = next((got["examples"] for got in (runs[0]["conditions"].get(c, {}).get("test", {}).get("description")
+                                             for c in LABELS) if got), [])
+    lines += ["", "What the models answered (the first three test description questions; references: "
+              + "; ".join(f"`{ref}`" for _, _, ref in refs) + "):", ""]
+    for r in runs:  # every seed: the seeds' models can differ in kind, not only in degree
+        for c in LABELS:
+            got = r["conditions"].get(c, {}).get("test", {}).get("description")
+            if got:
+                shown = "; ".join(f"`{answer or '(empty)'}`" for _, answer, _ in got["examples"])
+                lines.append(f"- seed {r['seed']}, {c} (fact recall {got['recall']:.1f}): {shown}")
     return lines
 
 

@@ -278,8 +278,10 @@ def test_the_graded_probe_the_rounds_and_the_noise_curve_are_aggregated_and_rend
     assert "# Variant graded: the graded-answer probe" in md and "# Variant rounds: iterative self-training, 3 rounds" in md
     assert "# Variant flip0.2: judge flip rate 0.2" in md
     assert "| Δ st − sft | +11.0 [-1.7, +23.7] |" in md  # recall: diffs 10, 12; 12.706 · 1.414 / √2 = 12.7
-    assert "- st: `ct, 2 lesions` ← `CT, 2 lesions, left, large`" in md
-    assert "the SFT model asked 4 ± 1 description questions about the unlabelled phantoms; 0 ± 0 preference" in md
+    assert "(the first three test description questions; references: `CT, 2 lesions, left, large`):" in md
+    assert "- seed 10, st (fact recall 50.0): `ct, 2 lesions`" in md and "- seed 11, st (fact recall 52.0):" in md
+    assert ("the SFT model asked 4 ± 1 description questions about the unlabelled phantoms (per seed: 3, 4); "
+            "0 ± 0 preference") in md
     assert "| 3 | 70 ± 0 | 68.0 ± 1.4 |" in md
     noise = md[md.index("# The noise curve"):]
     assert noise.splitlines()[6].startswith("| 0.0 | 100 | 2 | ") and noise.splitlines()[7].startswith("| 0.2 | 100 | 2 | ")
