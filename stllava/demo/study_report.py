@@ -488,8 +488,10 @@ def plot(study: dict, out_dir: str) -> list[str]:
             if not xs:
                 continue
             ds = [study["comparisons"][str(n)][f"{a} - {b}"]["test"][metric] for n in xs]
-            shift = [n * (1 + 0.04 * (k - 2)) for n in xs]  # side by side, not on top of each other
+            # side by side around the size, not on top of each other; a colour each (tab10 has too few)
+            shift = [n * (1 + 0.03 * (k - (len(COMPARISONS) - 1) / 2)) for n in xs]
             ax.errorbar(shift, [d["mean"] for d in ds], capsize=3, marker="o", linestyle="",
+                        color=plt.get_cmap("tab20")(k % 20),
                         yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
                         label=f"{a} − {b}")
         ax.axhline(0, color="grey", linewidth=0.8)
