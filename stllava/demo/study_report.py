@@ -454,6 +454,12 @@ def aggregate_files(folder: str, role: str = "study") -> dict:
     return out
 
 
+def _legend_below(fig, ax, ncol: int) -> None:
+    """One legend for both panels, under them: inside a panel it covered the 100-labelled points."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+
+
 def plot(study: dict, out_dir: str) -> list[str]:
     """``study_accuracy.png`` (accuracy vs labelled phantoms, a line per condition, error bars = sd
     over seeds) and ``study_effect.png`` (paired differences with 95% intervals); returns names."""
@@ -463,7 +469,7 @@ def plot(study: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     sizes = sorted(int(n) for n in study["conditions"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, metric in zip(axes, METRICS):
         for c in LABELS:
             xs = [n for n in sizes if c in study["conditions"][str(n)]]
@@ -476,20 +482,21 @@ def plot(study: dict, out_dir: str) -> list[str]:
                title=f"{METRIC_NAMES[metric]} vs labelled data")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()  # a log axis labels its minor ticks too: only the sizes run
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_below(fig, axes[0], ncol=3)
     fig.savefig(os.path.join(out_dir, FIGURES[0]), dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, metric in zip(axes, METRICS):
         for k, (a, b, _) in enumerate(COMPARISONS):
             xs = [n for n in sizes if f"{a} - {b}" in study["comparisons"].get(str(n), {})]
             if not xs:
                 continue
             ds = [study["comparisons"][str(n)][f"{a} - {b}"]["test"][metric] for n in xs]
-            # side by side around the size, not on top of each other; a colour each (tab10 has too few)
-            shift = [n * (1 + 0.03 * (k - (len(COMPARISONS) - 1) / 2)) for n in xs]
+            # side by side, centred on the size among the comparisons it has; a colour each (tab10 has too few)
+            shift = [n * (1 + 0.03 * (here.index(f"{a} - {b}") - (len(here) - 1) / 2))
+                     for n in xs for here in [[f"{c} - {d}" for c, d, _ in COMPARISONS
+                                               if f"{c} - {d}" in study["comparisons"][str(n)]]]]
             ax.errorbar(shift, [d["mean"] for d in ds], capsize=3, marker="o", linestyle="",
                         color=plt.get_cmap("tab20")(k % 20),
                         yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
@@ -499,8 +506,7 @@ def plot(study: dict, out_dir: str) -> list[str]:
                title=f"paired differences (95% interval), {METRIC_NAMES[metric]}")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()  # a log axis labels its minor ticks too: only the sizes run
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    _legend_below(fig, axes[0], ncol=6)
     fig.savefig(os.path.join(out_dir, FIGURES[1]), dpi=110)
     plt.close(fig)
     return list(FIGURES) + plot_noise(study, out_dir)
