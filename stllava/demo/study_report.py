@@ -486,6 +486,8 @@ def plot(study: dict, out_dir: str) -> list[str]:
     fig.savefig(os.path.join(out_dir, FIGURES[0]), dpi=110)
     plt.close(fig)
 
+    names = [f"{a} - {b}" for a, b, _ in COMPARISONS]
+    present = {n: [c for c in names if c in study["comparisons"].get(str(n), {})] for n in sizes}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, metric in zip(axes, METRICS):
         for k, (a, b, _) in enumerate(COMPARISONS):
@@ -494,9 +496,7 @@ def plot(study: dict, out_dir: str) -> list[str]:
                 continue
             ds = [study["comparisons"][str(n)][f"{a} - {b}"]["test"][metric] for n in xs]
             # side by side, centred on the size among the comparisons it has; a colour each (tab10 has too few)
-            shift = [n * (1 + 0.03 * (here.index(f"{a} - {b}") - (len(here) - 1) / 2))
-                     for n in xs for here in [[f"{c} - {d}" for c, d, _ in COMPARISONS
-                                               if f"{c} - {d}" in study["comparisons"][str(n)]]]]
+            shift = [n * (1 + 0.03 * (present[n].index(f"{a} - {b}") - (len(present[n]) - 1) / 2)) for n in xs]
             ax.errorbar(shift, [d["mean"] for d in ds], capsize=3, marker="o", linestyle="",
                         color=plt.get_cmap("tab20")(k % 20),
                         yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
