@@ -490,17 +490,17 @@ def plot(study: dict, out_dir: str) -> list[str]:
     present = {n: [c for c in names if c in study["comparisons"].get(str(n), {})] for n in sizes}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, metric in zip(axes, METRICS):
-        for k, (a, b, _) in enumerate(COMPARISONS):
-            xs = [n for n in sizes if f"{a} - {b}" in study["comparisons"].get(str(n), {})]
+        for k, name in enumerate(names):
+            xs = [n for n in sizes if name in present[n]]
             if not xs:
                 continue
-            ds = [study["comparisons"][str(n)][f"{a} - {b}"]["test"][metric] for n in xs]
+            ds = [study["comparisons"][str(n)][name]["test"][metric] for n in xs]
             # side by side, centred on the size among the comparisons it has; a colour each (tab10 has too few)
-            shift = [n * (1 + 0.03 * (present[n].index(f"{a} - {b}") - (len(present[n]) - 1) / 2)) for n in xs]
+            shift = [n * (1 + 0.03 * (present[n].index(name) - (len(present[n]) - 1) / 2)) for n in xs]
             ax.errorbar(shift, [d["mean"] for d in ds], capsize=3, marker="o", linestyle="",
                         color=plt.get_cmap("tab20")(k % 20),
                         yerr=[[d["mean"] - d["ci95"][0] for d in ds], [d["ci95"][1] - d["mean"] for d in ds]],
-                        label=f"{a} − {b}")
+                        label=name.replace(" - ", " − "))
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set(xscale="log", xlabel="labelled phantoms", ylabel=f"Δ test {METRIC_NAMES[metric]}",
                title=f"paired differences (95% interval), {METRIC_NAMES[metric]}")
